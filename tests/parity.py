@@ -1,0 +1,80 @@
+"""Shared parity harness: train the same parameters with a reference and a fused optimizer and
+compare them by the project's rule (docs/SPEC.md, tests/README):
+
+- float32: the fused run's max error against a float64 reference run must be at most 2x the
+  float32 reference run's error against it, plus a tiny absolute floor;
+- bfloat16/float16: within a few units in the last place of the reference run in the same dtype.
+
+Gradients are exact and fresh every step: the loss is sum_p (p * c_p).sum() with c_p drawn in
+float64 from a per-step seed, so backward (the fast path through the bucket views) produces
+grad = c_p in the parameter dtype, identically for every optimizer.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+# 1-D, 2-D, 4-D, larger than one 4096-element chunk (several chunks, last one partial), tiny ones,
+# and numels that are not multiples of 16 or of the chunk.
+SHAPES = [(7,), (33,), (16, 9), (4, 3, 3, 3), (5000,), (70, 130), (1,), (1, 1), (3, 4097)]
+
+
+def make_init(shapes: Sequence[tuple], seed: int = 0) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def grads_for_step(shapes: Sequence[tuple], step: int, seed: int = 1, scale: float = 1.0) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    return [scale * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def train(make_opt: Callable, init: Sequence[torch.Tensor], dtype: torch.dtype, steps: int,
+          device="cpu", used: Optional[Callable[[int, int], bool]] = None, seed: int = 1,
+          grad_scale: float = 1.0, per_step: Optional[Callable] = None):
+    """Run `steps` optimizer steps; `used(step, i)` False leaves parameter i out of the loss
+    (its .grad stays None after zero_grad, as for an unused branch)."""
+    params = [torch.nn.Parameter(x.clone().to(device=device, dtype=dtype)) for x in init]
+    opt = make_opt(params)
+    shapes = [tuple(x.shape) for x in init]
+    for s in range(steps):
+        opt.zero_grad()
+        cs = grads_for_step(shapes, s, seed, grad_scale)
+        terms = [(p * c.to(device=device, dtype=dtype)).sum()
+                 for i, (p, c) in enumerate(zip(params, cs)) if used is None or used(s, i)]
+        if terms:
+            torch.stack([t.to(torch.float64) for t in terms]).sum().backward()
+        opt.step()
+        if per_step is not None:
+            per_step(s, opt, params)
+    return params, opt
+
+
+def max_err(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return max([float((x.detach().double().cpu() - y.detach().double().cpu()).abs().max())
+                for x, y in zip(a, b) if x.numel()] + [0.0])
+
+
+def assert_parity_fp32(fused, ref32, ref64, what: str = "") -> tuple:
+    e_fused, e_ref = max_err(fused, ref64), max_err(ref32, ref64)
+    scale = max([float(x.detach().abs().max()) for x in ref64 if x.numel()] + [1.0])
+    floor = 4 * torch.finfo(torch.float32).eps * scale
+    assert e_fused <= 2 * e_ref + floor, (
+        f"{what}: fused float32 error {e_fused:.3e} > 2 x reference float32 error {e_ref:.3e} + floor {floor:.1e}")
+    return e_fused, e_ref
+
+
+def assert_close_ulps(actual, expected, dtype: torch.dtype, max_ulps: float, what: str = "") -> float:
+    """|actual - expected| <= max_ulps * ulp(expected), elementwise, ulp in `dtype`; returns the worst."""
+    worst = 0.0
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    for a, e in zip(actual, expected):
+        if not e.numel():
+            continue
+        a64, e64 = a.detach().double().cpu(), e.detach().double().cpu()
+        ulp = torch.clamp(e64.abs() * eps, min=tiny)
+        worst = max(worst, float(((a64 - e64).abs() / ulp).max()))
+    assert worst <= max_ulps, f"{what}: {worst:.2f} ulps > {max_ulps}"
+    return worst

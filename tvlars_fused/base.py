@@ -1,0 +1,99 @@
+"""What the reference and the fused optimizers share: validation of parameters, gradients and
+hyperparameters, the state layout (docs/SPEC.md) and state_dict loading."""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Dict, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .hyperparams import validate_group
+from .schedule import phi
+
+STEP_KEY = "step"   # the optimizer-wide step counter t, a 0-dim float32 tensor in self.state
+
+
+def state_key(momentum_form: str) -> str:
+    """Per-parameter state entry: the heavy-ball buffer, or the paper's previous iterate m."""
+    return "momentum_buffer" if momentum_form == "heavy_ball" else "m"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and the update run in float32 at least, float64 for float64 parameters."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def describe(group_index: int, param_index: int, p: torch.Tensor) -> str:
+    return (f"param_groups[{group_index}]['params'][{param_index}] "
+            f"(shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})")
+
+
+def check_param(p: torch.Tensor, where: str) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{where}: optimizer parameters must be tensors, got {type(p).__name__}")
+    if p.is_complex():
+        raise ValueError(f"{where}: complex parameters are not supported; "
+                         "optimize torch.view_as_real(p) as a real parameter instead")
+    if not p.is_floating_point():
+        raise ValueError(f"{where}: only floating-point parameters can be optimized, got {p.dtype}")
+
+
+def check_grad(g: torch.Tensor, where: str) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(f"{where}: sparse gradients are not supported by TVLARS/LARS (the layer-wise "
+                           "norms need the dense gradient); use a dense embedding (sparse=False)")
+    if g.is_complex():
+        raise RuntimeError(f"{where}: complex gradients are not supported; "
+                           "optimize torch.view_as_real(p) as a real parameter instead")
+
+
+class LarsFamilyBase(Optimizer):
+    _tvlars = True
+
+    def __init__(self, params: Iterable, defaults: Dict[str, Any]):
+        super().__init__(params, defaults)
+        self.state[STEP_KEY] = torch.zeros((), dtype=torch.float32)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
+        for i, p in enumerate(group["params"]):
+            check_param(p, describe(gi, i, p))
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        saved_groups = state_dict.get("param_groups", [])
+        saved_state = state_dict.get("state", {})
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(saved_groups) == len(self.param_groups):
+            id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups), params))
+            for pid, entry in saved_state.items():
+                p = id_map.get(pid)
+                for key, value in (entry.items() if p is not None else ()):
+                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"load_state_dict: state[{pid!r}][{key!r}] has shape {tuple(value.shape)} but the "
+                            f"parameter it belongs to has shape {tuple(p.shape)}; the state_dict comes from a "
+                            "different model (or parameter order): build the optimizer over the same parameters")
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter dtype; bfloat16/float16 parameters keep float32
+        # state, so copy the saved values again at the state dtype.
+        if len(saved_groups) == len(self.param_groups):
+            for pid, entry in saved_state.items():
+                p = id_map.get(pid)
+                if p is None:
+                    continue
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=accumulation_dtype(p.dtype),
+                                                      copy=True)
+        step = saved_state.get(STEP_KEY)
+        self.state[STEP_KEY] = (torch.zeros((), dtype=torch.float32) if step is None
+                                else torch.as_tensor(step, dtype=torch.float32).detach().to("cpu", copy=True).reshape(()))
+
+    def scale(self, group: Dict[str, Any], t: float) -> float:
+        """phi(t) for TVLARS; LARS overrides it with 1."""
+        return phi(t, group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"])
+
