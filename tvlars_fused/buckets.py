@@ -109,6 +109,7 @@ class Bucket:
                 self.grad_views[i].copy_(p.grad.detach())
                 p.grad = self.grad_views[i]
                 self.clean[i] = False
+                self.grad_copies += 1
 
         # tables
         chunk_rows, seg_rows = [], []

@@ -36,7 +36,12 @@ class _Fused:
             raise ValueError(f"Invalid backend: {backend!r}; use one of {BACKENDS}")
         self.backend = backend
         self._buckets: Optional[List[Bucket]] = None
+        self._building = True
         super().__init__(params, lr, *args, **kwargs)
+        self._building = False
+        # Build now, so parameters are bucket views and the grad hooks are in place before the
+        # first backward: the first step takes the fast path too.
+        self._ensure_buckets()
 
     # -- buckets ------------------------------------------------------------------------------
     def add_param_group(self, param_group) -> None:
@@ -47,12 +52,15 @@ class _Fused:
         for b in self._buckets or ():
             b.remove_hooks()
         self._buckets = None
+        if not getattr(self, "_building", False):
+            self._ensure_buckets()
 
     def _ensure_buckets(self) -> List[Bucket]:
         if self._buckets is not None and not any(b.is_stale() for b in self._buckets):
             return self._buckets
         step = self.state[STEP_KEY]
-        self._invalidate()
+        for b in self._buckets or ():
+            b.remove_hooks()
         by_key: Dict = OrderedDict()
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):

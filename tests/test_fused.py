@@ -1,0 +1,254 @@
+"""The fused optimizer's buckets and torch.optim behaviour, for every backend that runs here.
+(Kernel-specific tests live in test_triton.py and test_extension.py.)"""
+import copy
+
+import pytest
+import torch
+
+import tvlars_fused
+from tvlars_fused import reference
+from tvlars_fused.kernels import resolve
+
+from parity import SHAPES, assert_parity_fp32, make_init, max_err, train
+
+
+def _backends():
+    out = []
+    for name in ("torch", "cpu", "triton"):
+        try:
+            resolve(name, torch.device("cpu"))
+            out.append(name)
+        except RuntimeError:
+            pass
+    return out
+
+
+BACKENDS = _backends()
+HYPER = dict(lr=0.7, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=3)
+
+
+def fused(cls_name, backend, **kw):
+    return lambda ps: getattr(tvlars_fused, cls_name)(ps, backend=backend, **kw)
+
+
+def ref(cls_name, **kw):
+    return lambda ps: getattr(reference, cls_name)(ps, **kw)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 5)
+        self.unused = torch.nn.Linear(5, 5)   # an unused branch: its grads stay None
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _loop(model, opt, steps, seed=0, zero=None):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        (zero or opt.zero_grad)()
+        x = torch.randn(8, 3, 6, 6, generator=g, dtype=next(model.parameters()).dtype)
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_views_and_unused_branch(backend):
+    torch.manual_seed(0)
+    m_ref = Net().double()
+    m = copy.deepcopy(m_ref)
+    params = list(m.parameters())
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+    o_ref = reference.TVLARS(m_ref.parameters(), **HYPER)
+    _loop(m_ref, o_ref, 6)
+    _loop(m, opt, 6)
+    assert list(m.parameters()) == params  # same Parameter objects
+    b = opt._buckets[0]
+    assert opt.grad_copies == 0, "standard loop must take the fast path"
+    for p, gv in zip(b.params, b.grad_views):
+        if p.grad is not None:
+            assert p.grad is gv
+        assert b.param_buf.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+    # the unused branch never got a grad: untouched, no state, as in the reference
+    assert m.unused.weight.grad is None
+    assert torch.equal(m.unused.weight, m_ref.unused.weight)
+    assert m.unused.weight not in opt.state or not opt.state[m.unused.weight]
+    assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
+    assert float(opt.state["step"]) == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_fp32_groups_filters_forms(backend):
+    init = make_init(SHAPES)
+    kw = dict(weight_decay_filter=True, lars_adaptation_filter=True, norm_clip=5.0)
+
+    def groups(cls, **extra):
+        def make(ps):
+            return cls([{"params": ps[:4], "momentum_form": "paper"},
+                        {"params": ps[4:], "lr": 0.3, "weight_decay": 0.0}], **HYPER, **kw, **extra)
+        return make
+
+    def used(step, i):
+        return not (i == 2 and step % 3 == 0)   # some None grads
+
+    def run(make, dtype):
+        return train(make, init, dtype, 12, used=used)[0]
+
+    r64 = run(groups(reference.TVLARS), torch.float64)
+    r32 = run(groups(reference.TVLARS), torch.float32)
+    f32 = run(groups(tvlars_fused.TVLARS, backend=backend), torch.float32)
+    assert_parity_fp32(f32, r32, r64, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_written_and_reallocated_grads(backend):
+    """A grad written by hand (assignment, copy_), or re-allocated after model.zero_grad(), is a
+    real update; it is copied into the bucket (counted) and the view restored."""
+    init = make_init([(5, 3), (4,), (6,)])
+    ps_f = [torch.nn.Parameter(x.clone()) for x in init]
+    ps_r = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = tvlars_fused.LARS(ps_f, backend=backend, lr=0.5, weight_decay=0.01)
+    o_ref = reference.LARS(ps_r, lr=0.5, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init]
+        for opt_, ps in ((opt, ps_f), (o_ref, ps_r)):
+            opt_.zero_grad()
+            ps[0].grad = grads[0].clone()                 # assignment
+            ps[1].grad = torch.zeros_like(ps[1])          # a zero grad is a real update
+            if step % 2:
+                ps[1].grad.copy_(grads[1])                # in-place write by hand
+            # ps[2]: no grad -> skipped
+            opt_.step()
+    assert max_err(ps_f, ps_r) < 1e-12
+    assert torch.equal(ps_f[2], init[2])
+    assert opt.grad_copies == 10
+    b = opt._buckets[0]
+    assert ps_f[0].grad is b.grad_views[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_zero_grad_and_set_to_none_false(backend):
+    torch.manual_seed(1)
+    m_ref = Net().double()
+    m = copy.deepcopy(m_ref)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+    o_ref = reference.TVLARS(m_ref.parameters(), **HYPER)
+    _loop(m_ref, o_ref, 3, zero=m_ref.zero_grad)          # module.zero_grad: grads set to None
+    _loop(m, opt, 3, zero=m.zero_grad)
+    assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
+    # zero_grad(set_to_none=False): every param that had a grad now has a zero grad -> updated
+    for o in (opt, o_ref):
+        o.zero_grad(set_to_none=False)
+        o.step()
+    assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
+    assert m.unused.weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_roundtrip_between_fused_and_reference(backend):
+    torch.manual_seed(2)
+    base = Net().double()
+    for src_fused in (True, False):
+        m_a, m_b = copy.deepcopy(base), copy.deepcopy(base)
+        mk_a = (lambda ps: tvlars_fused.TVLARS(ps, backend=backend, momentum_form="paper", **HYPER)) if src_fused \
+            else (lambda ps: reference.TVLARS(ps, momentum_form="paper", **HYPER))
+        mk_b = (lambda ps: reference.TVLARS(ps, momentum_form="paper", **HYPER)) if src_fused \
+            else (lambda ps: tvlars_fused.TVLARS(ps, backend=backend, momentum_form="paper", **HYPER))
+        o_a = mk_a(m_a.parameters())
+        _loop(m_a, o_a, 4)
+        sd = copy.deepcopy(o_a.state_dict())
+        m_b.load_state_dict(m_a.state_dict())
+        o_b = mk_b(m_b.parameters())
+        o_b.load_state_dict(sd)
+        assert set(o_b.state_dict()["state"]) == set(sd["state"])
+        _loop(m_a, o_a, 3, seed=9)
+        _loop(m_b, o_b, 3, seed=9)
+        assert max_err(m_a.parameters(), m_b.parameters()) < 1e-12
+        assert float(o_a.state["step"]) == float(o_b.state["step"]) == 7
+        keys = {k for st in o_b.state_dict()["state"].values() if isinstance(st, dict) for k in st}
+        assert keys == {"m"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_scheduler_and_channels_last(backend):
+    torch.manual_seed(3)
+    m_ref = Net().double().to(memory_format=torch.channels_last)
+    m = copy.deepcopy(m_ref)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+    o_ref = reference.TVLARS(m_ref.parameters(), **HYPER)
+    s = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+    s_ref = torch.optim.lr_scheduler.StepLR(o_ref, 2, gamma=0.5)
+    for _ in range(5):
+        _loop(m, opt, 1)
+        _loop(m_ref, o_ref, 1)
+        s.step()
+        s_ref.step()
+    assert m.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_data_reassigned_rebuilds(backend):
+    init = make_init([(4, 4), (3,)])
+    ps_f = [torch.nn.Parameter(x.clone()) for x in init]
+    ps_r = [torch.nn.Parameter(x.clone()) for x in init]
+
+    def run(opt, ps, replace):
+        for step in range(4):
+            opt.zero_grad()
+            (ps[0] * 1.5).sum().backward() if step % 2 else (ps[0].square().sum() + ps[1].sum()).backward()
+            opt.step()
+            if step == 1 and replace:
+                ps[0].data = torch.full((4, 4), 0.25, dtype=torch.float64)
+    opt = tvlars_fused.TVLARS(ps_f, backend=backend, **HYPER)
+    run(opt, ps_f, True)
+    o_ref = reference.TVLARS(ps_r, **HYPER)
+    run(o_ref, ps_r, True)
+    assert max_err(ps_f, ps_r) < 1e-12
+    assert ps_f[0].untyped_storage().data_ptr() == opt._buckets[0].param_buf.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_stats(backend):
+    init = make_init([(6, 5), (5,)])
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = tvlars_fused.TVLARS(ps, backend=backend, **HYPER)
+    opt.zero_grad()
+    (ps[0].square().sum() + ps[1].sum()).backward()
+    g0 = ps[0].grad.clone()
+    opt.step()
+    st = opt.layer_stats()[ps[0]]
+    d = g0 + HYPER["weight_decay"] * init[0]
+    ph = tvlars_fused.phi(0, HYPER["lmbda"], HYPER["delay_steps"], 1.0, 0.0)
+    wn, dn = float(init[0].norm()), float(d.norm())
+    expected = torch.tensor([wn, dn, HYPER["eta"] * ph * wn / dn, ph], dtype=torch.float64)
+    assert torch.allclose(st, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync_in_step(backend, monkeypatch):
+    init = make_init(SHAPES[:5])
+    ps = [torch.nn.Parameter(x.clone().float()) for x in init]
+    opt = tvlars_fused.TVLARS(ps, backend=backend, **HYPER)
+
+    def loss():
+        return sum((p * p).sum() for p in ps)
+    opt.zero_grad()
+    loss().backward()
+    opt.step()  # builds the buckets
+
+    def boom(*a, **k):
+        raise AssertionError("host sync in step()")
+    for name in ("item", "__bool__", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    for _ in range(2):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    monkeypatch.undo()
+    assert float(opt.state["step"]) == 3
