@@ -25,11 +25,10 @@ class _Fused:
     """Mixed into the reference classes: same constructor, validation and state_dict format;
     step() runs the bucket kernels instead of the per-parameter loop."""
 
-    # torch.amp.GradScaler hands us optimizer.grad_scale / optimizer.found_inf (device tensors)
-    # instead of unscaling the gradients itself and syncing on found_inf.
+    # torch.amp.GradScaler sets optimizer.grad_scale / optimizer.found_inf (device tensors) for the
+    # step instead of unscaling the gradients itself and syncing on found_inf. (No class defaults:
+    # GradScaler multiplies an existing grad_scale attribute.)
     _step_supports_amp_scaling = True
-    grad_scale: Optional[torch.Tensor] = None
-    found_inf: Optional[torch.Tensor] = None
 
     def __init__(self, params, lr, *args, backend: str = "auto", **kwargs):
         if backend not in BACKENDS:
@@ -98,7 +97,8 @@ class _Fused:
         for gi, group in enumerate(self.param_groups):
             validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
         buckets = self._ensure_buckets()
-        grad_scale, found_inf = self.grad_scale, self.found_inf
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for b in buckets:
             b.prepare(self.param_groups, self.state)
         for b in buckets:

@@ -1,0 +1,156 @@
+"""Drop-in behaviour: GradScaler, LR schedulers (incl. a tensor lr), diagnostics, the schedule CLI."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tvlars_fused
+from tvlars_fused import reference
+from tvlars_fused.diagnostics import layer_stats_dict
+from tvlars_fused.kernels import resolve
+
+from parity import max_err
+
+
+def _backends():
+    out = []
+    for name in ("torch", "cpu", "triton"):
+        try:
+            resolve(name, torch.device("cpu"))
+            out.append(name)
+        except RuntimeError:
+            pass
+    return out
+
+
+BACKENDS = _backends()
+HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
+
+
+def _net(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_forced_overflow(backend):
+    """The fused protocol: GradScaler hands grad_scale/found_inf to step(); a forced overflow skips
+    the step on the device (t included) and lowers the scale; later steps match the reference run
+    (which GradScaler unscales and skips the classic way)."""
+    m_ref = _net()
+    m = copy.deepcopy(m_ref)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+    o_ref = reference.TVLARS(m_ref.parameters(), **HYPER)
+    assert opt._step_supports_amp_scaling and not getattr(o_ref, "_step_supports_amp_scaling", False)
+    s_f = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    s_r = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for step in range(7):
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        for model, o, s in ((m, opt, s_f), (m_ref, o_ref, s_r)):
+            o.zero_grad()
+            s.scale(model(x).square().mean()).backward()
+            if step == 3:
+                model[0].weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            s.step(o)
+            s.update()
+            if step == 3:
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "skipped step changed w"
+        seen.append((s_f.get_scale(), s_r.get_scale()))
+        assert max_err(m.parameters(), m_ref.parameters()) < 1e-12, step
+    assert seen[3][0] == seen[3][1] < seen[2][0], "the overflow must lower the scale"
+    assert float(opt.state["step"]) == float(o_ref.state["step"]) == 6
+    assert not hasattr(opt, "grad_scale") or opt.grad_scale is None  # GradScaler cleans up
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sched", ["step", "cosine", "onecycle", "lambda", "warmup_cosine"])
+def test_lr_schedulers_drive_fused_like_reference(backend, sched):
+    def make(o):
+        if sched == "step":
+            return torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.3)
+        if sched == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6)
+        if sched == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=8)
+        if sched == "lambda":
+            return torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1 + e))
+        warm = torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=3)
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5)
+        return torch.optim.lr_scheduler.SequentialLR(o, [warm, cos], milestones=[3])
+
+    m_ref = _net(1)
+    m = copy.deepcopy(m_ref)
+    opt = tvlars_fused.LARS(m.parameters(), backend=backend, lr=0.5)
+    o_ref = reference.LARS(m_ref.parameters(), lr=0.5)
+    s, s_ref = make(opt), make(o_ref)
+    g = torch.Generator().manual_seed(1)
+    lrs = []
+    for _ in range(8):
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        for model, o, sc in ((m, opt, s), (m_ref, o_ref, s_ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+            sc.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[0]["lr"] == o_ref.param_groups[0]["lr"]
+    assert len(set(lrs)) > 2, "the schedule must actually change lr"
+    assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lr_changes_without_sync(backend, monkeypatch):
+    m_ref = _net(2, torch.float32)
+    m = copy.deepcopy(m_ref)
+    lr = torch.tensor(0.5)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **dict(HYPER, lr=lr))
+    o_ref = reference.TVLARS(m_ref.parameters(), **dict(HYPER, lr=0.5))
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2))
+
+    def boom(*a, **k):
+        raise AssertionError("host sync")
+    for step in range(4):
+        lr.fill_(0.5 / (step + 1))              # changed in place: no recompiles, no syncs
+        o_ref.param_groups[0]["lr"] = 0.5 / (step + 1)
+        for model, o in ((m, opt), (m_ref, o_ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            if o is opt:
+                with monkeypatch.context() as mp:
+                    for name in ("item", "__bool__", "tolist", "cpu", "__float__"):
+                        mp.setattr(torch.Tensor, name, boom)
+                    o.step()
+            else:
+                o.step()
+    assert max_err(m.parameters(), m_ref.parameters()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_stats_dict_for_loggers(backend):
+    m = _net(3)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+    opt.zero_grad()
+    m(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    w0 = m[0].weight.detach().clone()
+    opt.step()
+    d = layer_stats_dict(opt, m.named_parameters(), prefix="opt/")
+    assert set(d) == {f"opt/{n}/{s}" for n, _ in m.named_parameters()
+                      for s in ("weight_norm", "update_norm", "trust_ratio", "phi")}
+    assert all(isinstance(v, float) for v in d.values())
+    assert d["opt/0.weight/weight_norm"] == pytest.approx(float(w0.norm()), rel=1e-12)
+    assert d["opt/0.weight/phi"] == pytest.approx(tvlars_fused.phi(0, 0.05, 2, 1.0, 0.0), rel=1e-6)
+
+
+def test_schedule_cli_plots_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "phi.png"
+    r = subprocess.run([sys.executable, "-m", "tvlars_fused.schedule", "--lmbda", "1e-3", "1e-2",
+                        "--delay-steps", "100", "--steps", "300", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
