@@ -24,6 +24,7 @@ import torch
 
 from .base import accumulation_dtype, check_grad, describe, state_key
 from .hyperparams import GROUP_TABLE_COLS, group_row, segment_flags
+from .sharding import is_sharded, local, shard_groups
 
 ALIGN = 16  # elements: 64 B for float32, enough for 128-bit vector access of every dtype
 
@@ -54,9 +55,13 @@ class Bucket:
                  optimizer_state: Dict, where: Sequence[str]):
         assert len(params) > 0
         self.params = list(params)
+        # Sharded (DTensor) parameters belong to FSDP2, which all-gathers from its own storage:
+        # the bucket mirrors their local shards (copied in and out each step) instead of rebinding.
+        self.sharded = is_sharded(params[0])
+        self.locals = [local(p.detach()) for p in self.params]
         self.group_index = list(group_index)
         self.where = list(where)
-        self.device = params[0].device
+        self.device = self.locals[0].device
         self.dtype = params[0].dtype
         self.acc_dtype = accumulation_dtype(self.dtype)
         self.state_dtype = state_dtype(self.dtype)
@@ -68,7 +73,7 @@ class Bucket:
         # layout
         offsets, numels, ends = [], [], []
         off = 0
-        for p in self.params:
+        for p in self.locals:
             n = p.numel()
             offsets.append(off)
             numels.append(n)
@@ -81,16 +86,17 @@ class Bucket:
         self.state_buf = torch.zeros(self.numel, dtype=self.state_dtype, device=dev)
 
         self.param_views, self.grad_views, self.state_views = [], [], []
-        for p, o in zip(self.params, offsets):
+        for p, o in zip(self.locals, offsets):
             shape, strides = tuple(p.shape), _dense_strides(p)
             pv = self.param_buf.as_strided(shape, strides, o)
             pv.copy_(p.detach())
             self.param_views.append(pv)
             self.grad_views.append(self.grad_buf.as_strided(shape, strides, o))
             self.state_views.append(self.state_buf.as_strided(shape, strides, o))
-        for p, pv in zip(self.params, self.param_views):
-            p.data = pv
-        self._expected_ptrs = [p.data_ptr() for p in self.params]
+        if not self.sharded:
+            for p, pv in zip(self.params, self.param_views):
+                p.data = pv
+        self._expected_ptrs = [local(p).data_ptr() for p in self.params]
 
         # Carry over optimizer state (live views of an older bucket, or values loaded from a
         # state_dict) and existing gradients into the new buffers.
@@ -99,12 +105,12 @@ class Bucket:
             st = optimizer_state.get(p)
             for key in ("momentum_buffer", "m"):
                 if st is not None and isinstance(st.get(key), torch.Tensor):
-                    self.state_views[i].copy_(st[key].detach())
-                    st[key] = self.state_views[i]
+                    self.state_views[i].copy_(local(st[key].detach()))
+                    st[key] = self._state_entry(i)
                     self.has_state[i] = True
         self.clean = [True] * len(self.params)  # grad view known to be zero
         for i, p in enumerate(self.params):
-            if p.grad is not None:
+            if p.grad is not None and not self.sharded:
                 check_grad(p.grad, self.where[i])
                 self.grad_views[i].copy_(p.grad.detach())
                 p.grad = self.grad_views[i]
@@ -135,7 +141,19 @@ class Bucket:
         self._filters: Optional[list] = None
 
         ref = weakref.ref(self)
-        self._hooks = [p.register_hook(_make_attach_hook(ref, i)) for i, p in enumerate(self.params)]
+        self._hooks = [] if self.sharded else [
+            p.register_hook(_make_attach_hook(ref, i)) for i, p in enumerate(self.params) if p.requires_grad]
+        self.reduce_groups = shard_groups(self.params[0]) if self.sharded else []
+
+    def _state_entry(self, i: int) -> torch.Tensor:
+        """What optimizer.state[p][key] holds: the state view (a DTensor over it when sharded)."""
+        view = self.state_views[i]
+        if not self.sharded:
+            return view
+        p = self.params[i]
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
 
     # -- gradients ----------------------------------------------------------------------------
     def attach_grad(self, i: int) -> None:
@@ -148,6 +166,14 @@ class Bucket:
         self.params[i].grad = view
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.sharded:   # FSDP2 owns these gradients
+            for p in self.params:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+            return
         self.grad_buf.zero_()
         for i, p in enumerate(self.params):
             self.clean[i] = True
@@ -166,7 +192,10 @@ class Bucket:
     def is_stale(self) -> bool:
         """True when a parameter was moved or re-assigned (module.to, p.data = ...) since the build."""
         for p, ptr, pv in zip(self.params, self._expected_ptrs, self.param_views):
-            if p.data_ptr() != ptr or p.dtype != self.dtype or p.device != self.device or p.shape != pv.shape:
+            lp = local(p)
+            if lp.dtype != self.dtype or lp.device != self.device or lp.shape != pv.shape:
+                return True
+            if not self.sharded and lp.data_ptr() != ptr:
                 return True
         return False
 
@@ -174,13 +203,19 @@ class Bucket:
         """Collect which parameters have a gradient, copy in foreign gradients, create state
         entries on first use, and upload the tables that changed since the last step."""
         active = []
+        if self.sharded:
+            self.locals = [local(p.detach()) for p in self.params]
+            torch._foreach_copy_(self.param_views, self.locals)
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
                 active.append(0)
                 continue
             view = self.grad_views[i]
-            if g is not view:
+            if self.sharded:
+                check_grad(local(g), self.where[i])
+                view.copy_(local(g.detach()))
+            elif g is not view:
                 check_grad(g, self.where[i])
                 view.copy_(g.detach())
                 p.grad = view
@@ -191,7 +226,7 @@ class Bucket:
                 form = param_groups[self.group_index[i]]["momentum_form"]
                 if form == "paper":  # m starts equal to w
                     self.state_views[i].copy_(self.param_views[i])
-                state[p][state_key(form)] = self.state_views[i]
+                state[p][state_key(form)] = self._state_entry(i)
                 self.has_state[i] = True
         if active != self._active:
             self.seg_active.copy_(torch.tensor(active, dtype=torch.int32), non_blocking=True)
@@ -212,6 +247,12 @@ class Bucket:
         for gi, g in enumerate(param_groups):
             if isinstance(g["lr"], torch.Tensor):  # a device lr: copied on the device, never read
                 self.group_table[gi, 0].copy_(g["lr"].reshape(()), non_blocking=True)
+
+
+    def finish(self) -> None:
+        """After the kernels: write a sharded bucket's parameters back to FSDP2's shards."""
+        if self.sharded:
+            torch._foreach_copy_(self.locals, self.param_views)
 
 
 def _make_attach_hook(bucket_ref, i):

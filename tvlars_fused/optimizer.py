@@ -4,6 +4,7 @@ bucket (docs/DESIGN.md). Same arguments, state layout and results as tvlars_fuse
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -14,6 +15,7 @@ from .base import STEP_KEY, describe
 from .buckets import STAT_PHI, STAT_TRUST_RATIO, STAT_UPDATE_NORM, STAT_WEIGHT_NORM, Bucket
 from .hyperparams import validate_group
 from .kernels import BACKENDS, resolve
+from .sharding import all_reduce_norms, bucket_key
 
 __all__ = ["TVLARS", "LARS"]
 
@@ -63,10 +65,10 @@ class _Fused:
         by_key: Dict = OrderedDict()
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                by_key.setdefault((p.device, p.dtype), []).append((p, gi, describe(gi, i, p)))
+                by_key.setdefault(bucket_key(p), []).append((p, gi, describe(gi, i, p)))
         buckets = []
-        for (device, _), items in by_key.items():
-            mod = resolve(self.backend, device)
+        for key, items in by_key.items():
+            mod = resolve(self.backend, key[0])
             b = Bucket([p for p, _, _ in items], [gi for _, gi, _ in items], self.param_groups,
                        mod.CHUNK_ELEMS, step, self._tvlars, self.state, [w for _, _, w in items])
             b.backend = mod
@@ -96,7 +98,9 @@ class _Fused:
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
-        buckets = self._ensure_buckets()
+        # Under torch.compile the graph's guards stand in for the staleness check (data_ptr is
+        # not traceable); buckets always exist after __init__.
+        buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for b in buckets:
@@ -104,7 +108,11 @@ class _Fused:
         for b in buckets:
             gs = None if grad_scale is None else grad_scale.to(b.device, non_blocking=True)
             fi = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
-            b.backend.bucket_step(b, gs, fi)
+            if b.reduce_groups:
+                b.backend.bucket_step(b, gs, fi, functools.partial(all_reduce_norms, found_inf=fi))
+            else:
+                b.backend.bucket_step(b, gs, fi)
+            b.finish()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
