@@ -56,12 +56,28 @@ class LarsFamilyBase(Optimizer):
         self.state[STEP_KEY] = torch.zeros((), dtype=torch.float32)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        gi = len(self.param_groups) - 1
-        group = self.param_groups[gi]
-        validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
-        for i, p in enumerate(group["params"]):
+        # Validate before torch appends the group, so a rejected group leaves no trace.
+        gi = len(self.param_groups)
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(f"param_groups[{gi}]['params'] is a set; pass an ordered collection (a list) "
+                            "so the parameter order is the same in every run")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, p in enumerate(params):
             check_param(p, describe(gi, i, p))
+            if any(p is q for q in params[:i]):
+                raise ValueError(f"{describe(gi, i, p)} appears twice in the same group; list each parameter once")
+        validate_group({**self.defaults, **param_group}, self._tvlars, where=f"param_groups[{gi}]")
+        super().add_param_group({**param_group, "params": params})
+
+    def validate_step(self) -> None:
+        """Check every group and gradient before anything is updated, so a rejected step changes
+        nothing."""
+        for gi, group in enumerate(self.param_groups):
+            validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    check_grad(p.grad, describe(gi, i, p))
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups", [])

@@ -35,8 +35,10 @@ FLAG_SKIP_ADAPTATION = 2     # lars_adaptation_filter and ndim == 1
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _real(name: str, value: Any) -> float:
+def _real(name: str, value: Any, tensor_ok: bool = False) -> float:
     if isinstance(value, torch.Tensor):
+        if not tensor_ok:
+            raise ValueError(f"{name} must be a Python number, got a tensor; only lr may be a tensor")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         return None  # tensors (e.g. a device lr) are checked on the device only, never synced
@@ -50,7 +52,7 @@ def _real(name: str, value: Any) -> float:
 def validate_group(group: Dict[str, Any], tvlars: bool, where: str = "") -> None:
     """Raise ValueError naming the first invalid hyperparameter of a param group."""
     at = f" (in {where})" if where else ""
-    lr = _real("lr", group["lr"])
+    lr = _real("lr", group["lr"], tensor_ok=True)
     if lr is not None and lr < 0.0:
         raise ValueError(f"Invalid lr: {lr}{at}; the learning rate must be >= 0")
     momentum = _real("momentum", group["momentum"])

@@ -13,7 +13,6 @@ import torch
 from . import reference
 from .base import STEP_KEY, describe
 from .buckets import STAT_PHI, STAT_TRUST_RATIO, STAT_UPDATE_NORM, STAT_WEIGHT_NORM, Bucket
-from .hyperparams import validate_group
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key
 
@@ -96,8 +95,7 @@ class _Fused:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
+        self.validate_step()
         # Under torch.compile the graph's guards stand in for the staleness check (data_ptr is
         # not traceable); buckets always exist after __init__.
         buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()

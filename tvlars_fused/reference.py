@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .base import STEP_KEY, LarsFamilyBase, accumulation_dtype, check_grad, describe
+from .base import STEP_KEY, LarsFamilyBase, accumulation_dtype
 from .hyperparams import LARS_DEFAULTS, TVLARS_DEFAULTS, validate_group
 from .schedule import phi
 
@@ -24,15 +24,13 @@ class _EagerLars(LarsFamilyBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.validate_step()
         t = float(self.state[STEP_KEY])
-        for gi, group in enumerate(self.param_groups):
-            validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
+        for group in self.param_groups:
             scale = self.scale(group, t)
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                check_grad(p.grad, describe(gi, i, p))
-                self._update(p, group, scale)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, scale)
         self.state[STEP_KEY] += 1
         return loss
 
