@@ -257,6 +257,10 @@ class Bucket:
 
 def _make_attach_hook(bucket_ref, i):
     def hook(grad):
+        # A backward traced by torch.compile produces .grad as a graph output instead of
+        # accumulating in place, so there is nothing to attach: step() copies those grads in.
+        if torch.compiler.is_compiling():
+            return None
         bucket = bucket_ref()
         if bucket is not None and bucket.params[i].grad is None:
             bucket.attach_grad(i)
