@@ -17,7 +17,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
-	$(PIP) install "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib
+	$(PIP) install "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib scikit-learn tqdm pytorch-optimizer
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
@@ -35,3 +35,6 @@ bench-full: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info tvlars_fused/_C*.so
+
+example: $(STAMP)
+	$(PY) examples/large_batch_digits.py
