@@ -1,0 +1,294 @@
+"""backend="triton": the bucket step of docs/SPEC.md ("The bucket ABI") as exactly two Triton
+kernel launches per bucket per step, whatever the number of parameters.
+
+Pass 1, `_lars_norms_kernel` (one program per chunk): reads w and g once and stores the chunk's
+partial sums of w^2 and d^2 (d = g/grad_scale + wd*w) in `bucket.partials`, in the accumulation
+dtype. A per-segment atomic counter (acq_rel) tells the program that finished a segment's last
+chunk; that program adds the segment's partials in chunk order (plain loads through L2, no float
+atomics: the same bits every run), evaluates phi(t) from the device step counter, writes
+`stats[seg] = (wn, dn, q, phi)` and puts the counter back to 0.
+
+Pass 2, `_lars_update_kernel` (one program per chunk): reads w, g and the momentum state with
+128-bit vector accesses, applies u = q*d and the heavy-ball or paper momentum update, and writes w
+(bfloat16: rounded to nearest even by integer arithmetic, so the interpreter and the GPU give the
+same bits) and the state; program 0 advances the step counter.
+
+grad_scale / found_inf (torch's fused AMP protocol) are read on the device: with found_inf nonzero
+every program returns without writing anything. bucket_step never synchronises with the host and
+allocates nothing per step (its launch arguments are cached on the bucket).
+
+The elementwise arithmetic is compiled without FMA contraction (enable_fp_fusion=False), so each
+operation rounds as written in the spec, on the GPU as in the interpreter.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..buckets import Bucket
+
+NAME = "triton"
+# Elements per chunk: one program of each pass handles one chunk, looping over it BLOCK_ELEMS
+# elements at a time (4 warps, 16 elements per thread per step), so a small segment costs one step.
+CHUNK_ELEMS = 8192
+BLOCK_ELEMS = 2048
+requirement = ("the triton package and CUDA tensors (CPU tensors only under the Triton interpreter: "
+               "TRITON_INTERPRET=1 set before triton is imported)")
+
+# Pass 1 reads a segment's chunk partials this many at a time (independent loads in flight)
+# before adding them, in chunk order, to the running sums.
+_SUM_UNROLL = 8
+
+# seg_table / group_table / stats column indices (docs/SPEC.md; tvlars_fused/hyperparams.py)
+_SEG_COLS = 7
+_GROUP_COLS = 11
+
+
+@triton.jit
+def _bf16_rne_bits(x):
+    """float32 -> the bits of the nearest-even bfloat16, NaN kept quiet, +-Inf kept."""
+    b = x.to(tl.uint32, bitcast=True)
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    is_nan = (b & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, (b >> 16) | 0x40, rounded).to(tl.uint16)
+
+
+@triton.jit
+def _lars_norms_kernel(
+    w_ptr, g_ptr, chunk_tab, seg_tab, seg_active, group_tab, step_ptr,
+    partials, counters, stats, scale_ptr, inf_ptr,
+    CHUNK: tl.constexpr, HAS_CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+):
+    ACC: tl.constexpr = stats.dtype.element_ty
+    IEEE: tl.constexpr = ACC == tl.float32   # fdiv's IEEE flag is for float32 (float64 `/` is exact-rounded)
+    if HAS_CHUNKS:
+        pid = tl.program_id(0)
+        start = tl.multiple_of(tl.load(chunk_tab + 2 * pid), 16)
+        seg = tl.load(chunk_tab + 2 * pid + 1)
+        go = tl.load(seg_active + seg) != 0
+        if HAS_INF:
+            go = go & (tl.load(inf_ptr) == 0)
+        if go:
+            row = seg_tab + seg * 7
+            end = tl.multiple_of(tl.load(row + 1), 16)
+            group = tl.load(row + 3)
+            flags = tl.load(row + 4)
+            grow = group_tab + group * 11
+            wd = tl.load(grow + 2)
+            wd = tl.where((flags & 1) != 0, 0.0, wd).to(ACC)
+
+            if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
+                inv_scale = tl.math.fdiv(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), ieee_rounding=IEEE)
+            acc_w = tl.zeros((BLOCK,), dtype=ACC)
+            acc_d = tl.zeros((BLOCK,), dtype=ACC)
+            # [start, min(start + CHUNK, end)) in BLOCK-element steps (small segments: one step)
+            for sub in range(start, tl.minimum(start + CHUNK, end), BLOCK):
+                offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
+                mask = offs < end
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+                if HAS_SCALE:
+                    g = g * inv_scale
+                d = g + wd * w
+                acc_w += w * w
+                acc_d += d * d
+            tl.store(partials + 2 * pid, tl.sum(acc_w, axis=0))
+            tl.store(partials + 2 * pid + 1, tl.sum(acc_d, axis=0))
+
+            # Last-block pattern: every thread's partial store happens before the release of the
+            # counter increment (barrier + acq_rel at GPU scope); the last program acquires it
+            # and reads the partials through L2 (.cg), so it sees every other program's sums.
+            tl.debug_barrier()
+            n = tl.load(row + 6)
+            done = tl.atomic_add(counters + seg, 1, sem="acq_rel", scope="gpu")
+            if done == n - 1:
+                tl.debug_barrier()
+                first = tl.load(row + 5)
+                stop = first + n
+                # partials added strictly in chunk order: ((p0 + p1) + p2) + ..., UNROLL chunks'
+                # loads in flight before their additions
+                sw = tl.zeros((), dtype=ACC)
+                sd = tl.zeros((), dtype=ACC)
+                for base in range(first, stop, UNROLL):
+                    for k in tl.static_range(UNROLL):
+                        ok = base + k < stop
+                        p = partials + 2 * (base + k)
+                        sw += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
+                        sd += tl.load(p + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                clip = tl.load(grow + 8)
+                wn = tl.sqrt_rn(sw) if ACC == tl.float32 else tl.sqrt(sw)
+                dn = tl.sqrt_rn(sd) if ACC == tl.float32 else tl.sqrt(sd)
+                wn = tl.where(wn > clip, clip, wn)   # NaN stays NaN (torch.clamp semantics)
+                dn = tl.where(dn > clip, clip, dn)
+
+                # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1
+                t = tl.load(step_ptr).to(ACC)
+                lmbda = tl.load(grow + 4)
+                delay = tl.load(grow + 5)
+                alpha = tl.load(grow + 6)
+                gamma_min = tl.load(grow + 7)
+                use_phi = tl.load(grow + 9)
+                x = (t - delay) * lmbda
+                e = tl.exp(-tl.abs(x))
+                # (divisions are IEEE round-to-nearest: the plain `/` is approximate on the GPU)
+                ph = tl.where(x > 0, tl.math.fdiv(e, 1.0 + alpha * e, ieee_rounding=IEEE),
+                              tl.math.fdiv(tl.full((), 1.0, ACC), alpha + e, ieee_rounding=IEEE))
+                ph = ph + gamma_min
+                ph = tl.where(use_phi != 0, ph, 1.0).to(ACC)
+
+                eta = tl.load(grow + 3)
+                adapt = ((flags & 2) == 0) & (wn > 0) & (dn > 0)
+                q = tl.where(adapt, tl.math.fdiv(eta * ph * wn, dn, ieee_rounding=IEEE), 1.0).to(ACC)
+                srow = stats + seg * 4
+                tl.store(srow, wn)
+                tl.store(srow + 1, dn)
+                tl.store(srow + 2, q)
+                tl.store(srow + 3, ph)
+                tl.store(counters + seg, 0)   # zero between launches (the ABI)
+
+
+@triton.jit
+def _lars_update_kernel(
+    w_ptr, g_ptr, s_ptr, chunk_tab, seg_tab, seg_active, group_tab, stats, step_ptr,
+    scale_ptr, inf_ptr,
+    CHUNK: tl.constexpr, HAS_CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    BLOCK: tl.constexpr, BF16: tl.constexpr,
+):
+    ACC: tl.constexpr = stats.dtype.element_ty
+    IEEE: tl.constexpr = ACC == tl.float32
+    pid = tl.program_id(0)
+    if HAS_CHUNKS:
+        start = tl.multiple_of(tl.load(chunk_tab + 2 * pid), 16)
+        seg = tl.load(chunk_tab + 2 * pid + 1)
+        go = tl.load(seg_active + seg) != 0
+        if HAS_INF:
+            go = go & (tl.load(inf_ptr) == 0)
+        if go:
+            row = seg_tab + seg * 7
+            seg_start = tl.load(row + 0)
+            end = tl.multiple_of(tl.load(row + 1), 16)
+            real_end = seg_start + tl.load(row + 2)
+            group = tl.load(row + 3)
+            flags = tl.load(row + 4)
+            grow = group_tab + group * 11
+            lr = tl.load(grow + 0)
+            mom = tl.load(grow + 1)
+            wd = tl.load(grow + 2)
+            wd = tl.where((flags & 1) != 0, 0.0, wd).to(ACC)
+            paper = tl.load(grow + 10) != 0
+            q = tl.load(stats + seg * 4 + 2)
+
+            if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
+                inv_scale = tl.math.fdiv(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), ieee_rounding=IEEE)
+            # start and end are multiples of 16 elements: 128-bit vector accesses, uniform masks
+            for sub in range(start, tl.minimum(start + CHUNK, end), BLOCK):
+                offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
+                offs = tl.max_contiguous(tl.multiple_of(offs, 16), BLOCK)
+                mask = offs < end
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+                s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
+                if HAS_SCALE:
+                    g = g * inv_scale
+                u = q * (g + wd * w)
+                if paper:   # mn = w - lr*u; w = mn + momentum*(mn - s); s = mn
+                    s_new = w - lr * u
+                    w_new = s_new + mom * (s_new - s)
+                else:       # s = momentum*s + u; w = w - lr*s
+                    s_new = mom * s + u
+                    w_new = w - lr * s_new
+                # padding stays exactly zero even when q is not finite
+                inside = offs < real_end
+                w_new = tl.where(inside, w_new, 0.0)
+                s_new = tl.where(inside, s_new, 0.0)
+                if BF16:
+                    tl.store(w_ptr.to(tl.pointer_type(tl.uint16)) + offs,
+                             _bf16_rne_bits(w_new.to(tl.float32)), mask=mask)
+                else:
+                    tl.store(w_ptr + offs, w_new.to(w_ptr.dtype.element_ty), mask=mask)
+                tl.store(s_ptr + offs, s_new.to(s_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        if HAS_INF:
+            if tl.load(inf_ptr) == 0:
+                tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+        else:
+            tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+
+
+KERNELS = (_lars_norms_kernel, _lars_update_kernel)
+
+
+def _interpreted() -> bool:
+    """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_lars_update_kernel, triton.runtime.jit.JITFunction)
+
+
+def available(device) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and not _interpreted()
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1" and _interpreted()
+    return False
+
+
+def block_and_warps(chunk_elems: int, acc_dtype: torch.dtype = torch.float32):
+    """Elements per loop step of a program, and its warps: at most BLOCK_ELEMS per step (half for
+    float64), with 4 warps: 16 float32 elements per thread, four 128-bit vectors of each of w, g
+    and the state in flight (float64: eight elements)."""
+    block = min(chunk_elems, BLOCK_ELEMS // (2 if acc_dtype == torch.float64 else 1))
+    return block, max(1, min(4, block // 256))
+
+
+class _Launch:
+    """Everything bucket_step passes to the two kernels that does not change between steps."""
+
+    __slots__ = ("grid", "norms_args", "update_args", "consts", "warps", "step")
+
+    def __init__(self, b: Bucket):
+        ce = b.chunk_elems
+        if ce < 16 or ce & (ce - 1):
+            raise ValueError(f"backend='triton' needs a power-of-two chunk size >= 16, got {ce}")
+        self.grid = (max(b.num_chunks, 1),)
+        self.norms_args = (b.param_buf, b.grad_buf, b.chunk_table, b.seg_table, b.seg_active,
+                           b.group_table, b.step, b.partials, b.counters, b.stats)
+        self.update_args = (b.param_buf, b.grad_buf, b.state_buf, b.chunk_table, b.seg_table,
+                            b.seg_active, b.group_table, b.stats, b.step)
+        block, self.warps = block_and_warps(ce, b.acc_dtype)
+        self.consts = dict(CHUNK=ce, BLOCK=block, HAS_CHUNKS=b.num_chunks > 0)
+        self.step = b.step
+
+
+def _launch_config(b: Bucket) -> _Launch:
+    cfg = getattr(b, "_triton_launch", None)
+    if cfg is None:
+        cfg = _Launch(b)
+        b._triton_launch = cfg
+    return cfg
+
+
+def _check_amp(t: Optional[torch.Tensor], name: str, b: Bucket) -> None:
+    if t is not None and (t.device != b.device or t.dtype != torch.float32 or t.numel() != 1):
+        raise ValueError(f"{name} must be a one-element float32 tensor on {b.device}, got "
+                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    """Two launches: norms/stats (pass 1), then the update and the step counter (pass 2)."""
+    cfg = _launch_config(bucket)
+    _check_amp(grad_scale, "grad_scale", bucket)
+    _check_amp(found_inf, "found_inf", bucket)
+    has_scale, has_inf = grad_scale is not None, found_inf is not None
+    scale = grad_scale if has_scale else cfg.step   # a dummy pointer when absent (never read)
+    inf = found_inf if has_inf else cfg.step
+    _lars_norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
+                                 HAS_INF=has_inf, UNROLL=_SUM_UNROLL, num_warps=cfg.warps,
+                                 enable_fp_fusion=False)
+    _lars_update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
+                                  HAS_INF=has_inf, BF16=bucket.dtype == torch.bfloat16,
+                                  num_warps=cfg.warps, enable_fp_fusion=False)
