@@ -1,27 +1,50 @@
 """Builds the C++ extension tvlars_fused._C (csrc/): the CPU ops always, the CUDA ops when torch
 has CUDA and nvcc is found. Environment: TVLARS_FUSED_BUILD_EXT=0 skips the extension entirely;
 TVLARS_FUSED_BUILD_CUDA=1/0 forces the CUDA ops on/off. The package works without the extension
-(other backends are picked)."""
+(other backends are picked).
+
+`pip install --no-build-isolation -e .` (make install) compiles it in place, next to the sources,
+so `import tvlars_fused._C` works from the source tree."""
 import glob
 import os
+import shutil
 
 from setuptools import setup
+
+# Flags shared with tests/test_nvcc.py (keep in sync):
+#  - no FMA contraction on the host (the kernels' bits must not depend on the ISA GCC picks; the
+#    device side uses explicitly rounded intrinsics, see csrc/tvlars_math.h);
+#  - OpenMP, which at::parallel_for needs to run in parallel inside an extension;
+#  - no --use_fast_math: it would make division and sqrt approximate and flush denormals, and
+#    the kernels are memory bound anyway.
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("TVLARS_FUSED_BUILD_EXT", "1") != "0" and glob.glob("csrc/*.cpp"):
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     force = os.environ.get("TVLARS_FUSED_BUILD_CUDA")
-    with_cuda = (force == "1") or (force is None and torch.version.cuda is not None and CUDA_HOME is not None)
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+    if force == "1":
+        if torch.version.cuda is None:
+            raise RuntimeError(f"TVLARS_FUSED_BUILD_CUDA=1 but torch {torch.__version__} was built without "
+                               "CUDA, so a CUDA extension cannot be linked against it")
+        with_cuda = True
+    elif force == "0":
+        with_cuda = False
+    else:
+        with_cuda = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    kwargs = dict(extra_link_args=["-fopenmp"], depends=sorted(glob.glob("csrc/*.h")))
     if with_cuda:
         sources += sorted(glob.glob("csrc/*.cu"))
         ext = CUDAExtension("tvlars_fused._C", sources, define_macros=[("TVLARS_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
+                            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, **kwargs)
     else:
-        ext = CppExtension("tvlars_fused._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("tvlars_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **kwargs)
     ext_modules = [ext]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

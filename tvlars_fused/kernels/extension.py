@@ -1,0 +1,90 @@
+"""backend="cpu" / backend="cuda": the C++/CUDA extension tvlars_fused._C (csrc/).
+
+Importing this module imports tvlars_fused._C, which registers torch.ops.tvlars_fused.bucket_step
+(CPU always; CUDA when the extension was compiled with nvcc against a CUDA build of torch). Each
+bucket step is one op call: on the CPU a fused, multithreaded, cache-aware kernel; on CUDA two
+kernel launches on the current stream, no host sync. backend(name) returns the object that
+tvlars_fused.kernels expects (NAME, CHUNK_ELEMS, requirement, available, bucket_step).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    from .. import _C  # noqa: F401  (loads the library: registers the op)
+except ImportError as exc:  # not built: the caller falls back to another backend
+    raise ImportError(
+        "the C++ extension tvlars_fused._C is not built, so backend='cpu'/'cuda' is unavailable "
+        f"({exc}). Build it with `pip install --no-build-isolation -e .` (or `make install`) in the "
+        "source tree, or use backend='auto'/'torch'.") from exc
+
+__all__ = ["backend", "WITH_CUDA", "bucket_step_op", "CPUBackend", "CUDABackend"]
+
+OP_NAME = "tvlars_fused::bucket_step"
+bucket_step_op = torch.ops.tvlars_fused.bucket_step.default
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, dispatch_key))
+
+
+#: True when the CUDA kernels were compiled into the extension.
+WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0)) and _has_kernel("CUDA")
+
+
+def _call(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    b = bucket
+    bucket_step_op(b.param_buf, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
+                   b.group_table, b.step, b.partials, b.counters, b.stats,
+                   None if grad_scale is None else grad_scale.reshape(1),
+                   None if found_inf is None else found_inf.reshape(1),
+                   b.chunk_elems)
+
+
+class CPUBackend:
+    """The fused CPU kernel: at::parallel_for over segments and chunks, SIMD inner loops,
+    deterministic for every thread count."""
+    NAME = "cpu"
+    # A chunk is the unit of the deterministic reduction and of the parallel split of a large
+    # segment (16 KiB of float32 per buffer: a handful of chunks per thread even for mid-sized layers).
+    CHUNK_ELEMS = 4096
+    requirement = "CPU tensors (the C++ extension tvlars_fused._C)"
+
+    @staticmethod
+    def available(device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    @staticmethod
+    def bucket_step(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        _call(bucket, grad_scale, found_inf)
+
+
+class CUDABackend:
+    """The CUDA kernels: pass 1 (per-chunk partial sums, last block of a segment reduces them in
+    chunk order) and pass 2 (elementwise update), on the current stream, no host sync."""
+    NAME = "cuda"
+    CHUNK_ELEMS = 4096
+    requirement = ("CUDA tensors and a tvlars_fused._C compiled with its CUDA kernels "
+                   "(nvcc and a CUDA build of torch at build time"
+                   + ("" if WITH_CUDA else "; this build has none") + ")")
+
+    @staticmethod
+    def available(device) -> bool:
+        return WITH_CUDA and torch.device(device).type == "cuda"
+
+    @staticmethod
+    def bucket_step(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        _call(bucket, grad_scale, found_inf)
+
+
+_BACKENDS = {"cpu": CPUBackend, "cuda": CUDABackend}
+
+
+def backend(name: str):
+    """The backend object for name "cpu" or "cuda"."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"the extension has backends {tuple(_BACKENDS)}, not {name!r}") from None
