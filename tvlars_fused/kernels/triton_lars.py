@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import buckets as B
+from .. import hyperparams as H
 from ..buckets import Bucket
 
 NAME = "triton"
@@ -43,9 +45,20 @@ requirement = ("the triton package and CUDA tensors (CPU tensors only under the 
 # before adding them, in chunk order, to the running sums.
 _SUM_UNROLL = 8
 
-# seg_table / group_table / stats column indices (docs/SPEC.md; tvlars_fused/hyperparams.py)
-_SEG_COLS = 7
-_GROUP_COLS = 11
+# Table layouts (docs/SPEC.md "The bucket ABI"), from their single definitions in buckets.py and
+# hyperparams.py, as compile-time constants of the kernels.
+_C = tl.constexpr
+CHUNK_COLS, CHUNK_START, CHUNK_SEG = _C(2), _C(B.CHUNK_START), _C(B.CHUNK_SEG)
+SEG_COLS, SEG_OFFSET, SEG_END, SEG_NUMEL = _C(B.SEG_COLS), _C(B.SEG_OFFSET), _C(B.SEG_END), _C(B.SEG_NUMEL)
+SEG_GROUP, SEG_FLAGS = _C(B.SEG_GROUP), _C(B.SEG_FLAGS)
+SEG_FIRST_CHUNK, SEG_NUM_CHUNKS = _C(B.SEG_FIRST_CHUNK), _C(B.SEG_NUM_CHUNKS)
+STAT_COLS, STAT_WN, STAT_DN, STAT_Q, STAT_PHI = (_C(4), _C(B.STAT_WEIGHT_NORM), _C(B.STAT_UPDATE_NORM),
+                                                 _C(B.STAT_TRUST_RATIO), _C(B.STAT_PHI))
+G_COLS, G_LR, G_MOMENTUM, G_WD, G_ETA = (_C(H.GROUP_TABLE_COLS), _C(H.COL_LR), _C(H.COL_MOMENTUM),
+                                         _C(H.COL_WEIGHT_DECAY), _C(H.COL_ETA))
+G_LMBDA, G_DELAY, G_ALPHA, G_GAMMA_MIN = _C(H.COL_LMBDA), _C(H.COL_DELAY), _C(H.COL_ALPHA), _C(H.COL_GAMMA_MIN)
+G_NORM_CLIP, G_USE_PHI, G_PAPER = _C(H.COL_NORM_CLIP), _C(H.COL_USE_PHI), _C(H.COL_PAPER_FORM)
+F_SKIP_WD, F_SKIP_ADAPT = _C(H.FLAG_SKIP_WEIGHT_DECAY), _C(H.FLAG_SKIP_ADAPTATION)
 
 
 @triton.jit
@@ -68,19 +81,19 @@ def _lars_norms_kernel(
     IEEE: tl.constexpr = ACC == tl.float32   # fdiv's IEEE flag is for float32 (float64 `/` is exact-rounded)
     if HAS_CHUNKS:
         pid = tl.program_id(0)
-        start = tl.multiple_of(tl.load(chunk_tab + 2 * pid), 16)
-        seg = tl.load(chunk_tab + 2 * pid + 1)
+        start = tl.multiple_of(tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_START), 16)
+        seg = tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_SEG)
         go = tl.load(seg_active + seg) != 0
         if HAS_INF:
             go = go & (tl.load(inf_ptr) == 0)
         if go:
-            row = seg_tab + seg * 7
-            end = tl.multiple_of(tl.load(row + 1), 16)
-            group = tl.load(row + 3)
-            flags = tl.load(row + 4)
-            grow = group_tab + group * 11
-            wd = tl.load(grow + 2)
-            wd = tl.where((flags & 1) != 0, 0.0, wd).to(ACC)
+            row = seg_tab + seg * SEG_COLS
+            end = tl.multiple_of(tl.load(row + SEG_END), 16)
+            group = tl.load(row + SEG_GROUP)
+            flags = tl.load(row + SEG_FLAGS)
+            grow = group_tab + group * G_COLS
+            wd = tl.load(grow + G_WD)
+            wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
 
             if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
                 inv_scale = tl.math.fdiv(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), ieee_rounding=IEEE)
@@ -104,11 +117,11 @@ def _lars_norms_kernel(
             # counter increment (barrier + acq_rel at GPU scope); the last program acquires it
             # and reads the partials through L2 (.cg), so it sees every other program's sums.
             tl.debug_barrier()
-            n = tl.load(row + 6)
+            n = tl.load(row + SEG_NUM_CHUNKS)
             done = tl.atomic_add(counters + seg, 1, sem="acq_rel", scope="gpu")
             if done == n - 1:
                 tl.debug_barrier()
-                first = tl.load(row + 5)
+                first = tl.load(row + SEG_FIRST_CHUNK)
                 stop = first + n
                 # partials added strictly in chunk order: ((p0 + p1) + p2) + ..., UNROLL chunks'
                 # loads in flight before their additions
@@ -120,35 +133,34 @@ def _lars_norms_kernel(
                         p = partials + 2 * (base + k)
                         sw += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
                         sd += tl.load(p + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                clip = tl.load(grow + 8)
+                clip = tl.load(grow + G_NORM_CLIP)
                 wn = tl.sqrt_rn(sw) if ACC == tl.float32 else tl.sqrt(sw)
                 dn = tl.sqrt_rn(sd) if ACC == tl.float32 else tl.sqrt(sd)
                 wn = tl.where(wn > clip, clip, wn)   # NaN stays NaN (torch.clamp semantics)
                 dn = tl.where(dn > clip, clip, dn)
 
-                # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1
+                # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1 (in ACC; on the
+                # GPU tl.exp is ex2.approx: phi within a few 1e-7 relative of the exact value)
                 t = tl.load(step_ptr).to(ACC)
-                lmbda = tl.load(grow + 4)
-                delay = tl.load(grow + 5)
-                alpha = tl.load(grow + 6)
-                gamma_min = tl.load(grow + 7)
-                use_phi = tl.load(grow + 9)
+                lmbda = tl.load(grow + G_LMBDA)
+                delay = tl.load(grow + G_DELAY)
+                alpha = tl.load(grow + G_ALPHA)
+                gamma_min = tl.load(grow + G_GAMMA_MIN)
                 x = (t - delay) * lmbda
                 e = tl.exp(-tl.abs(x))
-                # (divisions are IEEE round-to-nearest: the plain `/` is approximate on the GPU)
+                # (IEEE round-to-nearest divisions: the plain float32 `/` is approximate on the GPU)
                 ph = tl.where(x > 0, tl.math.fdiv(e, 1.0 + alpha * e, ieee_rounding=IEEE),
                               tl.math.fdiv(tl.full((), 1.0, ACC), alpha + e, ieee_rounding=IEEE))
-                ph = ph + gamma_min
-                ph = tl.where(use_phi != 0, ph, 1.0).to(ACC)
+                ph = tl.where(tl.load(grow + G_USE_PHI) != 0, ph + gamma_min, 1.0).to(ACC)
 
-                eta = tl.load(grow + 3)
-                adapt = ((flags & 2) == 0) & (wn > 0) & (dn > 0)
+                eta = tl.load(grow + G_ETA)
+                adapt = ((flags & F_SKIP_ADAPT) == 0) & (wn > 0) & (dn > 0)
                 q = tl.where(adapt, tl.math.fdiv(eta * ph * wn, dn, ieee_rounding=IEEE), 1.0).to(ACC)
-                srow = stats + seg * 4
-                tl.store(srow, wn)
-                tl.store(srow + 1, dn)
-                tl.store(srow + 2, q)
-                tl.store(srow + 3, ph)
+                srow = stats + seg * STAT_COLS
+                tl.store(srow + STAT_WN, wn)
+                tl.store(srow + STAT_DN, dn)
+                tl.store(srow + STAT_Q, q)
+                tl.store(srow + STAT_PHI, ph)
                 tl.store(counters + seg, 0)   # zero between launches (the ABI)
 
 
@@ -163,25 +175,25 @@ def _lars_update_kernel(
     IEEE: tl.constexpr = ACC == tl.float32
     pid = tl.program_id(0)
     if HAS_CHUNKS:
-        start = tl.multiple_of(tl.load(chunk_tab + 2 * pid), 16)
-        seg = tl.load(chunk_tab + 2 * pid + 1)
+        start = tl.multiple_of(tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_START), 16)
+        seg = tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_SEG)
         go = tl.load(seg_active + seg) != 0
         if HAS_INF:
             go = go & (tl.load(inf_ptr) == 0)
         if go:
-            row = seg_tab + seg * 7
-            seg_start = tl.load(row + 0)
-            end = tl.multiple_of(tl.load(row + 1), 16)
-            real_end = seg_start + tl.load(row + 2)
-            group = tl.load(row + 3)
-            flags = tl.load(row + 4)
-            grow = group_tab + group * 11
-            lr = tl.load(grow + 0)
-            mom = tl.load(grow + 1)
-            wd = tl.load(grow + 2)
-            wd = tl.where((flags & 1) != 0, 0.0, wd).to(ACC)
-            paper = tl.load(grow + 10) != 0
-            q = tl.load(stats + seg * 4 + 2)
+            row = seg_tab + seg * SEG_COLS
+            seg_start = tl.load(row + SEG_OFFSET)
+            end = tl.multiple_of(tl.load(row + SEG_END), 16)
+            real_end = seg_start + tl.load(row + SEG_NUMEL)
+            group = tl.load(row + SEG_GROUP)
+            flags = tl.load(row + SEG_FLAGS)
+            grow = group_tab + group * G_COLS
+            lr = tl.load(grow + G_LR)
+            mom = tl.load(grow + G_MOMENTUM)
+            wd = tl.load(grow + G_WD)
+            wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
+            paper = tl.load(grow + G_PAPER) != 0
+            q = tl.load(stats + seg * STAT_COLS + STAT_Q)
 
             if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
                 inv_scale = tl.math.fdiv(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), ieee_rounding=IEEE)
