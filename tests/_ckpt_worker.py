@@ -1,0 +1,111 @@
+"""The fresh-process half of the checkpoint test in tests/test_reliability.py, and the model, data
+and optimizer that both halves build from the same seeds.
+
+    python tests/_ckpt_worker.py CKPT_DIR START STOP BACKEND [BACKEND ...]
+
+For each backend: build the model and optimizer exactly as the test does, load
+CKPT_DIR/ckpt_<backend>.pt (model, optimizer and LR-scheduler state_dicts saved after START steps),
+train steps START..STOP-1 and save the result to CKPT_DIR/resumed_<backend>.pt. The test compares it
+bit for bit with the run that was never interrupted.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():   # as tests/conftest.py: before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import tvlars_fused  # noqa: E402
+from tvlars_fused import reference  # noqa: E402
+
+HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
+THREADS = 1   # both processes use the same intra-op thread count (bitwise-identical forward/backward)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def make_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def make_optimizer(model: torch.nn.Module, backend: str):
+    """Two groups (the paper's momentum form on the 1-D parameters, with both filters), a tensor-free
+    scheduler: everything a state_dict has to carry."""
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.ndim == 1]
+    groups = [{"params": weights},
+              {"params": vectors, "momentum_form": "paper", "weight_decay_filter": True,
+               "lars_adaptation_filter": True, "lr": 0.2}]
+    if backend == "reference":
+        opt = reference.TVLARS(groups, **HYPER)
+    else:
+        opt = tvlars_fused.TVLARS(groups, backend=backend, **HYPER)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return opt, sched
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(10_000 + step)
+    return torch.randn(6, 3, 6, 6, generator=g), torch.randn(6, 5, generator=g)
+
+
+def train(model, opt, sched, start: int, stop: int) -> None:
+    for step in range(start, stop):
+        x, y = batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+def checkpoint(model, opt, sched) -> dict:
+    return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+
+
+def result(model, opt) -> dict:
+    """What is compared bit for bit: parameters and buffers, the optimizer's state and step."""
+    sd = opt.state_dict()
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "state": {k: ({n: t.detach().clone() for n, t in v.items()} if isinstance(v, dict) else v.detach().clone())
+                      for k, v in sd["state"].items()},
+            "lrs": [g["lr"] for g in opt.param_groups]}
+
+
+def resume(ckpt_dir: str, backend: str, start: int, stop: int) -> None:
+    model = make_model()
+    opt, sched = make_optimizer(model, backend)
+    ck = torch.load(os.path.join(ckpt_dir, f"ckpt_{backend}.pt"), weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    train(model, opt, sched, start, stop)
+    torch.save(result(model, opt), os.path.join(ckpt_dir, f"resumed_{backend}.pt"))
+
+
+def main(argv) -> None:
+    ckpt_dir, start, stop, backends = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    torch.set_num_threads(THREADS)
+    for backend in backends:
+        resume(ckpt_dir, backend, start, stop)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
