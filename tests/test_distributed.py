@@ -85,7 +85,7 @@ def _worker(rank, port, engine, backend, out_dir):
             torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
             opt.step()
         params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-        info = {"params": [p.detach().clone() for p in params],
+        info = {"params": [p.detach().clone() for p in params], "backends": opt.backends,
                 "local_numels": [(p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters()],
                 "grad_copies": opt.grad_copies, "step": float(opt.state["step"])}
         torch.save(info, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -93,8 +93,10 @@ def _worker(rank, port, engine, backend, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+CASES = [("ddp", b) for b in _backends()] + [("fsdp2", "auto"), ("fsdp2", "torch")]
+
+
+@pytest.mark.parametrize("engine,backend", CASES)
 def test_distributed_matches_single_process(engine, backend, tmp_path):
     mp.spawn(_worker, args=(_free_port(), engine, backend, str(tmp_path)), nprocs=WORLD, join=True)
     expected = _single_process()
@@ -106,5 +108,30 @@ def test_distributed_matches_single_process(engine, backend, tmp_path):
     if engine == "fsdp2":
         assert 0 in results[1]["local_numels"], "the test must include an empty local shard"
         assert results[0]["local_numels"][0] != results[1]["local_numels"][0], "and an uneven one"
+        assert results[0]["backends"] == ["torch"], "on CPU the sharded buckets run the torch backend"
     else:
         assert results[0]["grad_copies"] == 0, "DDP's all-reduce writes into the bucket views"
+
+
+def test_backend_without_sharded_support_is_refused_for_dtensors(tmp_path):
+    if "cpu" not in _backends():
+        pytest.skip("the C++ extension is not built")
+    mp.spawn(_refusal_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert (tmp_path / "refused").read_text().startswith("backend='cpu' cannot run FSDP2-sharded")
+
+
+def _refusal_worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.fsdp import fully_shard
+        model = fully_shard(_model())
+        try:
+            tvlars_fused.TVLARS(model.parameters(), backend="cpu", lr=0.1)
+        except ValueError as exc:
+            if rank == 0:
+                with open(os.path.join(out_dir, "refused"), "w") as f:
+                    f.write(str(exc))
+    finally:
+        dist.destroy_process_group()

@@ -14,7 +14,7 @@ from . import reference
 from .base import STEP_KEY, describe
 from .buckets import STAT_PHI, STAT_TRUST_RATIO, STAT_UPDATE_NORM, STAT_WEIGHT_NORM, Bucket
 from .kernels import BACKENDS, resolve
-from .sharding import all_reduce_norms, bucket_key
+from .sharding import all_reduce_norms, bucket_key, is_sharded
 
 __all__ = ["TVLARS", "LARS"]
 
@@ -68,6 +68,13 @@ class _Fused:
         buckets = []
         for key, items in by_key.items():
             mod = resolve(self.backend, key[0])
+            if is_sharded(items[0][0]) and not getattr(mod, "SUPPORTS_SHARDED", False):
+                if self.backend != "auto":
+                    raise ValueError(
+                        f"backend={self.backend!r} cannot run FSDP2-sharded (DTensor) parameters: its fused "
+                        "kernel has no split for the all-reduce of the layer norms between its passes; "
+                        "use backend='auto', 'triton' or 'torch'")
+                mod = resolve("torch", key[0])
             b = Bucket([p for p, _, _ in items], [gi for _, gi, _ in items], self.param_groups,
                        mod.CHUNK_ELEMS, step, self._tvlars, self.state, [w for _, _, w in items])
             b.backend = mod

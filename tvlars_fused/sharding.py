@@ -23,7 +23,7 @@ def bucket_key(p: torch.Tensor) -> tuple:
     sharded mesh dims, so one all-reduce serves the whole bucket)."""
     if not is_sharded(p):
         return (p.device, p.dtype)
-    return (local(p).device, p.dtype, id(p.device_mesh), _shard_dims(p))
+    return (local(p).device, p.dtype, p.device_mesh, _shard_dims(p))  # DeviceMesh compares by value
 
 
 def _shard_dims(p) -> tuple:

@@ -19,6 +19,7 @@ from ..schedule import phi
 NAME = "torch"
 CHUNK_ELEMS = 4096
 requirement = "any device"
+SUPPORTS_SHARDED = True   # bucket_step takes `between` (FSDP2 all-reduce between the passes)
 
 
 def available(device: torch.device) -> bool:

@@ -23,7 +23,7 @@ operation rounds as written in the spec, on the GPU as in the interpreter.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -37,6 +37,7 @@ NAME = "triton"
 # Elements per chunk: one program of each pass handles one chunk, looping over it BLOCK_ELEMS
 # elements at a time (4 warps, 16 elements per thread per step), so a small segment costs one step.
 CHUNK_ELEMS = 8192
+SUPPORTS_SHARDED = True   # bucket_step takes `between` (FSDP2 all-reduce between the passes)
 BLOCK_ELEMS = 2048
 requirement = ("the triton package and CUDA tensors (CPU tensors only under the Triton interpreter: "
                "TRITON_INTERPRET=1 set before triton is imported)")
@@ -290,8 +291,10 @@ def _check_amp(t: Optional[torch.Tensor], name: str, b: Bucket) -> None:
                          f"{tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    """Two launches: norms/stats (pass 1), then the update and the step counter (pass 2)."""
+def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                between: Optional[Callable[[Bucket], None]] = None) -> None:
+    """Two launches: norms/stats (pass 1), then the update and the step counter (pass 2).
+    `between(bucket)`, when given, runs between them (the all-reduce of a sharded bucket)."""
     cfg = _launch_config(bucket)
     _check_amp(grad_scale, "grad_scale", bucket)
     _check_amp(found_inf, "found_inf", bucket)
@@ -301,6 +304,8 @@ def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: O
     _lars_norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
                                  HAS_INF=has_inf, UNROLL=_SUM_UNROLL, num_warps=cfg.warps,
                                  enable_fp_fusion=False)
+    if between is not None:
+        between(bucket)
     _lars_update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
                                   HAS_INF=has_inf, BF16=bucket.dtype == torch.bfloat16,
                                   num_warps=cfg.warps, enable_fp_fusion=False)
