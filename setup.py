@@ -11,13 +11,16 @@ import shutil
 
 from setuptools import setup
 
-# Flags shared with tests/test_nvcc.py (keep in sync):
-#  - no FMA contraction on the host (the kernels' bits must not depend on the ISA GCC picks; the
-#    device side uses explicitly rounded intrinsics, see csrc/tvlars_math.h);
-#  - OpenMP, which at::parallel_for needs to run in parallel inside an extension;
+# Compiler flags (tests/test_nvcc.py compiles the .cu with this NVCC_FLAGS list, read from here):
+#  - no FMA contraction on the host, so the CPU kernel's bits do not depend on the instruction set
+#    the compiler picks (the device side uses explicitly rounded intrinsics, csrc/tvlars_math.h);
+#  - OpenMP, which at::parallel_for needs to run in parallel inside an extension (the library
+#    resolves to the libgomp that torch loaded);
+#  - -Wno-psabi: GCC notes that 64-byte vector arguments changed ABI in GCC 4.6; ours are inlined;
+#  - C++20, as torch's BuildExtension uses for torch 2.13's headers;
 #  - no --use_fast_math: it would make division and sqrt approximate and flush denormals, and
 #    the kernels are memory bound anyway.
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]
 
 ext_modules, cmdclass = [], {}

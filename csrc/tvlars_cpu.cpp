@@ -15,12 +15,6 @@
 // accumulators, which the compiler turns into SIMD code. Hot loops are compiled for AVX-512,
 // AVX2 and baseline x86-64 (GCC function multiversioning, chosen at load time); the results are
 // the same bits on each (no FMA contraction: -ffp-contract=off, see tvlars_math.h).
-// The 64-byte vector helpers are always inlined, so GCC's note that passing them by value would
-// change the ABI between instruction sets does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -52,12 +46,21 @@
 namespace tvlars {
 namespace {
 
-// Segments with at most SMALL_BYTES of w+g are processed by one thread in one go.
-constexpr int64_t SMALL_BYTES = 512 * 1024;
-// Larger segments are grouped into batches of about BATCH_BYTES of w+g.
-constexpr int64_t BATCH_BYTES = 8 * 1024 * 1024;
-// Fewer elements than this per thread are not worth a parallel region.
-constexpr int64_t MIN_ELEMS_PER_THREAD = 32 * 1024;
+// Tuning (overridable at build time with -D): segments with at most SMALL_BYTES of w+g are
+// processed by one thread in one go; larger ones are grouped into batches of about BATCH_BYTES of
+// w+g; fewer than MIN_ELEMS_PER_THREAD elements per thread are not worth a parallel region.
+#ifndef TVLARS_SMALL_BYTES
+#define TVLARS_SMALL_BYTES (512 * 1024)
+#endif
+#ifndef TVLARS_BATCH_BYTES
+#define TVLARS_BATCH_BYTES (8 * 1024 * 1024)
+#endif
+#ifndef TVLARS_MIN_ELEMS_PER_THREAD
+#define TVLARS_MIN_ELEMS_PER_THREAD (32 * 1024)
+#endif
+constexpr int64_t SMALL_BYTES = TVLARS_SMALL_BYTES;
+constexpr int64_t BATCH_BYTES = TVLARS_BATCH_BYTES;
+constexpr int64_t MIN_ELEMS_PER_THREAD = TVLARS_MIN_ELEMS_PER_THREAD;
 
 // Per-element values a chunk kernel needs, fixed for the whole segment.
 template <typename A>
