@@ -32,9 +32,11 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 
-// N consecutive elements moved as one (128-bit for the parameter dtype) access
+// N consecutive elements moved as 128-bit accesses (one for the parameter dtype; two for the
+// float32 state of bfloat16/float16 parameters). Aligned to at most 16 bytes: that is what the host
+// checks of the buffers, so the compiler never assumes more (no 256-bit access on newer GPUs).
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
   T v[N];
 };
 

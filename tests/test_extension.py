@@ -579,19 +579,27 @@ def test_input_checks():
                          ids=["fp32", "fp64", "bf16", "fp16"])
 def test_cuda_deterministic_and_close_to_cpu_kernel(device, dtype):
     """Two CUDA runs agree bit for bit (the last-block reduction runs in chunk order whatever
-    block finishes last); the CUDA and CPU kernels share tvlars_math.h and agree closely."""
+    block finishes last); the CUDA and CPU kernels share tvlars_math.h and differ only in the
+    norms' summation order (bounds as in the tests against the reference)."""
     shapes = SH + [(1024, 1100)]
     init = init_params(shapes)
-    a = _snapshot(run("fused", dtype, 6, "paper", True, device, init=init, shapes=shapes)[1])
-    b = _snapshot(run("fused", dtype, 6, "paper", True, device, init=init, shapes=shapes)[1])
-    for x, y in zip(a, b):
+    pa, oa = run("fused", dtype, 6, "paper", True, device, init=init, shapes=shapes, both=True)
+    pb, ob = run("fused", dtype, 6, "paper", True, device, init=init, shapes=shapes, both=True)
+    for x, y in zip(_snapshot(oa), _snapshot(ob)):
         assert torch.equal(x, y)
-    c = _snapshot(run("fused", dtype, 6, "paper", True, "cpu", init=init, shapes=shapes)[1])
+    assert int(oa._buckets[0].counters.abs().sum()) == 0   # workspace back to zero
+    pc, oc = run("fused", dtype, 6, "paper", True, "cpu", init=init, shapes=shapes, both=True)
     if dtype in (torch.float32, torch.float64):
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        assert max_err([a[0]], [c[0]]) <= tol * max(1.0, float(c[0].abs().max()))
+        scale = max(float(x.detach().abs().max()) for x in pc if x.numel())
+        assert max_err(pa, pc) <= tol * scale
     else:
-        assert_close_ulps([a[0]], [c[0]], dtype, 20.0, "cuda vs cpu")
+        worst, frac = _ulps_and_fraction(pa, pc, dtype, [x.to(dtype) for x in init])
+        assert worst <= 3.0 / (1.0 - HYPER["momentum"]) and frac <= 2e-3, (worst, frac)
+    sa, sc = oa.layer_stats(), oc.layer_stats()
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    for p, q in zip(pa, pc):
+        assert torch.allclose(sa[p].cpu().double(), sc[q].double(), rtol=rel, atol=0)
 
 
 @pytest.mark.parametrize("device", CUDA)
