@@ -42,8 +42,9 @@ TV_ONLY = dict(lmbda=0.05, delay_steps=3)
 FORMS = ["heavy_ball", "paper"]
 
 # SHAPES (multi-chunk, odd sizes), a zero-initialised weight (wn == 0 -> q == 1), a zero-size
-# parameter, and one segment above the CPU kernel's "small segment" size (the batched path).
-SH = SHAPES + [(6, 8), (0,), (300, 700)]
+# parameter, a 1-D one for the filters of group 1, and one segment above the CPU kernel's "small
+# segment" size (the batched path).
+SH = SHAPES + [(6, 8), (0,), (777,), (300, 700)]
 ZERO = len(SHAPES)
 BIG = len(SH) - 1
 
@@ -250,6 +251,26 @@ def test_parity_low_precision(device, dtype, form):
         assert worst_m <= bound, f"state m: {worst_m:.2f} ulps > {bound}"
     assert max_err(tri, [x.to(dtype) for x in init_params()]) > 0
     print(f"\n{device} {dtype} {form}: worst {worst:.2f} ulps (bound {bound:g}), {frac:.1e} differ")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rounding_every_bit_pattern(device, dtype):
+    """w = 0 - 1 * (g / 3) for every 16-bit pattern g (normals, subnormals, zeros, infinities,
+    NaNs): the kernel's float32 -> bfloat16/float16 store must equal torch's conversion (round
+    to nearest even) bit for bit; NaN stays NaN."""
+    g = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    p = torch.nn.Parameter(torch.zeros(g.numel(), dtype=dtype, device=device))
+    opt = tvlars_fused.LARS([p], lr=1.0, momentum=0.0, weight_decay=0.0, weight_decay_filter=True,
+                            lars_adaptation_filter=True, backend=backend_for(device))  # 1-D: q = 1
+    p.grad = g.to(device)
+    opt.grad_scale = torch.full((1,), 3.0, device=device)
+    opt.step()
+    expected = (0.0 - 1.0 * (g.float() / 3.0)).to(dtype)
+    got = p.detach().cpu()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
