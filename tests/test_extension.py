@@ -13,8 +13,11 @@ is not built (pip install --no-build-isolation -e .).
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -124,6 +127,34 @@ def test_backend_objects():
         with pytest.raises(RuntimeError, match="cannot run parameters on cuda"):
             resolve("cuda", torch.device("cuda"))
     assert _C.WITH_CUDA in (0, 1)
+
+
+def test_package_works_without_the_extension():
+    """With tvlars_fused._C missing (simulated in a fresh interpreter), the package imports, auto
+    picks the torch backend, and backend='cpu' says why it cannot run."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["tvlars_fused._C"] = None        # import tvlars_fused._C -> ImportError
+        import torch, tvlars_fused
+        from tvlars_fused.kernels import resolve
+        assert resolve("auto", torch.device("cpu")).NAME == "torch"
+        try:
+            resolve("cpu", torch.device("cpu"))
+        except RuntimeError as e:
+            assert "tvlars_fused._C is not built" in str(e), e
+        else:
+            raise AssertionError("backend='cpu' must be refused")
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = tvlars_fused.TVLARS([p], lr=0.1)
+        p.grad = torch.ones(4)
+        opt.step()
+        assert opt.backends == ["torch"] and not torch.equal(p, torch.ones(4))
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
 # -- parity with the reference ------------------------------------------------------------------
