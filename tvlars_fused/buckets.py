@@ -189,15 +189,15 @@ class Bucket:
         self._hooks = []
 
     # -- per-step host bookkeeping (no device sync) -------------------------------------------
+    def param_is_stale(self, i: int) -> bool:
+        """True when parameter i was moved or re-assigned (module.to, p.data = ...) since the build."""
+        lp = local(self.params[i])
+        if lp.dtype != self.dtype or lp.device != self.device or lp.shape != self.param_views[i].shape:
+            return True
+        return not self.sharded and lp.data_ptr() != self._expected_ptrs[i]
+
     def is_stale(self) -> bool:
-        """True when a parameter was moved or re-assigned (module.to, p.data = ...) since the build."""
-        for p, ptr, pv in zip(self.params, self._expected_ptrs, self.param_views):
-            lp = local(p)
-            if lp.dtype != self.dtype or lp.device != self.device or lp.shape != pv.shape:
-                return True
-            if not self.sharded and lp.data_ptr() != ptr:
-                return True
-        return False
+        return any(self.param_is_stale(i) for i in range(len(self.params)))
 
     def prepare(self, param_groups: List[dict], state: Dict) -> None:
         """Collect which parameters have a gradient, copy in foreign gradients, create state
@@ -262,7 +262,11 @@ def _make_attach_hook(bucket_ref, i):
         if torch.compiler.is_compiling():
             return None
         bucket = bucket_ref()
-        if bucket is not None and bucket.params[i].grad is None:
+        # Attach only a dense grad to a parameter that still lives in this bucket: a sparse grad
+        # must reach step() (which rejects it), and a parameter moved behind the optimizer's back
+        # (module.to, p.data = ...) gets its own grad; step() then rebuilds the buckets.
+        if (bucket is not None and not grad.is_sparse and bucket.params[i].grad is None
+                and not bucket.param_is_stale(i)):
             bucket.attach_grad(i)
         return None
     return hook

@@ -124,9 +124,8 @@ class _Fused:
         """Zero the flat gradient buffers in place (one fill per bucket); with set_to_none (the
         default) each .grad becomes None, exactly as torch does, and backward re-attaches the
         bucket view before it accumulates."""
-        if self._buckets is None:
-            return super().zero_grad(set_to_none)
-        for b in self._buckets:
+        buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()
+        for b in buckets:
             b.zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict) -> None:
