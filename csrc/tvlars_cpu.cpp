@@ -1,20 +1,22 @@
 // The bucket step on the CPU (docs/SPEC.md, "The bucket ABI").
 //
-// Determinism: a chunk's partial sums are computed by one thread in a fixed order (LANES
-// independent accumulators, folded pairwise), and a segment's sums are its chunk partials added in
-// chunk order. Which thread computes a chunk, and when, never changes the bits, so 1 thread and N
+// Determinism: a chunk's partial sums are computed by one thread in a fixed order (16 float / 8
+// double lanes, folded pairwise), and a segment's sums are its chunk partials added in chunk
+// order. Which thread computes a chunk, and when, never changes the bits, so 1 thread and N
 // threads agree exactly.
 //
 // Cache use: a segment whose w and g fit comfortably in L2 is handled start to finish by one
 // thread (pass 1 over its chunks, the reduction, then pass 2 while w and g are still in cache);
 // these small segments are split between the threads by element count. Larger segments are
 // processed in batches of a few MB: pass 1 over the batch's chunks in parallel, the per-segment
-// reductions, then pass 2 in parallel, so pass 2 re-reads w and g from L3 rather than DRAM.
+// reductions, then pass 2 in parallel, so that pass 2 can find w and g in L3. (Both passes run at
+// DRAM bandwidth; on the 2-vCPU VM this was tuned on, the batch size made no measurable difference.)
 //
-// Vectorization: the inner loops run over LANES consecutive elements with independent
-// accumulators, which the compiler turns into SIMD code. Hot loops are compiled for AVX-512,
-// AVX2 and baseline x86-64 (GCC function multiversioning, chosen at load time); the results are
-// the same bits on each (no FMA contraction: -ffp-contract=off, see tvlars_math.h).
+// Vectorization: GCC/Clang vector extensions over 64-byte vectors (one lane layout whatever the
+// instruction set). The hot loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
+// baseline x86-64 (GCC function multiversioning, chosen at load time); the results are the same
+// bits on each (no FMA contraction: -ffp-contract=off, see tvlars_math.h). Other compilers get a
+// scalar loop with the same lane layout.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -28,7 +30,6 @@
 
 #include "tvlars_math.h"
 #include "tvlars_ops.h"
-
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(TVLARS_NO_MULTIVERSION)
@@ -81,7 +82,6 @@ struct SegParams {
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 template <typename V, typename T>
