@@ -16,8 +16,7 @@ tvlars_fused.reference on the same inputs:
    (tests/parity.py) in every 250-step window;
 7. memory: a step allocates nothing after warm-up; the optimizer's overhead against the reference.
 
-Cases marked xfail(strict=True) are library bugs found by this file (the reason names the bug); they
-turn into failures, as a reminder to drop the mark, once the bug is fixed.
+The library bugs this file found are fixed; each stays covered by the test that found it.
 """
 from __future__ import annotations
 
@@ -227,10 +226,6 @@ def test_parameter_in_two_groups_rejected(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (message): a parameter listed in two groups gets torch's generic 'some parameters appear "
-    "in more than one parameter group', which names neither the parameter nor the groups "
-    "(base.LarsFamilyBase.add_param_group checks duplicates only within the new group)"))
 def test_parameter_in_two_groups_error_names_it(backend):
     a, b, c = tiny_params()
     with pytest.raises(ValueError) as info:
@@ -252,10 +247,6 @@ def test_empty_parameter_list_rejected(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (message): an empty parameter list gets torch's 'optimizer got an empty parameter list', "
-    "which neither names the argument (params) nor says what to do (e.g. that a generator such as "
-    "model.parameters() can be consumed only once)"))
 def test_empty_parameter_list_error_says_what_to_do(backend):
     with pytest.raises(ValueError) as info:
         make(backend)([])
@@ -264,10 +255,6 @@ def test_empty_parameter_list_error_says_what_to_do(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "bug: an optimizer whose groups are all empty (e.g. [{'params': []}], parameters added later "
-    "with add_param_group) raises IndexError in optimizer._Fused._ensure_buckets (buckets[0] of "
-    "an empty list); the reference accepts it"))
 def test_all_groups_empty_works_like_reference(backend):
     ps, ps_r = tiny_params(), tiny_params()
     opt, o_r = make(backend)([{"params": []}]), make("reference")([{"params": []}])
@@ -314,17 +301,8 @@ def test_invalid_hyperparameter_rejected_at_construction(backend, name, value, m
             make(backend, cls="LARS", **{name: value})(tiny_params())
 
 
-def _where_xfail(name, value, msg):
-    """The messages of reference-type errors (hyperparams._real) do not say which group."""
-    if re.match(r"\w+ must be", msg):
-        return pytest.param(name, value, msg, marks=pytest.mark.xfail(strict=True, reason=(
-            "bug (message): hyperparams._real raises without the group ('in param_groups[1]'), so "
-            "a bad value set in param_groups after construction is not located")))
-    return pytest.param(name, value, msg)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,value,msg", [_where_xfail(*c) for c in BAD_HYPER], ids=_ids)
+@pytest.mark.parametrize("name,value,msg", BAD_HYPER, ids=_ids)
 def test_invalid_hyperparameter_set_later_changes_nothing(backend, name, value, msg):
     """A bad value written into param_groups after some steps: step() raises, naming the value
     and the group, and changes nothing (parameters, state, t, layer_stats); with the value put back
@@ -416,11 +394,6 @@ def test_load_state_dict_wrong_structure_rejected(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["fewer_params", "more_groups"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (message): base.LarsFamilyBase.load_state_dict leaves these checks to torch, whose "
-    "'loaded state dict contains a parameter group that doesn't match the size of optimizer's "
-    "group' / 'has a different number of parameter groups' names no group and says nothing of "
-    "what to do"))
 def test_load_state_dict_wrong_structure_error_names_it(backend, case):
     sd = _saved_state(backend)
     _, opt = _structured(backend, case)
@@ -702,11 +675,6 @@ def test_param_data_other_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Bucket.param_is_stale compares dtype, device, shape and data_ptr but not strides: "
-    "`p.data = p.data.t()` on a square weight keeps the storage, so the bucket is not rebuilt, "
-    "the grad view keeps the old strides and the kernels pair w[i, j] with the gradient of "
-    "w[j, i] (silently wrong update)"))
 def test_param_data_transposed_in_place(backend):
     runs = []
     for b in (backend, "reference"):
@@ -728,10 +696,6 @@ def test_param_data_transposed_in_place(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the bucket rebuild (buckets.Bucket.__init__, state carry-over) fails in Tensor.copy_ "
-    "('The size of tensor a (3) must match the size of tensor b (4)') without naming the "
-    "parameter or saying what to do"))
 def test_param_data_other_shape_clear_error(backend):
     """p.data = a tensor of another shape: its momentum no longer fits. The next zero_grad/step must
     refuse with an error naming the parameter (before anything is updated)."""
@@ -823,11 +787,6 @@ def test_gradients_replaced_by_another_library(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edit", ["append", "remove", "delete_group"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: optimizer._Fused._ensure_buckets rebuilds only when a bucket's parameters moved "
-    "(Bucket.is_stale), not when param_groups' parameter lists change: a parameter appended to "
-    "param_groups[i]['params'] is never updated, a removed one is still updated, and deleting a "
-    "group makes step() fail with IndexError in Bucket.prepare"))
 def test_param_groups_params_edited_in_place(backend, edit):
     runs = []
     for b in (backend, "reference"):
@@ -850,10 +809,6 @@ def test_param_groups_params_edited_in_place(backend, edit):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["clear", "assign", "delete"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the bucket never looks at optimizer.state after creating an entry: a momentum reset by "
-    "optimizer.state[p].clear(), state[p]['momentum_buffer'] = zeros or del state[p] is silently "
-    "ignored (the old momentum keeps being used, and state_dict() no longer shows it)"))
 def test_state_entry_reset_by_user(backend, how):
     runs = []
     for b in (backend, "reference"):
@@ -878,11 +833,6 @@ def test_state_entry_reset_by_user(backend, how):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("switch", ["heavy_ball->paper", "paper->heavy_ball"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: momentum_form changed in param_groups after state exists: the bucket keeps using the "
-    "old state buffer (a heavy-ball momentum read as the paper form's previous iterate m, or the "
-    "reverse; the weights jump, e.g. their norm x2.7) and keeps the old state key; the reference "
-    "starts the new form from its initial state (m = w / zero momentum)"))
 def test_momentum_form_changed_after_steps(backend, switch):
     old, new = switch.split("->")
     runs = []
@@ -1407,10 +1357,6 @@ def test_memory_overhead_resnet18_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Bucket.__init__ keeps `self.locals = [local(p.detach()) ...]`, taken before "
-    "`p.data = pv`, so every parameter's ORIGINAL storage stays alive for the bucket's lifetime "
-    "(+1x parameter memory; after a rebuild, the old bucket's whole param_buf)"))
 def test_buckets_retain_no_storage_besides_their_buffers(backend):
     params = [nn.Parameter(torch.randn(s)) for s in [(256, 128), (128,), (64, 64)]]
     opt = make(backend)(params)

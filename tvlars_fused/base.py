@@ -52,6 +52,12 @@ class LarsFamilyBase(Optimizer):
     _tvlars = True
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
+        if not isinstance(params, torch.Tensor):
+            params = list(params)
+            if not params:
+                raise ValueError(
+                    "params is empty: pass the parameters to optimize, e.g. model.parameters() (a "
+                    "generator can be consumed only once: call model.parameters() again or pass a list)")
         super().__init__(params, defaults)
         self.state[STEP_KEY] = torch.zeros((), dtype=torch.float32)
 
@@ -63,10 +69,15 @@ class LarsFamilyBase(Optimizer):
             raise TypeError(f"param_groups[{gi}]['params'] is a set; pass an ordered collection (a list) "
                             "so the parameter order is the same in every run")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        owner = {id(q): (gj, j) for gj, g in enumerate(self.param_groups) for j, q in enumerate(g["params"])}
         for i, p in enumerate(params):
             check_param(p, describe(gi, i, p))
             if any(p is q for q in params[:i]):
                 raise ValueError(f"{describe(gi, i, p)} appears twice in the same group; list each parameter once")
+            if id(p) in owner:
+                gj, j = owner[id(p)]
+                raise ValueError(f"{describe(gi, i, p)} is already param_groups[{gj}]['params'][{j}]; a "
+                                 "parameter can belong to only one group: remove it from one of them")
         validate_group({**self.defaults, **param_group}, self._tvlars, where=f"param_groups[{gi}]")
         super().add_param_group({**param_group, "params": params})
 
@@ -82,6 +93,17 @@ class LarsFamilyBase(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups", [])
         saved_state = state_dict.get("state", {})
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"load_state_dict: the state_dict has {len(saved_groups)} parameter groups, this optimizer "
+                f"{len(self.param_groups)}; it comes from a different model or grouping: build the optimizer "
+                "over the same parameter groups")
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(
+                    f"load_state_dict: param_groups[{gi}] has {len(sg['params'])} parameters in the state_dict "
+                    f"and {len(g['params'])} in this optimizer (a parameter group that does not match); it "
+                    "comes from a different model: build the optimizer over the same parameters, in the same order")
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         if len(saved_groups) == len(self.param_groups):
             id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups), params))

@@ -67,6 +67,17 @@ class Bucket:
         self.state_dtype = state_dtype(self.dtype)
         self.chunk_elems = int(chunk_elems)
         self.tvlars = tvlars
+        # A parameter whose shape changed (p.data = ...) no longer fits its state: refuse before
+        # anything is re-bound.
+        for i, p in enumerate(self.params):
+            st = optimizer_state.get(p)
+            for key in ("momentum_buffer", "m"):
+                v = st.get(key) if st is not None else None
+                if isinstance(v, torch.Tensor) and local(v).shape != self.locals[i].shape:
+                    raise ValueError(
+                        f"{self.where[i]} has shape {tuple(p.shape)} but its optimizer state[{key!r}] has shape "
+                        f"{tuple(v.shape)}: the parameter changed shape after the optimizer was built; reset "
+                        "its state (del optimizer.state[p]) or build a new optimizer")
         self.grad_copies = 0      # grads that were not the bucket's view at step time
         self.grad_rezeroed = 0    # views that had to be zeroed one by one (no optimizer.zero_grad())
 
@@ -96,18 +107,25 @@ class Bucket:
         if not self.sharded:
             for p, pv in zip(self.params, self.param_views):
                 p.data = pv
+            # (the old storages must not stay alive through self.locals)
+            self.locals = list(self.param_views)
         self._expected_ptrs = [local(p).data_ptr() for p in self.params]
 
         # Carry over optimizer state (live views of an older bucket, or values loaded from a
         # state_dict) and existing gradients into the new buffers.
         self.has_state = [False] * len(self.params)
+        self._entries: List[Optional[torch.Tensor]] = [None] * len(self.params)   # what state[p][key] holds
+        self._keys: List[Optional[str]] = [None] * len(self.params)
         for i, p in enumerate(self.params):
             st = optimizer_state.get(p)
-            for key in ("momentum_buffer", "m"):
+            first = state_key(param_groups[self.group_index[i]]["momentum_form"])
+            for key in (first, "m" if first == "momentum_buffer" else "momentum_buffer"):
                 if st is not None and isinstance(st.get(key), torch.Tensor):
                     self.state_views[i].copy_(local(st[key].detach()))
-                    st[key] = self._state_entry(i)
+                    st[key] = self._entries[i] = self._state_entry(i)
+                    self._keys[i] = key
                     self.has_state[i] = True
+                    break
         self.clean = [True] * len(self.params)  # grad view known to be zero
         for i, p in enumerate(self.params):
             if p.grad is not None and not self.sharded:
@@ -194,7 +212,9 @@ class Bucket:
         lp = local(self.params[i])
         if lp.dtype != self.dtype or lp.device != self.device or lp.shape != self.param_views[i].shape:
             return True
-        return not self.sharded and lp.data_ptr() != self._expected_ptrs[i]
+        # (same storage, other strides: `p.data = p.data.t()` on a square weight)
+        return not self.sharded and (lp.data_ptr() != self._expected_ptrs[i]
+                                     or lp.stride() != self.param_views[i].stride())
 
     def is_stale(self) -> bool:
         return any(self.param_is_stale(i) for i in range(len(self.params)))
@@ -222,11 +242,26 @@ class Bucket:
                 self.grad_copies += 1
             self.clean[i] = False
             active.append(1)
+            form = param_groups[self.group_index[i]]["momentum_form"]
+            key = state_key(form)
+            if self.has_state[i]:
+                st = state.get(p)
+                cur = None if st is None else st.get(key)
+                if cur is not self._entries[i]:
+                    if cur is None:   # reset by the user, or a new momentum_form: start it afresh
+                        self.has_state[i] = False
+                        if st is not None and st.get(self._keys[i]) is self._entries[i]:
+                            del st[self._keys[i]]
+                    else:             # a tensor assigned by the user: its values become the state
+                        self.state_views[i].copy_(local(cur.detach()))
+                        st[key] = self._entries[i]
             if not self.has_state[i]:
-                form = param_groups[self.group_index[i]]["momentum_form"]
                 if form == "paper":  # m starts equal to w
                     self.state_views[i].copy_(self.param_views[i])
-                state[p][state_key(form)] = self._state_entry(i)
+                else:
+                    self.state_views[i].zero_()
+                state[p][key] = self._entries[i] = self._state_entry(i)
+                self._keys[i] = key
                 self.has_state[i] = True
         if active != self._active:
             self.seg_active.copy_(torch.tensor(active, dtype=torch.int32), non_blocking=True)

@@ -35,40 +35,40 @@ FLAG_SKIP_ADAPTATION = 2     # lars_adaptation_filter and ndim == 1
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _real(name: str, value: Any, tensor_ok: bool = False) -> float:
+def _real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
-            raise ValueError(f"{name} must be a Python number, got a tensor; only lr may be a tensor")
+            raise ValueError(f"{name} must be a Python number, got a tensor{at}; only lr may be a tensor")
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}{at}")
         return None  # tensors (e.g. a device lr) are checked on the device only, never synced
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+        raise ValueError(f"{name} must be a real number, got {value!r}{at}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ValueError(f"{name} must be finite, got {value!r}{at}")
     return float(value)
 
 
 def validate_group(group: Dict[str, Any], tvlars: bool, where: str = "") -> None:
     """Raise ValueError naming the first invalid hyperparameter of a param group."""
     at = f" (in {where})" if where else ""
-    lr = _real("lr", group["lr"], tensor_ok=True)
+    lr = _real("lr", group["lr"], tensor_ok=True, at=at)
     if lr is not None and lr < 0.0:
         raise ValueError(f"Invalid lr: {lr}{at}; the learning rate must be >= 0")
-    momentum = _real("momentum", group["momentum"])
+    momentum = _real("momentum", group["momentum"], at=at)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum}{at}; it must lie in [0, 1)")
-    wd = _real("weight_decay", group["weight_decay"])
+    wd = _real("weight_decay", group["weight_decay"], at=at)
     if wd < 0.0:
         raise ValueError(f"Invalid weight_decay: {wd}{at}; it must be >= 0")
-    eta = _real("eta", group["eta"])
+    eta = _real("eta", group["eta"], at=at)
     if eta <= 0.0:
         raise ValueError(f"Invalid eta: {eta}{at}; the trust coefficient must be > 0")
     if group["momentum_form"] not in MOMENTUM_FORMS:
         raise ValueError(f"Invalid momentum_form: {group['momentum_form']!r}{at}; use one of {MOMENTUM_FORMS}")
     clip = group["norm_clip"]
     if clip is not None:
-        clip = _real("norm_clip", clip)
+        clip = _real("norm_clip", clip, at=at)
         if clip <= 0.0:
             raise ValueError(f"Invalid norm_clip: {clip}{at}; use a value > 0, or None for no clipping")
     for flag in ("weight_decay_filter", "lars_adaptation_filter"):
@@ -77,10 +77,10 @@ def validate_group(group: Dict[str, Any], tvlars: bool, where: str = "") -> None
     if not tvlars:
         return
     for name in ("lmbda", "alpha", "gamma_min"):
-        value = _real(name, group[name])
+        value = _real(name, group[name], at=at)
         if value < 0.0:
             raise ValueError(f"Invalid {name}: {value}{at}; it must be >= 0")
-    _real("delay_steps", group["delay_steps"])
+    _real("delay_steps", group["delay_steps"], at=at)
     # phi(t) is largest at t = 0; it must be representable in float32, the kernels' precision.
     x0 = -float(group["lmbda"]) * float(group["delay_steps"])
     denom = float(group["alpha"]) + math.exp(max(min(x0, 700.0), -745.0))

@@ -36,6 +36,7 @@ class _Fused:
             raise ValueError(f"Invalid backend: {backend!r}; use one of {BACKENDS}")
         self.backend = backend
         self._buckets: Optional[List[Bucket]] = None
+        self._built_layout: Optional[list] = None
         self._building = True
         super().__init__(params, lr, *args, **kwargs)
         self._building = False
@@ -55,12 +56,16 @@ class _Fused:
         if not getattr(self, "_building", False):
             self._ensure_buckets()
 
+    def _layout(self) -> list:
+        """Which parameters each group lists (param_groups can be edited in place)."""
+        return [tuple(map(id, g["params"])) for g in self.param_groups]
+
     def _ensure_buckets(self) -> List[Bucket]:
-        if self._buckets is not None and not any(b.is_stale() for b in self._buckets):
+        layout = self._layout()
+        if (self._buckets is not None and layout == self._built_layout
+                and not any(b.is_stale() for b in self._buckets)):
             return self._buckets
         step = self.state[STEP_KEY]
-        for b in self._buckets or ():
-            b.remove_hooks()
         by_key: Dict = OrderedDict()
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -79,10 +84,14 @@ class _Fused:
                        mod.CHUNK_ELEMS, step, self._tvlars, self.state, [w for _, _, w in items])
             b.backend = mod
             buckets.append(b)
+        for b in self._buckets or ():   # only once the new buckets exist (a failed build changes nothing)
+            b.remove_hooks()
         self._buckets = buckets
+        self._built_layout = layout
         # t lives on the device, one copy per bucket (all advance together); state["step"] shows
-        # the first, so state_dict() carries it without a sync.
-        self.state[STEP_KEY] = buckets[0].step.view(())
+        # the first, so state_dict() carries it without a sync. (No parameters: it stays on the host.)
+        if buckets:
+            self.state[STEP_KEY] = buckets[0].step.view(())
         return buckets
 
     @property
@@ -118,6 +127,9 @@ class _Fused:
             else:
                 b.backend.bucket_step(b, gs, fi)
             b.finish()
+        if not buckets:   # every group empty: only t advances, as in the reference
+            keep = 1.0 if found_inf is None else (found_inf.reshape(()) == 0).float().cpu()
+            self.state[STEP_KEY] += keep
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
