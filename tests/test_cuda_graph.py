@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tvlars_fused
-from tvlars_fused.kernels import resolve
+from tvlars_fused.kernels import available_backends
 
 from conftest import requires_cuda
 
@@ -14,14 +14,7 @@ pytestmark = requires_cuda
 
 
 def _gpu_backends():
-    out = []
-    for name in ("triton", "cuda", "torch"):
-        try:
-            resolve(name, torch.device("cuda"))
-            out.append(name)
-        except RuntimeError:
-            pass
-    return out
+    return available_backends("cuda", ("triton", "cuda", "torch"))
 
 
 def _net():

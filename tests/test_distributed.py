@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import tvlars_fused
 from tvlars_fused import reference
-from tvlars_fused.kernels import resolve
+from tvlars_fused.kernels import available_backends
 
 WORLD = 2
 STEPS = 5
@@ -25,14 +25,7 @@ HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, dela
 
 
 def _backends():
-    out = []
-    for name in ("torch", "cpu"):
-        try:
-            resolve(name, torch.device("cpu"))
-            out.append(name)
-        except RuntimeError:
-            pass
-    return out
+    return available_backends("cpu", ("torch", "cpu"))
 
 
 def _free_port():

@@ -9,20 +9,13 @@ import torch
 import tvlars_fused
 from tvlars_fused import reference
 from tvlars_fused.diagnostics import layer_stats_dict
-from tvlars_fused.kernels import resolve
+from tvlars_fused.kernels import available_backends
 
 from parity import max_err
 
 
 def _backends():
-    out = []
-    for name in ("torch", "cpu", "triton"):
-        try:
-            resolve(name, torch.device("cpu"))
-            out.append(name)
-        except RuntimeError:
-            pass
-    return out
+    return available_backends("cpu", ("torch", "cpu", "triton"))
 
 
 BACKENDS = _backends()

@@ -7,20 +7,13 @@ import torch
 
 import tvlars_fused
 from tvlars_fused import reference
-from tvlars_fused.kernels import resolve
+from tvlars_fused.kernels import available_backends
 
 from parity import SHAPES, assert_parity_fp32, make_init, max_err, train
 
 
 def _backends():
-    out = []
-    for name in ("torch", "cpu", "triton"):
-        try:
-            resolve(name, torch.device("cpu"))
-            out.append(name)
-        except RuntimeError:
-            pass
-    return out
+    return available_backends("cpu", ("torch", "cpu", "triton"))
 
 
 BACKENDS = _backends()

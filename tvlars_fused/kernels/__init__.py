@@ -50,3 +50,15 @@ def resolve(backend: str, device: torch.device):
         raise RuntimeError(f"backend={backend!r} cannot run parameters on {device}: {mod.requirement}. "
                            "Use backend='auto' to pick one that can.")
     return mod
+
+
+def available_backends(device, names=("triton", "cuda", "cpu", "torch")) -> list:
+    """The names among `names` (in that order) of the backends that can run tensors on `device`."""
+    out = []
+    for name in names:
+        try:
+            resolve(name, torch.device(device))
+            out.append(name)
+        except RuntimeError:
+            pass
+    return out
