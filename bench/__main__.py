@@ -147,6 +147,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def extension_build() -> str:
+    """Which tvlars_fused._C the run loaded (file and mtime): it is rebuilt outside git."""
+    try:
+        import tvlars_fused._C as ext
+        st = os.stat(ext.__file__)
+        when = datetime.datetime.fromtimestamp(st.st_mtime).astimezone().isoformat(timespec="seconds")
+        return f"{os.path.basename(ext.__file__)} built {when}"
+    except Exception as exc:
+        return f"not importable ({type(exc).__name__})"
+
+
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -240,6 +251,8 @@ def interleaved(runners: Dict[str, object], timer: Timer, est: Dict[str, float],
                 k = min(k, fixed_steps - len(times[n]))
                 if k <= 0:
                     continue
+            elif len(times[n]) >= need[n] and est[n] > 2 * block_s:
+                continue   # a slow runner with enough samples: let the others catch up
             try:
                 times[n] += timer.run(runners[n].step, k)
             except Exception as exc:   # drop it, keep the others
@@ -266,7 +279,8 @@ def count_ops(torch, impl, steps: int) -> float:
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
+            if not str(func).startswith("profiler."):   # torch.optim's record_function markers
+                Count.n += 1
             return func(*args, **(kwargs or {}))
 
     with Count():
@@ -490,7 +504,7 @@ COLUMNS = ["device", "device_name", "mode", "set", "dtype", "impl", "label", "te
            "floor_bytes_per_param", "floor_gbs", "copy_gbs", "pct_copy_bw", "axpy_gbs", "pct_axpy_bw", "design_bytes_per_param",
            "design_gbs", "design_how", "ops_per_step", "launches_per_step",
            "syncs_per_step", "compile_s", "compile_cache", "check_rel_err", "note", "torch", "threads",
-           "commit", "date", "loadavg_start", "loadavg_end"]
+           "commit", "extension", "date", "loadavg_start", "loadavg_end"]
 
 
 def fmt(v, spec):
@@ -629,7 +643,7 @@ def main(argv=None) -> int:
     min_steps = args.min_steps or (10 if mode == "full" else 5)
     timer = Timer(torch, device)
     meta = dict(device=device.type, device_name=dev_name, mode=mode, torch=torch.__version__,
-                threads=torch.get_num_threads(), commit=git_commit(),
+                threads=torch.get_num_threads(), commit=git_commit(), extension=extension_build(),
                 date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 loadavg_start=loadavg())
     copy_numel = (256 if gpu else 64) * 2 ** 20
@@ -637,12 +651,7 @@ def main(argv=None) -> int:
         f"load average {meta['loadavg_start']}; {len(configs)} configurations -> {base}.csv")
     copy_start = copy_bandwidth(torch, device, timer, copy_numel)
     log(f"copy bandwidth {copy_start:.1f} GB/s ({copy_numel * 4 >> 20} MiB copy_)")
-    if not gpu:
-        try:
-            import tvlars_fused._C  # noqa: F401
-        except Exception as exc:
-            log(f"note: the C++ extension tvlars_fused._C is not importable ({type(exc).__name__}); "
-                "fused-cpu will be skipped")
+    log(f"extension: tvlars_fused._C {meta['extension']}")
 
     results: List[dict] = []
     for k, (s, d, names) in enumerate(configs):
@@ -660,7 +669,7 @@ def main(argv=None) -> int:
 
     head, rows = table_rows(results, gpu)
     hdr = (f"TVLARS step benchmark ({mode}) on {dev_name}; torch {torch.__version__}; commit {meta['commit']}; "
-           f"{meta['date']}\ncopy_ bandwidth alone: {copy_start:.1f} GB/s at start, {copy_end:.1f} GB/s at end; "
+           f"{meta['date']}\nextension: tvlars_fused._C {meta['extension']}\ncopy_ bandwidth alone: {copy_start:.1f} GB/s at start, {copy_end:.1f} GB/s at end; "
            f"load average "
            f"{meta['loadavg_start']} -> {meta['loadavg_end']}\n"
            f"ms/step: median; x eager: speed-up over the eager reference; /sgd-foreach: time relative to "
