@@ -5,12 +5,14 @@
 // order. Which thread computes a chunk, and when, never changes the bits, so 1 thread and N
 // threads agree exactly.
 //
-// Cache use: a segment whose w and g fit comfortably in L2 is handled start to finish by one
-// thread (pass 1 over its chunks, the reduction, then pass 2 while w and g are still in cache);
-// these small segments are split between the threads by element count. Larger segments are
-// processed in batches of a few MB: pass 1 over the batch's chunks in parallel, the per-segment
-// reductions, then pass 2 in parallel, so that pass 2 can find w and g in L3. (Both passes run at
-// DRAM bandwidth; on the 2-vCPU VM this was tuned on, the batch size made no measurable difference.)
+// Scheduling and cache use (run_bucket_step): the whole step is one parallel region with work
+// handed out dynamically. A segment whose w and g fit comfortably in L2 is one work item, done
+// start to finish by one thread (pass 1 over its chunks, the reduction, then pass 2 while w and g
+// are still in cache). Larger segments are split into runs of chunks; pass 2 of a segment starts
+// as soon as its pass 1 is complete, so it re-reads data that was just streamed through; threads
+// that would wait for that run pass 1 of the next segments (a bounded window ahead) instead.
+// Compared with static splits and a barrier per phase, this keeps a preempted thread (a loaded
+// machine, data-loader workers) from stalling the others at every barrier.
 //
 // Vectorization: GCC/Clang vector extensions over 64-byte vectors (one lane layout whatever the
 // instruction set). The hot loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
@@ -18,8 +20,11 @@
 // bits on each (no FMA contraction: -ffp-contract=off, see tvlars_math.h). Other compilers get a
 // scalar loop with the same lane layout.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -408,86 +413,118 @@ struct BucketStep {
   }
 };
 
+// One unit of work: a small segment (both passes), or a run of chunks of a large segment for
+// pass 1 or for pass 2.
+struct WorkItem {
+  enum Kind : int32_t { kSmallSegment, kPass1, kPass2 } kind;
+  int32_t slot;   // large segments: index into the per-large-segment arrays
+  int64_t first;  // small: the segment id; large: the first chunk
+  int64_t count;  // large: number of chunks
+  int64_t batch;  // large: the lookahead window it belongs to (small: -1)
+};
+
+// The whole step is one parallel region; work is handed out dynamically (atomic cursors), so a
+// thread that the OS preempts holds up at most the item it is working on, where static splits
+// with a barrier per phase would each wait for it (a time slice on a loaded machine).
+//
+// Two lists: pass-1 work (small segments, each start to finish by one thread, then the pass-1
+// chunk runs of the large segments, in segment order) and pass-2 work (chunk runs of the large
+// segments, same order). A thread takes the next pass-2 item as soon as its segment is finished,
+// which keeps pass 2 right behind pass 1 (one thread: P1(seg) P2(seg) P1(seg') P2(seg') ...,
+// while the segment is still in cache); otherwise it takes pass-1 work, at most one window
+// (BATCH_BYTES of w+g) ahead of the pass-2 head, and otherwise waits. The thread that finishes a
+// segment's last pass-1 chunk adds its partials in chunk order, writes stats and publishes q. No
+// deadlock: a pass-2 item waits only when all pass-1 work up to the next window has been handed
+// out, and pass-1 work never waits.
 template <typename P>
 void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
   using A = typename BucketStep<P>::A;
   const int64_t elem_bytes = 2 * static_cast<int64_t>(sizeof(P));  // w and g
   const int64_t small_elems = SMALL_BYTES / elem_bytes;
-  const int64_t batch_elems = BATCH_BYTES / elem_bytes;
-  const int64_t threads = std::max<int64_t>(1, at::in_parallel_region() ? 1 : at::get_num_threads());
+  const int64_t window_elems = BATCH_BYTES / elem_bytes;
+  // chunks per large-segment work item: about 64K elements
+  const int64_t group = std::max<int64_t>(1, (int64_t(64) * 1024) / k.chunk_elems);
 
-  std::vector<int64_t> small, large;
-  int64_t small_total = 0;
+  std::vector<WorkItem> p1, p2;
+  std::vector<int64_t> large;
+  int64_t total = 0;
   for (int64_t sid = 0; sid < S; ++sid) {
-    if (active[sid] == 0) continue;
     const int64_t* row = k.seg + sid * SEG_COLS;
+    if (active[sid] == 0 || row[SEG_NUM_CHUNKS] == 0) continue;
     const int64_t len = row[SEG_END] - row[SEG_OFFSET];
+    total += len;
     if (len <= small_elems) {
-      small.push_back(sid);
-      small_total += len;
+      p1.push_back({WorkItem::kSmallSegment, 0, sid, 0, -1});
     } else {
       large.push_back(sid);
     }
   }
-
-  // Small segments: contiguous runs of about equal element counts, one per thread.
-  if (!small.empty()) {
-    const int64_t parts = std::max<int64_t>(1, std::min(threads, small_total / MIN_ELEMS_PER_THREAD));
-    std::vector<int64_t> bounds(parts + 1, static_cast<int64_t>(small.size()));
-    bounds[0] = 0;
-    int64_t acc = 0, part = 1;
-    for (size_t i = 0; i < small.size() && part < parts; ++i) {
-      const int64_t* row = k.seg + small[i] * SEG_COLS;
-      acc += row[SEG_END] - row[SEG_OFFSET];
-      while (part < parts && acc * parts >= part * small_total) bounds[part++] = static_cast<int64_t>(i) + 1;
+  const size_t num_large = large.size();
+  std::vector<SegParams<A>> sp(num_large);
+  std::vector<A> q(num_large);
+  std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[num_large]);
+  std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[num_large]);
+  int64_t window = 0, in_window = 0;
+  for (size_t slot = 0; slot < num_large; ++slot) {
+    const int64_t* row = k.seg + large[slot] * SEG_COLS;
+    sp[slot] = k.seg_params(large[slot]);
+    remaining[slot].store(row[SEG_NUM_CHUNKS], std::memory_order_relaxed);
+    ready[slot].store(0, std::memory_order_relaxed);
+    const int64_t first = row[SEG_FIRST_CHUNK], end = first + row[SEG_NUM_CHUNKS];
+    for (int64_t c = first; c < end; c += group) {
+      const int64_t n = std::min(group, end - c);
+      p1.push_back({WorkItem::kPass1, static_cast<int32_t>(slot), c, n, window});
+      p2.push_back({WorkItem::kPass2, static_cast<int32_t>(slot), c, n, window});
     }
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) k.segment(small[i]);
-    });
+    in_window += row[SEG_END] - row[SEG_OFFSET];
+    if (in_window >= window_elems) {
+      ++window;
+      in_window = 0;
+    }
   }
 
-  // Large segments, in batches: pass 1 over all their chunks in parallel, reduce, pass 2.
-  std::vector<int64_t> chunk_list;
-  std::vector<A> q_of;
-  std::vector<SegParams<A>> sp_of;
-  size_t next = 0;
-  while (next < large.size()) {
-    size_t last = next;
-    int64_t batch = 0;
-    chunk_list.clear();
-    do {
-      const int64_t* row = k.seg + large[last] * SEG_COLS;
-      batch += row[SEG_END] - row[SEG_OFFSET];
-      for (int64_t c = row[SEG_FIRST_CHUNK]; c < row[SEG_FIRST_CHUNK] + row[SEG_NUM_CHUNKS]; ++c)
-        chunk_list.push_back(c);
-      ++last;
-    } while (last < large.size() && batch < batch_elems);
-    // segment -> position in this batch, for the per-segment constants
-    sp_of.clear();
-    q_of.clear();
-    std::vector<int32_t> slot_of_chunk(chunk_list.size());
-    {
-      size_t pos = 0;
-      for (size_t i = next; i < last; ++i) {
-        const int64_t* row = k.seg + large[i] * SEG_COLS;
-        sp_of.push_back(k.seg_params(large[i]));
-        for (int64_t c = 0; c < row[SEG_NUM_CHUNKS]; ++c) slot_of_chunk[pos++] = static_cast<int32_t>(i - next);
-      }
+  auto run_pass1 = [&](const WorkItem& it) {
+    if (it.kind == WorkItem::kSmallSegment) {
+      k.segment(it.first);
+      return;
     }
-    const int64_t n = static_cast<int64_t>(chunk_list.size());
-    const int64_t grain = std::max<int64_t>(1, n / threads);
-    at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t i = c0; i < c1; ++i) k.pass1_chunk(chunk_list[i], sp_of[slot_of_chunk[i]]);
-    });
-    for (size_t i = next; i < last; ++i) q_of.push_back(k.reduce(large[i]));
-    at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t i = c0; i < c1; ++i) {
-        const int32_t slot = slot_of_chunk[i];
-        k.pass2_chunk(chunk_list[i], q_of[slot], sp_of[slot]);
+    for (int64_t c = it.first; c < it.first + it.count; ++c) k.pass1_chunk(c, sp[it.slot]);
+    // acq_rel: the thread that finishes the segment sees every other thread's partials
+    if (remaining[it.slot].fetch_sub(it.count, std::memory_order_acq_rel) == it.count) {
+      q[it.slot] = k.reduce(large[it.slot]);
+      ready[it.slot].store(1, std::memory_order_release);
+    }
+  };
+  auto run_pass2 = [&](const WorkItem& it) {
+    for (int64_t c = it.first; c < it.first + it.count; ++c) k.pass2_chunk(c, q[it.slot], sp[it.slot]);
+  };
+  std::atomic<size_t> next1{0}, next2{0};
+  auto worker = [&]() {
+    for (;;) {
+      size_t j = next2.load(std::memory_order_relaxed);
+      if (j < p2.size() && ready[p2[j].slot].load(std::memory_order_acquire) != 0) {
+        if (next2.compare_exchange_weak(j, j + 1, std::memory_order_relaxed)) run_pass2(p2[j]);
+        continue;
       }
+      const size_t i = next1.load(std::memory_order_relaxed);
+      const bool p2_left = j < p2.size();
+      if (i < p1.size() && (!p2_left || p1[i].batch <= p2[j].batch + 1)) {
+        const size_t mine = next1.fetch_add(1, std::memory_order_relaxed);
+        if (mine < p1.size()) run_pass1(p1[mine]);
+        continue;
+      }
+      if (!p2_left && i >= p1.size()) break;
+      std::this_thread::yield();  // the pass-2 head's segment is being finished by another thread
+    }
+  };
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t use = std::max<int64_t>(1, std::min(threads, total / MIN_ELEMS_PER_THREAD));
+  if (use <= 1) {
+    worker();
+  } else {
+    at::parallel_for(0, use, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) worker();
     });
-    next = last;
   }
 
   // Segments without chunks (zero-size parameters): sums are 0, so wn = dn = 0 and q = 1.

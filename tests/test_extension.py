@@ -379,6 +379,33 @@ def test_thread_count_bit_for_bit(dtype):
             assert torch.equal(a, b)
 
 
+def test_dynamic_schedule_stress():
+    """The CPU kernel hands out work dynamically (pass 2 of a segment waits for its pass 1, in one
+    parallel region): many steps with 3 threads on 2 cores (preemption mid-step) on a bucket of
+    many large and small segments give exactly the 1-thread bits every step."""
+    shapes = [(70_000,)] * 12 + [(1000,)] * 60 + [(1_500_000,)] + [(33, 4097)] * 3
+    init = make_init(shapes, seed=5)
+    old = torch.get_num_threads()
+    snaps = {}
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            _, opt = train(lambda ps: tvlars_fused.TVLARS(ps, backend="cpu", **HYPER, **TV_ONLY), init,
+                           torch.float32, 2)
+            b = opt._buckets[0]
+            args = [b.param_buf, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
+                    b.group_table, b.step, b.partials, b.counters, b.stats]
+            out = []
+            for _ in range(15):
+                OP(*args, None, None, b.chunk_elems)
+                out.append(torch.cat([b.param_buf, b.state_buf, b.stats.flatten()]).clone())
+            snaps[n] = out
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(snaps[1], snaps[3]):
+        assert torch.equal(a, b)
+
+
 def test_repeated_runs_bit_for_bit():
     a = _snapshot(run("fused", torch.float32, 5, "heavy_ball", True, "cpu")[1])
     b = _snapshot(run("fused", torch.float32, 5, "heavy_ball", True, "cpu")[1])
