@@ -53,19 +53,20 @@ namespace tvlars {
 namespace {
 
 // Tuning (overridable at build time with -D): segments with at most SMALL_BYTES of w+g are
-// processed by one thread in one go; larger ones are grouped into batches of about BATCH_BYTES of
-// w+g; fewer than MIN_ELEMS_PER_THREAD elements per thread are not worth a parallel region.
+// processed by one thread in one go; pass 1 of larger ones runs at most one WINDOW_BYTES (of w+g)
+// window ahead of pass 2; fewer than MIN_ELEMS_PER_THREAD elements per thread are not worth a
+// parallel region.
 #ifndef TVLARS_SMALL_BYTES
 #define TVLARS_SMALL_BYTES (512 * 1024)
 #endif
-#ifndef TVLARS_BATCH_BYTES
-#define TVLARS_BATCH_BYTES (8 * 1024 * 1024)
+#ifndef TVLARS_WINDOW_BYTES
+#define TVLARS_WINDOW_BYTES (8 * 1024 * 1024)
 #endif
 #ifndef TVLARS_MIN_ELEMS_PER_THREAD
 #define TVLARS_MIN_ELEMS_PER_THREAD (32 * 1024)
 #endif
 constexpr int64_t SMALL_BYTES = TVLARS_SMALL_BYTES;
-constexpr int64_t BATCH_BYTES = TVLARS_BATCH_BYTES;
+constexpr int64_t WINDOW_BYTES = TVLARS_WINDOW_BYTES;
 constexpr int64_t MIN_ELEMS_PER_THREAD = TVLARS_MIN_ELEMS_PER_THREAD;
 
 // Per-element values a chunk kernel needs, fixed for the whole segment.
@@ -420,7 +421,7 @@ struct WorkItem {
   int32_t slot;   // large segments: index into the per-large-segment arrays
   int64_t first;  // small: the segment id; large: the first chunk
   int64_t count;  // large: number of chunks
-  int64_t batch;  // large: the lookahead window it belongs to (small: -1)
+  int64_t window;  // large: the lookahead window it belongs to (small: -1)
 };
 
 // The whole step is one parallel region; work is handed out dynamically (atomic cursors), so a
@@ -432,7 +433,7 @@ struct WorkItem {
 // segments, same order). A thread takes the next pass-2 item as soon as its segment is finished,
 // which keeps pass 2 right behind pass 1 (one thread: P1(seg) P2(seg) P1(seg') P2(seg') ...,
 // while the segment is still in cache); otherwise it takes pass-1 work, at most one window
-// (BATCH_BYTES of w+g) ahead of the pass-2 head, and otherwise waits. The thread that finishes a
+// (WINDOW_BYTES of w+g) ahead of the pass-2 head, and otherwise waits. The thread that finishes a
 // segment's last pass-1 chunk adds its partials in chunk order, writes stats and publishes q. No
 // deadlock: a pass-2 item waits only when all pass-1 work up to the next window has been handed
 // out, and pass-1 work never waits.
@@ -441,7 +442,7 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
   using A = typename BucketStep<P>::A;
   const int64_t elem_bytes = 2 * static_cast<int64_t>(sizeof(P));  // w and g
   const int64_t small_elems = SMALL_BYTES / elem_bytes;
-  const int64_t window_elems = BATCH_BYTES / elem_bytes;
+  const int64_t window_elems = WINDOW_BYTES / elem_bytes;
   // chunks per large-segment work item: about 64K elements
   const int64_t group = std::max<int64_t>(1, (int64_t(64) * 1024) / k.chunk_elems);
 
@@ -508,7 +509,7 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
       }
       const size_t i = next1.load(std::memory_order_relaxed);
       const bool p2_left = j < p2.size();
-      if (i < p1.size() && (!p2_left || p1[i].batch <= p2[j].batch + 1)) {
+      if (i < p1.size() && (!p2_left || p1[i].window <= p2[j].window + 1)) {
         const size_t mine = next1.fetch_add(1, std::memory_order_relaxed);
         if (mine < p1.size()) run_pass1(p1[mine]);
         continue;
