@@ -228,25 +228,27 @@ def copy_bandwidth(torch, device, timer, numel: int, reps: int = 10) -> float:
 
 def interleaved(runners: Dict[str, object], timer: Timer, est: Dict[str, float], budget_s: float,
                 min_steps: int, fixed_steps: Optional[int], progress) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
-    """Time every runner in rounds (a block of steps each per round) until each has min_steps
-    (or exactly fixed_steps) and the budget is spent."""
+    """Time every runner in rounds (a block of steps each per round) until each has enough steps
+    (or exactly fixed_steps) and the budget is spent. Block sizes and step counts follow each
+    runner's running median step time (the warm-up estimate `est` only seeds them), so one slow
+    warm-up step on a busy machine does not leave a fast runner with few samples."""
     names = list(runners)
-    # each round gives every runner a block of about block_s (at least one step): fast runners
-    # get several steps while the slowest runs one
-    block_s = max(budget_s / (8 * max(len(names), 1)), 0.3 * max(est.values()), 0.02)
-    block_s = min(block_s, max(budget_s / 4, 0.02))
-    block = {n: max(1, min(int(block_s / max(est[n], 1e-6)), 1000)) for n in names}
-    # min_steps each, but a runner slower than budget_s / min_steps needs only enough steps to
-    # fill the budget (at least 3): one 30 s step of a slow path averages the load by itself
-    need = {n: min(min_steps, max(3, math.ceil(budget_s / max(est[n], 1e-6)))) for n in names}
+    est = dict(est)
     times: Dict[str, List[float]] = {n: [] for n in names}
     errors: Dict[str, str] = {}
     start = time.perf_counter()
     rounds = 0
     while True:
         rounds += 1
+        # each round gives every runner a block of about block_s (at least one step): fast
+        # runners get several steps while the slowest runs one
+        block_s = max(budget_s / (8 * max(len(names), 1)), 0.3 * max(est[n] for n in names), 0.02)
+        block_s = min(block_s, max(budget_s / 4, 0.02))
+        # min_steps each, but a runner slower than budget_s / min_steps needs only enough steps
+        # to fill the budget (at least 3): one 30 s step of a slow path averages the load itself
+        need = {n: min(min_steps, max(3, math.ceil(budget_s / max(est[n], 1e-6)))) for n in names}
         for n in list(names):
-            k = block[n]
+            k = max(1, min(int(block_s / max(est[n], 1e-6)), 1000))
             if fixed_steps is not None:
                 k = min(k, fixed_steps - len(times[n]))
                 if k <= 0:
@@ -255,6 +257,7 @@ def interleaved(runners: Dict[str, object], timer: Timer, est: Dict[str, float],
                 continue   # a slow runner with enough samples: let the others catch up
             try:
                 times[n] += timer.run(runners[n].step, k)
+                est[n] = statistics.median(times[n])
             except Exception as exc:   # drop it, keep the others
                 errors[n] = f"error while timing: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 progress(f"{n} failed: {errors[n]}")
