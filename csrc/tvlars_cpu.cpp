@@ -14,16 +14,19 @@
 // Compared with static splits and a barrier per phase, this keeps a preempted thread (a loaded
 // machine, data-loader workers) from stalling the others at every barrier.
 //
-// Vectorization: GCC/Clang vector extensions over 64-byte vectors (one lane layout whatever the
-// instruction set). The hot loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
-// baseline x86-64 (GCC function multiversioning, chosen at load time); the results are the same
-// bits on each (no FMA contraction: -ffp-contract=off, see tvlars_math.h). Other compilers get a
-// scalar loop with the same lane layout.
+// Vectorization (tvlars_cpu_kernels.h): GCC/Clang vector extensions at the native width. With GCC
+// on x86-64 the kernels are compiled three times -- baseline x86-64 (SSE2), AVX2+FMA+F16C and
+// AVX-512 -- and the best copy the CPU supports is picked at run time (TVLARS_FUSED_CPU_ISA=
+// baseline|avx2|avx512 caps it). All copies give the same bits: the partial sums have the same 16
+// float / 8 double lanes everywhere and nothing is contracted into an FMA (-ffp-contract=off).
+// Other compilers and architectures get one copy (scalar without vector extensions).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -36,11 +39,13 @@
 #include "tvlars_math.h"
 #include "tvlars_ops.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(TVLARS_NO_MULTIVERSION)
-#define TVLARS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TVLARS_CLONES
+// Per-instruction-set copies of the kernels (GCC on x86-64; elsewhere one copy for the target).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TVLARS_NO_MULTI_ISA)
+#define TVLARS_MULTI_ISA 1
+#include <immintrin.h>
+#endif
+#if defined(__GNUC__)
+#define TVLARS_VECTOR_EXT 1
 #endif
 
 #if defined(__GNUC__)
@@ -78,257 +83,113 @@ struct SegParams {
   bool has_scale, decay, paper;
 };
 
-// ---- SIMD: GCC/Clang vector extensions ---------------------------------------------------------
-// One "vector" is 64 bytes of acc (16 floats / 8 doubles). The compiler maps its operations onto
-// whatever the clone targets (4 SSE, 2 AVX2 or 1 AVX-512 register), always with the same lane
-// layout, so the reduction order -- and so the bits -- is the same on every clone.
-// Simd<P>: V (acc vector), N (lanes), load/store of P, load_state/store_state of the state dtype.
-#if defined(__GNUC__)
-#define TVLARS_VECTOR_EXT 1
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+// ---- the kernels, once per instruction set ------------------------------------------------------
+#define TVLARS_VEC_BYTES 16
+namespace isa_baseline {
+#include "tvlars_cpu_kernels.h"
+}  // namespace isa_baseline
+#undef TVLARS_VEC_BYTES
 
-template <typename V, typename T>
-TVLARS_ALWAYS_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-TVLARS_ALWAYS_INLINE void vstore(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
+#if defined(TVLARS_MULTI_ISA)
+#define TVLARS_ISA_F16C 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define TVLARS_VEC_BYTES 32
+namespace isa_avx2 {
+#include "tvlars_cpu_kernels.h"
+}  // namespace isa_avx2
+#undef TVLARS_VEC_BYTES
+#pragma GCC pop_options
 
-template <typename P>
-struct Simd;
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")
+#define TVLARS_VEC_BYTES 64
+namespace isa_avx512 {
+#include "tvlars_cpu_kernels.h"
+}  // namespace isa_avx512
+#undef TVLARS_VEC_BYTES
+#pragma GCC pop_options
+#undef TVLARS_ISA_F16C
+#endif  // TVLARS_MULTI_ISA
 
-template <>
-struct Simd<float> {
-  using V = f32x16;
-  static constexpr int N = 16;
-  static TVLARS_ALWAYS_INLINE V load(const float* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store(float* p, V v) { vstore(p, v); }
-  static TVLARS_ALWAYS_INLINE V load_state(const float* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store_state(float* p, V v) { vstore(p, v); }
+struct KernelTable {
+  const char* name;
+  void (*sums_f32)(const float*, const float*, int64_t, float, float, bool, bool, float*);
+  void (*sums_f64)(const double*, const double*, int64_t, double, double, bool, bool, double*);
+  void (*sums_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, float, float, bool, bool, float*);
+  void (*sums_f16)(const c10::Half*, const c10::Half*, int64_t, float, float, bool, bool, float*);
+  void (*update_f32)(float*, const float*, float*, int64_t, float, float, float, float, float, bool, bool, bool);
+  void (*update_f64)(double*, const double*, double*, int64_t, double, double, double, double, double, bool,
+                     bool, bool);
+  void (*update_bf16)(c10::BFloat16*, const c10::BFloat16*, float*, int64_t, float, float, float, float, float,
+                      bool, bool, bool);
+  void (*update_f16)(c10::Half*, const c10::Half*, float*, int64_t, float, float, float, float, float, bool,
+                     bool, bool);
 };
-template <>
-struct Simd<double> {
-  using V = f64x8;
-  static constexpr int N = 8;
-  static TVLARS_ALWAYS_INLINE V load(const double* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store(double* p, V v) { vstore(p, v); }
-  static TVLARS_ALWAYS_INLINE V load_state(const double* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store_state(double* p, V v) { vstore(p, v); }
-};
-template <>
-struct Simd<c10::BFloat16> {  // bfloat16 = upper 16 bits of a float32
-  using V = f32x16;
-  static constexpr int N = 16;
-  static TVLARS_ALWAYS_INLINE V load(const c10::BFloat16* p) {
-    const u32x16 u = __builtin_convertvector(vload<u16x16>(p), u32x16) << 16;
-    return reinterpret_cast<V>(u);
+
+#define TVLARS_TABLE(NS, NAME)                                                                      \
+  KernelTable {                                                                                     \
+    NAME, &NS::chunk_sums_f32, &NS::chunk_sums_f64, &NS::chunk_sums_bf16, &NS::chunk_sums_f16,      \
+        &NS::chunk_update_f32, &NS::chunk_update_f64, &NS::chunk_update_bf16, &NS::chunk_update_f16 \
   }
-  // round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
-  static TVLARS_ALWAYS_INLINE void store(c10::BFloat16* p, V f) {
-    const u32x16 u = reinterpret_cast<u32x16>(f);
-    const u32x16 rounded = (u + (0x7FFFu + ((u >> 16) & 1u))) >> 16;
-    const u32x16 qnan = u32x16{} + 0x7FC0u;
-    const u32x16 r = (f != f) ? qnan : rounded;
-    vstore(p, __builtin_convertvector(r, u16x16));
+
+// The best copy this CPU runs; TVLARS_FUSED_CPU_ISA=baseline|avx2|avx512 caps it (tests, debugging).
+// All copies give the same bits.
+const KernelTable& kernel_table() {
+  static const KernelTable baseline = TVLARS_TABLE(isa_baseline, "baseline");
+#if defined(TVLARS_MULTI_ISA)
+  static const KernelTable avx2 = TVLARS_TABLE(isa_avx2, "avx2");
+  static const KernelTable avx512 = TVLARS_TABLE(isa_avx512, "avx512");
+  static const int best = [] {
+    __builtin_cpu_init();
+    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+    const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    return has_avx512 ? 2 : has_avx2 ? 1 : 0;
+  }();
+  int cap = 2;
+  if (const char* env = std::getenv("TVLARS_FUSED_CPU_ISA")) {
+    const std::string v(env);
+    TORCH_CHECK(v.empty() || v == "auto" || v == "baseline" || v == "avx2" || v == "avx512",
+                "TVLARS_FUSED_CPU_ISA must be auto, baseline, avx2 or avx512, got '", v, "'");
+    cap = v == "baseline" ? 0 : v == "avx2" ? 1 : 2;
   }
-  static TVLARS_ALWAYS_INLINE V load_state(const float* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store_state(float* p, V v) { vstore(p, v); }
-};
-#if defined(TVLARS_HOST_FLOAT16)
-typedef _Float16 f16x16 __attribute__((vector_size(32)));
-template <>
-struct Simd<c10::Half> {  // IEEE conversions (F16C where the clone has it), round to nearest even
-  using V = f32x16;
-  static constexpr int N = 16;
-  static TVLARS_ALWAYS_INLINE V load(const c10::Half* p) {
-    return __builtin_convertvector(vload<f16x16>(p), V);
-  }
-  static TVLARS_ALWAYS_INLINE void store(c10::Half* p, V f) { vstore(p, __builtin_convertvector(f, f16x16)); }
-  static TVLARS_ALWAYS_INLINE V load_state(const float* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store_state(float* p, V v) { vstore(p, v); }
-};
+  const int use = std::min(best, cap);
+  return use == 2 ? avx512 : use == 1 ? avx2 : baseline;
+#else
+  return baseline;
 #endif
-
-template <typename V, typename A>
-TVLARS_ALWAYS_INLINE V broadcast(A x) {
-  return V{} + x;
 }
-#endif  // __GNUC__
+#undef TVLARS_TABLE
 
-// Scalar fallback (no vector extensions, or float16 without _Float16): one lane.
-template <typename P, typename = void>
-struct HasSimd : std::false_type {};
-#if defined(TVLARS_VECTOR_EXT)
-template <typename P>
-struct HasSimd<P, std::void_t<decltype(Simd<P>::N)>> : std::true_type {};
-#endif
-
-// ---- pass 1: sum(w^2), sum(d^2) of one chunk -----------------------------------------------------
-template <typename P, typename A, bool SCALE, bool DECAY>
-TVLARS_ALWAYS_INLINE void chunk_sums_impl(const P* __restrict w, const P* __restrict g, int64_t n, A scale,
-                                          A wd, A* __restrict out) {
-  int64_t i = 0;
-  constexpr int L = 64 / sizeof(A);  // lanes of the partial sums
-  A sw[L], sd[L];
-#if defined(TVLARS_VECTOR_EXT)
-  if constexpr (HasSimd<P>::value) {
-    using Sd = Simd<P>;
-    using V = typename Sd::V;
-    static_assert(Sd::N == L, "one vector of acc per lane set");
-    const V scale_v = broadcast<V>(scale), wd_v = broadcast<V>(wd);
-    V vw = V{}, vd = V{};
-    for (; i + L <= n; i += L) {
-      const V wv = Sd::load(w + i);
-      const V d = direction(Sd::load(g + i), wv, scale_v, wd_v, SCALE, DECAY);
-      vw = add(vw, mul(wv, wv));
-      vd = add(vd, mul(d, d));
-    }
-    std::memcpy(sw, &vw, sizeof sw);
-    std::memcpy(sd, &vd, sizeof sd);
-  } else
-#endif
-  {
-    for (int j = 0; j < L; ++j) sw[j] = sd[j] = A(0);
-    for (; i + L <= n; i += L) {
-      for (int j = 0; j < L; ++j) {
-        const A wv = to_acc<A>(w[i + j]);
-        const A d = direction(to_acc<A>(g[i + j]), wv, scale, wd, SCALE, DECAY);
-        sw[j] = add(sw[j], mul(wv, wv));
-        sd[j] = add(sd[j], mul(d, d));
-      }
-    }
-  }
-  for (int j = 0; i < n; ++i, ++j) {  // only when a chunk is not a multiple of L long
-    const A wv = to_acc<A>(w[i]);
-    const A d = direction(to_acc<A>(g[i]), wv, scale, wd, SCALE, DECAY);
-    sw[j] = add(sw[j], mul(wv, wv));
-    sd[j] = add(sd[j], mul(d, d));
-  }
-  for (int h = L / 2; h > 0; h /= 2) {
-    for (int j = 0; j < h; ++j) {
-      sw[j] = add(sw[j], sw[j + h]);
-      sd[j] = add(sd[j], sd[j + h]);
-    }
-  }
-  out[PART_W2] = sw[0];
-  out[PART_D2] = sd[0];
+inline void chunk_sums(const KernelTable& kt, const float* w, const float* g, int64_t n,
+                       const SegParams<float>& sp, float* out) {
+  kt.sums_f32(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
+}
+inline void chunk_sums(const KernelTable& kt, const double* w, const double* g, int64_t n,
+                       const SegParams<double>& sp, double* out) {
+  kt.sums_f64(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
+}
+inline void chunk_sums(const KernelTable& kt, const c10::BFloat16* w, const c10::BFloat16* g, int64_t n,
+                       const SegParams<float>& sp, float* out) {
+  kt.sums_bf16(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
+}
+inline void chunk_sums(const KernelTable& kt, const c10::Half* w, const c10::Half* g, int64_t n,
+                       const SegParams<float>& sp, float* out) {
+  kt.sums_f16(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
 }
 
-// Non-template entry points per dtype, so that each can be multiversioned.
-#define TVLARS_DEFINE_SUMS(NAME, P, A)                                                            \
-  TVLARS_CLONES void NAME(const P* w, const P* g, int64_t n, A scale, A wd, bool has_scale,       \
-                          bool decay, A* out) {                                                   \
-    if (has_scale) {                                                                              \
-      if (decay) chunk_sums_impl<P, A, true, true>(w, g, n, scale, wd, out);                      \
-      else chunk_sums_impl<P, A, true, false>(w, g, n, scale, wd, out);                           \
-    } else {                                                                                      \
-      if (decay) chunk_sums_impl<P, A, false, true>(w, g, n, scale, wd, out);                     \
-      else chunk_sums_impl<P, A, false, false>(w, g, n, scale, wd, out);                          \
-    }                                                                                             \
+#define TVLARS_UPDATE_OVERLOAD(FIELD, P, S, A)                                                     \
+  inline void chunk_update(const KernelTable& kt, P* w, const P* g, S* s, int64_t n, A q,          \
+                           const SegParams<A>& sp) {                                               \
+    kt.FIELD(w, g, s, n, sp.scale, sp.weight_decay, q, sp.lr, sp.momentum, sp.has_scale, sp.decay, \
+             sp.paper);                                                                            \
   }
-TVLARS_DEFINE_SUMS(chunk_sums_f32, float, float)
-TVLARS_DEFINE_SUMS(chunk_sums_f64, double, double)
-TVLARS_DEFINE_SUMS(chunk_sums_bf16, c10::BFloat16, float)
-TVLARS_DEFINE_SUMS(chunk_sums_f16, c10::Half, float)
-#undef TVLARS_DEFINE_SUMS
-
-inline void chunk_sums(const float* w, const float* g, int64_t n, const SegParams<float>& sp, float* out) {
-  chunk_sums_f32(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-inline void chunk_sums(const double* w, const double* g, int64_t n, const SegParams<double>& sp, double* out) {
-  chunk_sums_f64(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-inline void chunk_sums(const c10::BFloat16* w, const c10::BFloat16* g, int64_t n, const SegParams<float>& sp,
-                       float* out) {
-  chunk_sums_bf16(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-inline void chunk_sums(const c10::Half* w, const c10::Half* g, int64_t n, const SegParams<float>& sp,
-                       float* out) {
-  chunk_sums_f16(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-
-// ---- pass 2: the update of one chunk -------------------------------------------------------------
-template <typename P, typename S, typename A, bool SCALE, bool DECAY, bool PAPER>
-TVLARS_ALWAYS_INLINE void chunk_update_scalar(P* __restrict w, const P* __restrict g, S* __restrict s,
-                                              int64_t i, int64_t n, A scale, A wd, A q, A lr, A momentum) {
-  for (; i < n; ++i) {
-    A wv = to_acc<A>(w[i]);
-    A sv = static_cast<A>(s[i]);
-    const A u = mul(q, direction(to_acc<A>(g[i]), wv, scale, wd, SCALE, DECAY));
-    if (PAPER) {
-      paper_update(wv, sv, u, lr, momentum);
-    } else {
-      heavy_ball_update(wv, sv, u, lr, momentum);
-    }
-    w[i] = from_acc<P>(wv);
-    s[i] = static_cast<S>(sv);
-  }
-}
-
-template <typename P, typename S, typename A, bool SCALE, bool DECAY, bool PAPER>
-TVLARS_ALWAYS_INLINE void chunk_update_impl(P* __restrict w, const P* __restrict g, S* __restrict s, int64_t n,
-                                            A scale, A wd, A q, A lr, A momentum) {
-  int64_t i = 0;
-#if defined(TVLARS_VECTOR_EXT)
-  if constexpr (HasSimd<P>::value) {
-    using Sd = Simd<P>;
-    using V = typename Sd::V;
-    const V scale_v = broadcast<V>(scale), wd_v = broadcast<V>(wd), q_v = broadcast<V>(q),
-            lr_v = broadcast<V>(lr), mom_v = broadcast<V>(momentum);
-    for (; i + Sd::N <= n; i += Sd::N) {
-      V wv = Sd::load(w + i);
-      V sv = Sd::load_state(s + i);
-      const V u = mul(q_v, direction(Sd::load(g + i), wv, scale_v, wd_v, SCALE, DECAY));
-      if (PAPER) {
-        paper_update(wv, sv, u, lr_v, mom_v);
-      } else {
-        heavy_ball_update(wv, sv, u, lr_v, mom_v);
-      }
-      Sd::store(w + i, wv);
-      Sd::store_state(s + i, sv);
-    }
-  }
-#endif
-  chunk_update_scalar<P, S, A, SCALE, DECAY, PAPER>(w, g, s, i, n, scale, wd, q, lr, momentum);
-}
-
-#define TVLARS_DEFINE_UPDATE(NAME, P, S, A)                                                        \
-  TVLARS_CLONES void NAME(P* w, const P* g, S* s, int64_t n, A scale, A wd, A q, A lr, A momentum, \
-                          bool has_scale, bool decay, bool paper) {                                \
-    const int k = (has_scale ? 4 : 0) | (decay ? 2 : 0) | (paper ? 1 : 0);                        \
-    switch (k) {                                                                                   \
-      case 0: chunk_update_impl<P, S, A, false, false, false>(w, g, s, n, scale, wd, q, lr, momentum); break; \
-      case 1: chunk_update_impl<P, S, A, false, false, true>(w, g, s, n, scale, wd, q, lr, momentum); break;  \
-      case 2: chunk_update_impl<P, S, A, false, true, false>(w, g, s, n, scale, wd, q, lr, momentum); break;  \
-      case 3: chunk_update_impl<P, S, A, false, true, true>(w, g, s, n, scale, wd, q, lr, momentum); break;   \
-      case 4: chunk_update_impl<P, S, A, true, false, false>(w, g, s, n, scale, wd, q, lr, momentum); break;  \
-      case 5: chunk_update_impl<P, S, A, true, false, true>(w, g, s, n, scale, wd, q, lr, momentum); break;   \
-      case 6: chunk_update_impl<P, S, A, true, true, false>(w, g, s, n, scale, wd, q, lr, momentum); break;   \
-      default: chunk_update_impl<P, S, A, true, true, true>(w, g, s, n, scale, wd, q, lr, momentum); break;   \
-    }                                                                                              \
-  }
-TVLARS_DEFINE_UPDATE(chunk_update_f32, float, float, float)
-TVLARS_DEFINE_UPDATE(chunk_update_f64, double, double, double)
-TVLARS_DEFINE_UPDATE(chunk_update_bf16, c10::BFloat16, float, float)
-TVLARS_DEFINE_UPDATE(chunk_update_f16, c10::Half, float, float)
-#undef TVLARS_DEFINE_UPDATE
-
-#define TVLARS_UPDATE_OVERLOAD(NAME, P, S, A)                                                     \
-  inline void chunk_update(P* w, const P* g, S* s, int64_t n, A q, const SegParams<A>& sp) {     \
-    NAME(w, g, s, n, sp.scale, sp.weight_decay, q, sp.lr, sp.momentum, sp.has_scale, sp.decay,    \
-         sp.paper);                                                                               \
-  }
-TVLARS_UPDATE_OVERLOAD(chunk_update_f32, float, float, float)
-TVLARS_UPDATE_OVERLOAD(chunk_update_f64, double, double, double)
-TVLARS_UPDATE_OVERLOAD(chunk_update_bf16, c10::BFloat16, float, float)
-TVLARS_UPDATE_OVERLOAD(chunk_update_f16, c10::Half, float, float)
+TVLARS_UPDATE_OVERLOAD(update_f32, float, float, float)
+TVLARS_UPDATE_OVERLOAD(update_f64, double, double, double)
+TVLARS_UPDATE_OVERLOAD(update_bf16, c10::BFloat16, float, float)
+TVLARS_UPDATE_OVERLOAD(update_f16, c10::Half, float, float)
 #undef TVLARS_UPDATE_OVERLOAD
 
 // ---- the bucket step -------------------------------------------------------------------------------
@@ -337,6 +198,7 @@ struct BucketStep {
   using A = typename Types<P>::acc;
   using S = typename Types<P>::state;
 
+  const KernelTable* kt;
   P* w;
   const P* g;
   S* s;
@@ -375,7 +237,7 @@ struct BucketStep {
   void pass1_chunk(int64_t c, const SegParams<A>& sp) const {
     int64_t b, e;
     chunk_range(c, &b, &e);
-    chunk_sums(w + b, g + b, e - b, sp, partials + c * PART_COLS);
+    chunk_sums(*kt, w + b, g + b, e - b, sp, partials + c * PART_COLS);
   }
 
   // adds the chunk partials in chunk order, writes stats, returns q
@@ -400,7 +262,7 @@ struct BucketStep {
   void pass2_chunk(int64_t c, A q, const SegParams<A>& sp) const {
     int64_t b, e;
     chunk_range(c, &b, &e);
-    chunk_update(w + b, g + b, s + b, e - b, q, sp);
+    chunk_update(*kt, w + b, g + b, s + b, e - b, q, sp);
   }
 
   // a whole segment by the calling thread
@@ -579,11 +441,13 @@ void bucket_step_cpu(at::Tensor& params, const at::Tensor& grads, at::Tensor& st
   check_tables_cpu(seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
                    group_table.size(0), params.numel(), chunk_elems);
 
+  const KernelTable& kt = kernel_table();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "tvlars_bucket_step_cpu", [&] {
     using P = scalar_t;
     using A = typename Types<P>::acc;
     using St = typename Types<P>::state;
     BucketStep<P> k;
+    k.kt = &kt;
     k.w = params.mutable_data_ptr<P>();
     k.g = grads.const_data_ptr<P>();
     k.s = state.mutable_data_ptr<St>();

@@ -12,7 +12,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -117,43 +116,6 @@ TVLARS_HD double abs_(double a) { return a < 0.0 ? -a : a; }
 template <typename A, typename P> TVLARS_HD A to_acc(P x) { return static_cast<A>(x); }
 template <typename P, typename A> TVLARS_HD P from_acc(A x) { return static_cast<P>(x); }
 
-#if !defined(__CUDACC__)
-// Host versions of the same conversions written so that GCC vectorizes them (c10's scalar
-// versions branch on NaN or go through memcpy of a struct, which keeps the loops scalar). Same
-// results: bfloat16 is the upper half of a float32, rounded to nearest even (NaN -> 0x7FC0, as
-// c10); float16 uses the compiler's IEEE _Float16 conversions (F16C instructions where the
-// instruction set has them), which round to nearest even like c10::Half.
-template <>
-inline float to_acc<float, c10::BFloat16>(c10::BFloat16 x) {
-  const uint32_t u = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-template <>
-inline c10::BFloat16 from_acc<c10::BFloat16, float>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + (UINT32_C(0x7FFF) + ((u >> 16) & 1u))) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(f != f ? UINT32_C(0x7FC0) : rounded), c10::BFloat16::from_bits());
-}
-#if defined(__FLT16_MANT_DIG__) && (defined(__x86_64__) || defined(__aarch64__))
-#define TVLARS_HOST_FLOAT16 1
-template <>
-inline float to_acc<float, c10::Half>(c10::Half x) {
-  _Float16 h;
-  std::memcpy(&h, &x.x, sizeof h);
-  return static_cast<float>(h);
-}
-template <>
-inline c10::Half from_acc<c10::Half, float>(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  uint16_t bits;
-  std::memcpy(&bits, &h, sizeof bits);
-  return c10::Half(bits, c10::Half::from_bits());
-}
-#endif
-#endif  // !__CUDACC__
 
 // ---- per element -------------------------------------------------------------------------------
 // g / grad_scale (when given), then + weight_decay * w (unless the segment skips weight decay).

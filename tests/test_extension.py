@@ -406,6 +406,26 @@ def test_dynamic_schedule_stress():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_instruction_sets_bit_for_bit(dtype, monkeypatch):
+    """The CPU kernels are compiled for baseline x86-64, AVX2+F16C and AVX-512 and the best one
+    the CPU has is used; TVLARS_FUSED_CPU_ISA caps it. Every copy gives the same bits (one lane
+    layout, no FMA contraction; float16 via F16C or the exact integer conversion)."""
+    init = init_params()
+    results = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        monkeypatch.setenv("TVLARS_FUSED_CPU_ISA", isa)
+        _, opt = run("fused", dtype, 4, "paper", True, "cpu", "cpu", init=init)
+        results[isa] = _snapshot(opt)
+    for isa in ("avx2", "avx512"):
+        for a, b in zip(results["baseline"], results[isa]):
+            assert torch.equal(a, b), isa
+    monkeypatch.setenv("TVLARS_FUSED_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="TVLARS_FUSED_CPU_ISA must be"):
+        run("fused", dtype, 1, "paper", True, "cpu", "cpu", init=init)
+
+
 def test_repeated_runs_bit_for_bit():
     a = _snapshot(run("fused", torch.float32, 5, "heavy_ball", True, "cpu")[1])
     b = _snapshot(run("fused", torch.float32, 5, "heavy_ball", True, "cpu")[1])
