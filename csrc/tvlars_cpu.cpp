@@ -5,14 +5,12 @@
 // order. Which thread computes a chunk, and when, never changes the bits, so 1 thread and N
 // threads agree exactly.
 //
-// Scheduling and cache use (run_bucket_step): the whole step is one parallel region with work
-// handed out dynamically. A segment whose w and g fit comfortably in L2 is one work item, done
-// start to finish by one thread (pass 1 over its chunks, the reduction, then pass 2 while w and g
-// are still in cache). Larger segments are split into runs of chunks; pass 2 of a segment starts
-// as soon as its pass 1 is complete, so it re-reads data that was just streamed through; threads
-// that would wait for that run pass 1 of the next segments (a bounded window ahead) instead.
-// Compared with static splits and a barrier per phase, this keeps a preempted thread (a loaded
-// machine, data-loader workers) from stalling the others at every barrier.
+// Scheduling and cache use (run_bucket_step): the whole step is one parallel region. A segment
+// whose w and g fit comfortably in L2 is done start to finish by one thread (pass 1, the
+// reduction, then pass 2 while w and g are still in cache). A larger segment is split into one
+// part per thread, so that pass 2 re-reads w and g from the caches of the thread that read them in
+// pass 1; idle threads steal unclaimed work, so a preempted thread (a loaded machine, data-loader
+// workers) holds up the others by at most one item.
 //
 // Vectorization (tvlars_cpu_kernels.h): GCC/Clang vector extensions at the native width. With GCC
 // on x86-64 the kernels are compiled three times -- baseline x86-64 (SSE2), AVX2+FMA+F16C and
@@ -58,20 +56,20 @@ namespace tvlars {
 namespace {
 
 // Tuning (overridable at build time with -D): segments with at most SMALL_BYTES of w+g are
-// processed by one thread in one go; pass 1 of larger ones runs at most one WINDOW_BYTES (of w+g)
-// window ahead of pass 2; fewer than MIN_ELEMS_PER_THREAD elements per thread are not worth a
-// parallel region.
+// processed by one thread in one go (they stay in its L2 between the passes); larger ones are
+// claimed in items of ITEM_ELEMS elements; fewer than MIN_ELEMS_PER_THREAD elements per thread are
+// not worth a parallel region.
 #ifndef TVLARS_SMALL_BYTES
 #define TVLARS_SMALL_BYTES (512 * 1024)
 #endif
-#ifndef TVLARS_WINDOW_BYTES
-#define TVLARS_WINDOW_BYTES (8 * 1024 * 1024)
+#ifndef TVLARS_ITEM_ELEMS
+#define TVLARS_ITEM_ELEMS (64 * 1024)
 #endif
 #ifndef TVLARS_MIN_ELEMS_PER_THREAD
 #define TVLARS_MIN_ELEMS_PER_THREAD (32 * 1024)
 #endif
 constexpr int64_t SMALL_BYTES = TVLARS_SMALL_BYTES;
-constexpr int64_t WINDOW_BYTES = TVLARS_WINDOW_BYTES;
+constexpr int64_t ITEM_ELEMS = TVLARS_ITEM_ELEMS;
 constexpr int64_t MIN_ELEMS_PER_THREAD = TVLARS_MIN_ELEMS_PER_THREAD;
 
 // Per-element values a chunk kernel needs, fixed for the whole segment.
@@ -276,117 +274,143 @@ struct BucketStep {
   }
 };
 
-// One unit of work: a small segment (both passes), or a run of chunks of a large segment for
-// pass 1 or for pass 2.
-struct WorkItem {
-  enum Kind : int32_t { kSmallSegment, kPass1, kPass2 } kind;
-  int32_t slot;   // large segments: index into the per-large-segment arrays
-  int64_t first;  // small: the segment id; large: the first chunk
-  int64_t count;  // large: number of chunks
-  int64_t window;  // large: the lookahead window it belongs to (small: -1)
+// Large-segment work is claimed in items of about 64K elements. A segment's items are split into
+// one contiguous part per thread; the owner claims items from the front of its part, other
+// threads steal from the back. Both ends of a part live in one 64-bit word (front << 32 | back),
+// so a claim is one compare-and-swap.
+class Part {
+ public:
+  void reset(uint32_t front, uint32_t back) { v_.store(pack(front, back), std::memory_order_relaxed); }
+  bool take_front(int64_t* item) { return take(item, true); }
+  bool take_back(int64_t* item) { return take(item, false); }
+
+ private:
+  static uint64_t pack(uint64_t front, uint64_t back) { return front << 32 | back; }
+  bool take(int64_t* item, bool front_end) {
+    uint64_t v = v_.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint32_t f = static_cast<uint32_t>(v >> 32), b = static_cast<uint32_t>(v);
+      if (f >= b) return false;
+      const uint64_t next = front_end ? pack(f + 1, b) : pack(f, b - 1);
+      if (v_.compare_exchange_weak(v, next, std::memory_order_relaxed)) {
+        *item = front_end ? f : b - 1;
+        return true;
+      }
+    }
+  }
+  std::atomic<uint64_t> v_{0};
 };
 
-// The whole step is one parallel region; work is handed out dynamically (atomic cursors), so a
-// thread that the OS preempts holds up at most the item it is working on, where static splits
-// with a barrier per phase would each wait for it (a time slice on a loaded machine).
-//
-// Two lists: pass-1 work (small segments, each start to finish by one thread, then the pass-1
-// chunk runs of the large segments, in segment order) and pass-2 work (chunk runs of the large
-// segments, same order). A thread takes the next pass-2 item as soon as its segment is finished,
-// which keeps pass 2 right behind pass 1 (one thread: P1(seg) P2(seg) P1(seg') P2(seg') ...,
-// while the segment is still in cache); otherwise it takes pass-1 work, at most one window
-// (WINDOW_BYTES of w+g) ahead of the pass-2 head, and otherwise waits. The thread that finishes a
-// segment's last pass-1 chunk adds its partials in chunk order, writes stats and publishes q. No
-// deadlock: a pass-2 item waits only when all pass-1 work up to the next window has been handed
-// out, and pass-1 work never waits.
+// The whole step is one parallel region. Every thread walks the segments in order:
+//  - a small segment (w+g within SMALL_BYTES) is claimed whole by the first thread to reach it and
+//    done start to finish (pass 1, reduction, pass 2) while it sits in that thread's L2;
+//  - a large segment: pass 1 of the thread's own part, then of what is left of the other parts;
+//    the thread that completes the segment's pass 1 adds the chunk partials in chunk order, writes
+//    stats and publishes q; every thread waits for q, then runs pass 2 of its own part, then of
+//    what is left.
+// Why parts and not a shared queue: pass 2 re-reads w and g that pass 1 just streamed through, and
+// only the thread that read them has them in its own caches. With a shared queue the items of a
+// segment alternate between threads, so pass 2 reads the other thread's lines. On this project's
+// 2-vCPU VM that schedule flipped, for minutes at a time, between 16 and 33 ms/step at ResNet-50
+// size, pass 2 alone 3x slower, while this one ran 13-17 ms in the same process at the same time
+// (most likely the host placing the two vCPUs on different L3 slices). With parts, each thread
+// re-reads its own data.
+// Stealing keeps it dynamic: a thread that is preempted or late loses its unclaimed items to the
+// others, so it holds up at most the item it is running (as a static split with barriers would not).
+// No deadlock: a thread waits for q only after every pass-1 item of that segment has been claimed,
+// and claimed items are finished without waiting.
 template <typename P>
 void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
   using A = typename BucketStep<P>::A;
-  const int64_t elem_bytes = 2 * static_cast<int64_t>(sizeof(P));  // w and g
-  const int64_t small_elems = SMALL_BYTES / elem_bytes;
-  const int64_t window_elems = WINDOW_BYTES / elem_bytes;
-  // chunks per large-segment work item: about 64K elements
-  const int64_t group = std::max<int64_t>(1, (int64_t(64) * 1024) / k.chunk_elems);
+  const int64_t small_elems = SMALL_BYTES / (2 * static_cast<int64_t>(sizeof(P)));  // w and g
+  const int64_t item_chunks = std::max<int64_t>(1, ITEM_ELEMS / k.chunk_elems);
 
-  std::vector<WorkItem> p1, p2;
-  std::vector<int64_t> large;
-  int64_t total = 0;
+  int64_t total = 0, num_large = 0;
+  std::vector<int64_t> slot_of(S, -1);  // large segments: index into the per-large-segment arrays
   for (int64_t sid = 0; sid < S; ++sid) {
     const int64_t* row = k.seg + sid * SEG_COLS;
     if (active[sid] == 0 || row[SEG_NUM_CHUNKS] == 0) continue;
     const int64_t len = row[SEG_END] - row[SEG_OFFSET];
     total += len;
-    if (len <= small_elems) {
-      p1.push_back({WorkItem::kSmallSegment, 0, sid, 0, -1});
-    } else {
-      large.push_back(sid);
-    }
+    if (len > small_elems) slot_of[sid] = num_large++;
   }
-  const size_t num_large = large.size();
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t T = std::max<int64_t>(1, std::min(threads, total / MIN_ELEMS_PER_THREAD));
+
+  std::unique_ptr<std::atomic<int32_t>[]> claimed(new std::atomic<int32_t>[S]);  // small segments
+  std::unique_ptr<Part[]> parts1(new Part[num_large * T]), parts2(new Part[num_large * T]);
+  std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[num_large]);  // pass-1 chunks
+  std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[num_large]);
   std::vector<SegParams<A>> sp(num_large);
   std::vector<A> q(num_large);
-  std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[num_large]);
-  std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[num_large]);
-  int64_t window = 0, in_window = 0;
-  for (size_t slot = 0; slot < num_large; ++slot) {
-    const int64_t* row = k.seg + large[slot] * SEG_COLS;
-    sp[slot] = k.seg_params(large[slot]);
-    remaining[slot].store(row[SEG_NUM_CHUNKS], std::memory_order_relaxed);
+  for (int64_t sid = 0; sid < S; ++sid) {
+    claimed[sid].store(0, std::memory_order_relaxed);
+    const int64_t slot = slot_of[sid];
+    if (slot < 0) continue;
+    const int64_t count = k.seg[sid * SEG_COLS + SEG_NUM_CHUNKS];
+    const int64_t items = (count + item_chunks - 1) / item_chunks;
+    TORCH_CHECK(items < (int64_t(1) << 32), "tvlars_fused::bucket_step: segment ", sid, " is too large");
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t lo = static_cast<uint32_t>(items * t / T), hi = static_cast<uint32_t>(items * (t + 1) / T);
+      parts1[slot * T + t].reset(lo, hi);
+      parts2[slot * T + t].reset(lo, hi);
+    }
+    sp[slot] = k.seg_params(sid);
+    remaining[slot].store(count, std::memory_order_relaxed);
     ready[slot].store(0, std::memory_order_relaxed);
-    const int64_t first = row[SEG_FIRST_CHUNK], end = first + row[SEG_NUM_CHUNKS];
-    for (int64_t c = first; c < end; c += group) {
-      const int64_t n = std::min(group, end - c);
-      p1.push_back({WorkItem::kPass1, static_cast<int32_t>(slot), c, n, window});
-      p2.push_back({WorkItem::kPass2, static_cast<int32_t>(slot), c, n, window});
-    }
-    in_window += row[SEG_END] - row[SEG_OFFSET];
-    if (in_window >= window_elems) {
-      ++window;
-      in_window = 0;
-    }
   }
 
-  auto run_pass1 = [&](const WorkItem& it) {
-    if (it.kind == WorkItem::kSmallSegment) {
-      k.segment(it.first);
-      return;
-    }
-    for (int64_t c = it.first; c < it.first + it.count; ++c) k.pass1_chunk(c, sp[it.slot]);
-    // acq_rel: the thread that finishes the segment sees every other thread's partials
-    if (remaining[it.slot].fetch_sub(it.count, std::memory_order_acq_rel) == it.count) {
-      q[it.slot] = k.reduce(large[it.slot]);
-      ready[it.slot].store(1, std::memory_order_release);
+  // chunks [*c0, *c1) of item `item` of the segment
+  auto item_chunk_range = [&](int64_t sid, int64_t item, int64_t* c0, int64_t* c1) {
+    const int64_t* row = k.seg + sid * SEG_COLS;
+    *c0 = row[SEG_FIRST_CHUNK] + item * item_chunks;
+    *c1 = std::min(*c0 + item_chunks, row[SEG_FIRST_CHUNK] + row[SEG_NUM_CHUNKS]);
+  };
+  auto pass1_item = [&](int64_t sid, int64_t slot, int64_t item) {
+    int64_t c0, c1;
+    item_chunk_range(sid, item, &c0, &c1);
+    for (int64_t c = c0; c < c1; ++c) k.pass1_chunk(c, sp[slot]);
+    // acq_rel: the thread that completes the segment sees every other thread's partials
+    if (remaining[slot].fetch_sub(c1 - c0, std::memory_order_acq_rel) == c1 - c0) {
+      q[slot] = k.reduce(sid);
+      ready[slot].store(1, std::memory_order_release);
     }
   };
-  auto run_pass2 = [&](const WorkItem& it) {
-    for (int64_t c = it.first; c < it.first + it.count; ++c) k.pass2_chunk(c, q[it.slot], sp[it.slot]);
+  auto pass2_item = [&](int64_t sid, int64_t slot, int64_t item) {
+    int64_t c0, c1;
+    item_chunk_range(sid, item, &c0, &c1);
+    for (int64_t c = c0; c < c1; ++c) k.pass2_chunk(c, q[slot], sp[slot]);
   };
-  std::atomic<size_t> next1{0}, next2{0};
-  auto worker = [&]() {
-    for (;;) {
-      size_t j = next2.load(std::memory_order_relaxed);
-      if (j < p2.size() && ready[p2[j].slot].load(std::memory_order_acquire) != 0) {
-        if (next2.compare_exchange_weak(j, j + 1, std::memory_order_relaxed)) run_pass2(p2[j]);
+  // own part from the front, then the others' parts from the back
+  auto drain = [&](Part* segment_parts, int64_t me, auto&& run) {
+    int64_t item;
+    while (segment_parts[me].take_front(&item)) run(item);
+    for (int64_t off = 1; off < T; ++off) {
+      Part& other = segment_parts[(me + off) % T];
+      while (other.take_back(&item)) run(item);
+    }
+  };
+  auto worker = [&](int64_t me) {
+    for (int64_t sid = 0; sid < S; ++sid) {
+      const int64_t* row = k.seg + sid * SEG_COLS;
+      if (active[sid] == 0 || row[SEG_NUM_CHUNKS] == 0) continue;
+      const int64_t slot = slot_of[sid];
+      if (slot < 0) {
+        if (claimed[sid].exchange(1, std::memory_order_relaxed) == 0) k.segment(sid);
         continue;
       }
-      const size_t i = next1.load(std::memory_order_relaxed);
-      const bool p2_left = j < p2.size();
-      if (i < p1.size() && (!p2_left || p1[i].window <= p2[j].window + 1)) {
-        const size_t mine = next1.fetch_add(1, std::memory_order_relaxed);
-        if (mine < p1.size()) run_pass1(p1[mine]);
-        continue;
+      drain(&parts1[slot * T], me, [&](int64_t item) { pass1_item(sid, slot, item); });
+      while (ready[slot].load(std::memory_order_acquire) == 0) {
+        std::this_thread::yield();  // another thread is finishing this segment's last pass-1 item
       }
-      if (!p2_left && i >= p1.size()) break;
-      std::this_thread::yield();  // the pass-2 head's segment is being finished by another thread
+      drain(&parts2[slot * T], me, [&](int64_t item) { pass2_item(sid, slot, item); });
     }
   };
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t use = std::max<int64_t>(1, std::min(threads, total / MIN_ELEMS_PER_THREAD));
-  if (use <= 1) {
-    worker();
+  if (T <= 1) {
+    worker(0);
   } else {
-    at::parallel_for(0, use, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) worker();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) worker(t);
     });
   }
 

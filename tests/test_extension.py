@@ -380,15 +380,16 @@ def test_thread_count_bit_for_bit(dtype):
 
 
 def test_dynamic_schedule_stress():
-    """The CPU kernel hands out work dynamically (pass 2 of a segment waits for its pass 1, in one
-    parallel region): many steps with 3 threads on 2 cores (preemption mid-step) on a bucket of
-    many large and small segments give exactly the 1-thread bits every step."""
+    """The CPU kernel runs the step in one parallel region: small segments claimed whole, large ones
+    split into one part per thread with work stealing, pass 2 of a segment waiting for its pass 1.
+    Many steps with 3 and 7 threads on 2 cores (preemption mid-step, so threads steal from each
+    other) on a bucket of many large and small segments give exactly the 1-thread bits every step."""
     shapes = [(70_000,)] * 12 + [(1000,)] * 60 + [(1_500_000,)] + [(33, 4097)] * 3
     init = make_init(shapes, seed=5)
     old = torch.get_num_threads()
     snaps = {}
     try:
-        for n in (1, 3):
+        for n in (1, 3, 7):
             torch.set_num_threads(n)
             _, opt = train(lambda ps: tvlars_fused.TVLARS(ps, backend="cpu", **HYPER, **TV_ONLY), init,
                            torch.float32, 2)
@@ -402,8 +403,9 @@ def test_dynamic_schedule_stress():
             snaps[n] = out
     finally:
         torch.set_num_threads(old)
-    for a, b in zip(snaps[1], snaps[3]):
-        assert torch.equal(a, b)
+    for n in (3, 7):
+        for a, b in zip(snaps[1], snaps[n]):
+            assert torch.equal(a, b), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
