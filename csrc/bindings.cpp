@@ -47,13 +47,7 @@ void check_scalar(const std::optional<at::Tensor>& t, const char* name, const at
 
 }  // namespace
 
-void check_bucket_args(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& state,
-                       const at::Tensor& seg_table, const at::Tensor& seg_active,
-                       const at::Tensor& chunk_table, const at::Tensor& group_table,
-                       const at::Tensor& step, const at::Tensor& partials,
-                       const at::Tensor& counters, const at::Tensor& stats,
-                       const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, int64_t chunk_elems) {
+void check_bucket_args(TVLARS_BUCKET_STEP_PARAMS) {
   const at::ScalarType P = params.scalar_type();
   TORCH_CHECK(P == at::kFloat || P == at::kDouble || P == at::kBFloat16 || P == at::kHalf, kOp,
               ": params must be float32, float64, bfloat16 or float16, got ", P);
@@ -88,14 +82,8 @@ void check_bucket_args(const at::Tensor& params, const at::Tensor& grads, const 
 
 namespace {
 
-void bucket_step_meta(at::Tensor& params, const at::Tensor& grads, at::Tensor& state,
-                      const at::Tensor& seg_table, const at::Tensor& seg_active,
-                      const at::Tensor& chunk_table, const at::Tensor& group_table, at::Tensor& step,
-                      at::Tensor& partials, at::Tensor& counters, at::Tensor& stats,
-                      const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, int64_t chunk_elems) {
-  check_bucket_args(params, grads, state, seg_table, seg_active, chunk_table, group_table, step,
-                    partials, counters, stats, grad_scale, found_inf, chunk_elems);
+void bucket_step_meta(TVLARS_BUCKET_STEP_PARAMS) {
+  check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
 }
 
 }  // namespace

@@ -451,14 +451,8 @@ void check_tables_cpu(const int64_t* seg, int64_t S, const int64_t* chunks, int6
 
 }  // namespace
 
-void bucket_step_cpu(at::Tensor& params, const at::Tensor& grads, at::Tensor& state,
-                     const at::Tensor& seg_table, const at::Tensor& seg_active,
-                     const at::Tensor& chunk_table, const at::Tensor& group_table, at::Tensor& step,
-                     at::Tensor& partials, at::Tensor& counters, at::Tensor& stats,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, int64_t chunk_elems) {
-  check_bucket_args(params, grads, state, seg_table, seg_active, chunk_table, group_table, step,
-                    partials, counters, stats, grad_scale, found_inf, chunk_elems);
+void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS) {
+  check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;  // AMP: skip all
 
   const int64_t S = seg_table.size(0), C = chunk_table.size(0);

@@ -241,14 +241,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
-void bucket_step_cuda(at::Tensor& params, const at::Tensor& grads, at::Tensor& state,
-                      const at::Tensor& seg_table, const at::Tensor& seg_active,
-                      const at::Tensor& chunk_table, const at::Tensor& group_table, at::Tensor& step,
-                      at::Tensor& partials, at::Tensor& counters, at::Tensor& stats,
-                      const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, int64_t chunk_elems) {
-  check_bucket_args(params, grads, state, seg_table, seg_active, chunk_table, group_table, step,
-                    partials, counters, stats, grad_scale, found_inf, chunk_elems);
+void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS) {
+  check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
   TORCH_CHECK(aligned16(params.const_data_ptr()) && aligned16(grads.const_data_ptr()) &&
                   aligned16(state.const_data_ptr()),
               "tvlars_fused::bucket_step: params, grads and state must be 16-byte aligned (128-bit access)");

@@ -8,30 +8,26 @@
 
 namespace tvlars {
 
+// The op's arguments in schema order (bindings.cpp), written once for every implementation:
+// tensors marked (x!) in the schema are the mutable references.
+#define TVLARS_BUCKET_STEP_PARAMS                                                                     \
+  at::Tensor &params, const at::Tensor &grads, at::Tensor &state, const at::Tensor &seg_table,        \
+      const at::Tensor &seg_active, const at::Tensor &chunk_table, const at::Tensor &group_table,     \
+      at::Tensor &step, at::Tensor &partials, at::Tensor &counters, at::Tensor &stats,                \
+      const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf,        \
+      int64_t chunk_elems
+#define TVLARS_BUCKET_STEP_ARGS                                                                     \
+  params, grads, state, seg_table, seg_active, chunk_table, group_table, step, partials, counters, \
+      stats, grad_scale, found_inf, chunk_elems
+
 // Host-side checks of dtypes, shapes, devices and layout (metadata only: never reads device
 // memory, so it is also the Meta / fake-tensor implementation).
-void check_bucket_args(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& state,
-                       const at::Tensor& seg_table, const at::Tensor& seg_active,
-                       const at::Tensor& chunk_table, const at::Tensor& group_table,
-                       const at::Tensor& step, const at::Tensor& partials,
-                       const at::Tensor& counters, const at::Tensor& stats,
-                       const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, int64_t chunk_elems);
+void check_bucket_args(TVLARS_BUCKET_STEP_PARAMS);
 
-void bucket_step_cpu(at::Tensor& params, const at::Tensor& grads, at::Tensor& state,
-                     const at::Tensor& seg_table, const at::Tensor& seg_active,
-                     const at::Tensor& chunk_table, const at::Tensor& group_table,
-                     at::Tensor& step, at::Tensor& partials, at::Tensor& counters,
-                     at::Tensor& stats, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, int64_t chunk_elems);
+void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS);
 
 #ifdef TVLARS_WITH_CUDA
-void bucket_step_cuda(at::Tensor& params, const at::Tensor& grads, at::Tensor& state,
-                      const at::Tensor& seg_table, const at::Tensor& seg_active,
-                      const at::Tensor& chunk_table, const at::Tensor& group_table,
-                      at::Tensor& step, at::Tensor& partials, at::Tensor& counters,
-                      at::Tensor& stats, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, int64_t chunk_elems);
+void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS);
 #endif
 
 }  // namespace tvlars
