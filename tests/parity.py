@@ -25,6 +25,20 @@ def make_init(shapes: Sequence[tuple], seed: int = 0) -> List[torch.Tensor]:
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
+def init_with_zero(shapes: Sequence[tuple], zero: Optional[int]) -> List[torch.Tensor]:
+    """make_init(shapes) with tensor `zero` (if not None) all zeros: a layer with ||w|| = 0, q = 1."""
+    init = make_init(shapes)
+    if zero is not None:
+        init[zero].zero_()
+    return init
+
+
+def used(step: int, i: int) -> bool:
+    """Some None grads: param 2 every third step, param 3 not before step 4 (the paper form's m = w
+    starts late), param 7 on odd steps."""
+    return not ((i == 2 and step % 3 == 0) or (i == 3 and step < 4) or (i == 7 and step % 2 == 1))
+
+
 def grads_for_step(shapes: Sequence[tuple], step: int, seed: int = 1, scale: float = 1.0) -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(seed * 100003 + step)
     return [scale * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]

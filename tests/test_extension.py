@@ -36,6 +36,7 @@ from tvlars_fused.kernels import resolve  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import HAS_CUDA, requires_cuda  # noqa: E402
+from parity import init_with_zero, used  # noqa: E402
 from parity import (SHAPES, assert_close_ulps, assert_parity_fp32, make_init, max_err,  # noqa: E402
                     train)
 
@@ -62,16 +63,7 @@ def backend_for(device):
 
 
 def init_params(shapes=SH, zero=ZERO):
-    init = make_init(shapes)
-    if zero is not None:
-        init[zero].zero_()
-    return init
-
-
-def used(step, i):
-    """Some None grads: param 2 every third step, param 3 not before step 4 (the paper form's m = w
-    starts late), param 7 on odd steps."""
-    return not ((i == 2 and step % 3 == 0) or (i == 3 and step < 4) or (i == 7 and step % 2 == 1))
+    return init_with_zero(shapes, zero)
 
 
 def groups_of(cls, form, tvlars=True, both=False, **kw):

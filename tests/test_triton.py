@@ -23,6 +23,7 @@ import tvlars_fused
 from tvlars_fused import reference
 
 from conftest import requires_cuda
+from parity import init_with_zero, used  # noqa: E402
 from parity import (SHAPES, assert_close_ulps, assert_parity_fp32, grads_for_step, make_init, max_err,
                     train)
 
@@ -46,16 +47,7 @@ ZERO_SMALL = 5
 
 
 def init_params(shapes=SH, zero=ZERO):
-    init = make_init(shapes)
-    if zero is not None:
-        init[zero].zero_()
-    return init
-
-
-def used(step, i):
-    """Some None grads: param 2 every third step, param 3 not before step 4 (the paper form's m = w
-    starts late), param 7 on odd steps."""
-    return not ((i == 2 and step % 3 == 0) or (i == 3 and step < 4) or (i == 7 and step % 2 == 1))
+    return init_with_zero(shapes, zero)
 
 
 def make_groups(cls, tvlars: bool, backend=None):
