@@ -81,6 +81,16 @@ class LarsFamilyBase(Optimizer):
         validate_group({**self.defaults, **param_group}, self._tvlars, where=f"param_groups[{gi}]")
         super().add_param_group({**param_group, "params": params})
 
+    def begin_step(self, closure):
+        """The start of every step(): run the closure (with grad enabled), then validate. Returns
+        the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.validate_step()
+        return loss
+
     def validate_step(self) -> None:
         """Check every group and gradient before anything is updated, so a rejected step changes
         nothing."""

@@ -107,11 +107,7 @@ class _Fused:
     # -- torch.optim API ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.validate_step()
+        loss = self.begin_step(closure)
         # Under torch.compile the graph's guards stand in for the staleness check (data_ptr is
         # not traceable); buckets always exist after __init__.
         buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()

@@ -20,11 +20,7 @@ __all__ = ["TVLARS", "LARS", "phi"]
 class _EagerLars(LarsFamilyBase):
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.validate_step()
+        loss = self.begin_step(closure)
         t = float(self.state[STEP_KEY])
         for group in self.param_groups:
             scale = self.scale(group, t)
