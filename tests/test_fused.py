@@ -245,3 +245,60 @@ def test_no_host_sync_in_step(backend, monkeypatch):
         opt.step()
     monkeypatch.undo()
     assert float(opt.state["step"]) == 3
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().reshape(-1)
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_backend_slices_change_no_bits(dtype, amp, monkeypatch):
+    """backend="torch" works through a bucket in slices of whole chunks. One-chunk slices (which
+    cut segments, some with no active part) give the same bits as one slice for the whole bucket:
+    both momentum forms, the weight-decay filter, None grads, and with AMP a grad_scale and one
+    vetoed step (found_inf)."""
+    from tvlars_fused.kernels import torch_backend
+    init = make_init(SHAPES)
+
+    def make(ps):
+        opt = tvlars_fused.TVLARS([{"params": ps[:5], "momentum_form": "paper"}, {"params": ps[5:]}],
+                                  backend="torch", weight_decay_filter=True, **HYPER)
+        if amp:
+            opt.grad_scale, opt.found_inf = torch.full((1,), 4.0), torch.zeros(1)
+        return opt
+
+    def per_step(step, opt, ps):
+        if amp:
+            opt.found_inf.fill_(float(step == 2))   # vetoes the fourth step
+
+    def used(step, i):
+        return not ((i == 2 and step % 3 == 0) or (i == 8 and step % 2))
+
+    runs = []
+    for slice_elems in (1 << 40, torch_backend.CHUNK_ELEMS):
+        monkeypatch.setattr(torch_backend, "SLICE_ELEMS", slice_elems)
+        ps, opt = train(make, init, dtype, 7, used=used, grad_scale=4.0 if amp else 1.0, per_step=per_step)
+        b = opt._buckets[0]
+        sizes = [sl.n for sl in torch_backend._slices(b)]
+        assert len(sizes) == 1 if slice_elems > b.numel else max(sizes) <= torch_backend.CHUNK_ELEMS
+        runs.append([_bits(p) for p in ps] + [_bits(v) for p in ps for v in opt.state[p].values()]
+                    + [_bits(b.stats), _bits(opt.state["step"])])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_torch_backend_zero_size_only_bucket_stats():
+    """A bucket of zero-size parameters only (no chunks): the step counts and each segment's stats
+    are (0, 0, 1, phi(t)), as with the C++ kernels (test_extension.py)."""
+    params = [torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0, 3))]
+    opt = tvlars_fused.TVLARS(params, lr=0.1, lmbda=0.05, delay_steps=3, backend="torch")
+    for _ in range(3):
+        opt.zero_grad()
+        (params[0].sum() + params[1].sum()).backward()
+        opt.step()
+    assert float(opt.state["step"]) == 3
+    phi2 = tvlars_fused.phi(2, 0.05, 3, 1.0, 0.0)
+    for p in params:
+        st = opt.layer_stats()[p]
+        assert st[:3].tolist() == [0.0, 0.0, 1.0] and abs(float(st[3]) - phi2) < 1e-6, st

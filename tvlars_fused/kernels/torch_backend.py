@@ -1,23 +1,39 @@
-"""backend="torch": the bucket step (docs/SPEC.md) in plain torch ops over the flat buffers.
+"""backend="torch": the bucket step (docs/SPEC.md) in plain torch ops.
 
-Portable (any device torch supports), deterministic (per-chunk partial sums added in chunk order,
-like the kernels), and a readable statement of what the Triton and C++ kernels compute. It
-allocates bucket-sized temporaries, so it is the slow fused path. `finalize_stats` is also what
-turns all-reduced partial sums into trust ratios for sharded (FSDP2) buckets.
+Portable (any device torch supports), deterministic, no host sync, and a readable statement of
+what the Triton and C++ kernels compute, rounding included: one IEEE operation per torch op (never
+addcmul, which may be fused into an FMA).
+
+Without per-element expansion or bucket-sized temporaries:
+- per-segment values (lr, momentum, weight decay, trust ratio q) are 0-dim views of the device
+  tables, applied by torch._foreach_* ops to per-segment views of the flat buffers; which segments
+  are active, take weight decay or use the paper form is host knowledge from Bucket.prepare;
+- the buffers are worked through in slices of whole chunks, with scratch rows allocated once per
+  step: on the CPU a bucket-sized temporary page-faults anew every step (slower than all the
+  math), while a slice stays in cache from one op to the next;
+- chunk partial sums are 16-element block sums (segments, hence chunks, start at multiples of 16)
+  added per chunk by segment_reduce, so no bit depends on the slicing.
+
+`segment_sums` and `finalize_stats` also turn all-reduced sums into trust ratios for sharded
+(FSDP2) buckets (tvlars_fused/sharding.py).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from .. import hyperparams as H
-from ..buckets import (CHUNK_SEG, CHUNK_START, SEG_END, SEG_FLAGS, SEG_GROUP, SEG_NUM_CHUNKS,
-                       SEG_OFFSET, Bucket)
+from ..buckets import (ALIGN, CHUNK_SEG, CHUNK_START, SEG_END, SEG_FIRST_CHUNK, SEG_FLAGS, SEG_GROUP,
+                       SEG_NUM_CHUNKS, SEG_NUMEL, SEG_OFFSET, STAT_TRUST_RATIO, Bucket)
 from ..schedule import phi
 
 NAME = "torch"
 CHUNK_ELEMS = 4096
+# Elements per slice. CPU: a few MiB of scratch, cache-resident, still few ops per step. Other
+# devices have a caching allocator and are bound by kernel launches: fewer, larger slices.
+SLICE_ELEMS = 1 << 18
+SLICE_ELEMS_NOT_CPU = 1 << 24
 requirement = "any device"
 SUPPORTS_SHARDED = True   # bucket_step takes `between` (FSDP2 all-reduce between the passes)
 
@@ -33,21 +49,86 @@ def _keep(b: Bucket, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
     return found_inf.reshape(()) == 0
 
 
-def _per_elem(b: Bucket, x: torch.Tensor) -> torch.Tensor:
-    lengths = b.seg_table[:, SEG_END] - b.seg_table[:, SEG_OFFSET]
-    return torch.repeat_interleave(x, lengths, output_size=b.numel)
+class _Slice:
+    """[lo, hi) of the flat buffers: chunks c0..c1-1, holding parts of the segments `segs`.
+    Of a tensor over the slice, views(t)[k] is the part of segment segs[k] (padding left out)."""
+
+    def __init__(self, b: Bucket, lo: int, hi: int, c0: int, c1: int, segs: List[int]):
+        self.lo, self.hi, self.n, self.c0, self.c1, self.segs = lo, hi, hi - lo, c0, c1, segs
+        self.sizes, at = [], lo        # gap, part, gap, part, ..., gap
+        for i in segs:
+            offset, numel = b._seg_rows[i][SEG_OFFSET], b._seg_rows[i][SEG_NUMEL]
+            start, end = max(lo, offset), min(hi, offset + numel)
+            self.sizes += [start - at, end - start]
+            at = end
+        self.sizes.append(hi - at)
+
+    def views(self, t: torch.Tensor) -> List[torch.Tensor]:
+        return t.split(self.sizes)[1::2]
 
 
-def _w_and_d(b: Bucket, grad_scale: Optional[torch.Tensor]):
-    acc = b.acc_dtype
-    w = b.param_buf.to(acc)
-    g = b.grad_buf.to(acc)
-    if grad_scale is not None:
-        g = g / grad_scale.reshape(()).to(acc)
-    tab = b.group_table[b.seg_table[:, SEG_GROUP]]
-    skip_wd = (b.seg_table[:, SEG_FLAGS] & H.FLAG_SKIP_WEIGHT_DECAY) != 0
-    wd = torch.where(skip_wd, torch.zeros_like(tab[:, H.COL_WEIGHT_DECAY]), tab[:, H.COL_WEIGHT_DECAY])
-    return w, g + _per_elem(b, wd) * w
+def _slices(b: Bucket) -> List[_Slice]:
+    """The buffers cut at chunk starts into slices of at most SLICE_ELEMS elements. Host objects,
+    built once per bucket (its layout never changes)."""
+    if getattr(b, "_torch_slices", None) is None:
+        limit = SLICE_ELEMS if b.device.type == "cpu" else SLICE_ELEMS_NOT_CPU
+        chunks = [(row[SEG_FIRST_CHUNK] + k, i, start, min(start + b.chunk_elems, row[SEG_END]))
+                  for i, row in enumerate(b._seg_rows)
+                  for k, start in enumerate(range(row[SEG_OFFSET], row[SEG_END], b.chunk_elems))]
+        out, first = [], 0
+        for j, (c, _, _, end) in enumerate(chunks):
+            if j + 1 == len(chunks) or chunks[j + 1][3] - chunks[first][2] > limit:
+                segs = sorted({i for _, i, _, _ in chunks[first:j + 1]})
+                out.append(_Slice(b, chunks[first][2], end, chunks[first][0], c + 1, segs))
+                first = j + 1
+        b._torch_slices = out
+    return b._torch_slices
+
+
+class _Step:
+    """What one step needs besides the buffers: host lists and 0-dim device scalars per segment,
+    and the scratch rows t, d, w (float32 copy of low-precision or vetoable w), s (vetoable s)."""
+
+    def __init__(self, b: Bucket, grad_scale: Optional[torch.Tensor], vetoable: bool):
+        group = [row[SEG_GROUP] for row in b._seg_rows]
+        self.active = [a != 0 for a in b._active]
+        self.decay = [(row[SEG_FLAGS] & H.FLAG_SKIP_WEIGHT_DECAY) == 0 for row in b._seg_rows]
+        self.paper = [b._rows[g][H.COL_PAPER_FORM] != 0 for g in group]
+        per_group = [row.unbind(0) for row in b.group_table.unbind(0)]
+        self.lr, self.mom, self.wd = ([per_group[g][col] for g in group]
+                                      for col in (H.COL_LR, H.COL_MOMENTUM, H.COL_WEIGHT_DECAY))
+        self.scale = None if grad_scale is None else grad_scale.reshape(()).to(b.acc_dtype)
+        # found_inf may veto the step: then w and s are updated in scratch and kept or not at the end
+        self.vetoable = vetoable
+        self.w_in_place = b.dtype == b.acc_dtype and not vetoable
+        rows = 2 + (not self.w_in_place) + vetoable
+        longest = max([sl.n for sl in _slices(b)] + [0])
+        self.work = torch.empty(rows, longest, dtype=b.acc_dtype, device=b.device)
+
+    def weights(self, b: Bucket, sl: _Slice, updated: bool) -> torch.Tensor:
+        """w over the slice in acc: param_buf itself, or a copy in scratch."""
+        p = b.param_buf[sl.lo:sl.hi]
+        in_place = self.w_in_place or (not updated and b.dtype == b.acc_dtype)
+        return p if in_place else self.work[2, :sl.n].copy_(p)
+
+    def direction(self, b: Bucket, sl: _Slice, w: torch.Tensor) -> torch.Tensor:
+        """d = g/scale + wd*w over the slice, in acc (no wd*w where the segment skips weight decay)."""
+        d = self.work[1, :sl.n].copy_(b.grad_buf[sl.lo:sl.hi])
+        if self.scale is not None:
+            d.div_(self.scale)
+        ks = [k for k, i in enumerate(sl.segs) if self.decay[i]]
+        if ks:
+            D, W = sl.views(d), sl.views(w)
+            torch._foreach_add_([D[k] for k in ks],
+                                torch._foreach_mul([W[k] for k in ks], [self.wd[sl.segs[k]] for k in ks]))
+        return d
+
+
+def _chunk_blocks(b: Bucket) -> torch.Tensor:
+    """[C] 16-element blocks per chunk (a chunk ends at the chunk size or its segment's end)."""
+    starts = b.chunk_table[:, CHUNK_START]
+    ends = torch.minimum(starts + b.chunk_elems, b.seg_table[b.chunk_table[:, CHUNK_SEG], SEG_END])
+    return (ends - starts) // ALIGN
 
 
 def segment_sums(b: Bucket) -> torch.Tensor:
@@ -72,46 +153,77 @@ def finalize_stats(b: Bucket, sums: torch.Tensor, keep: torch.Tensor) -> None:
     b.stats.copy_(torch.where(apply[:, None], torch.stack([wn, dn, q, ph], dim=1), b.stats))
 
 
-def pass1(b: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    if not b.num_chunks:
-        return
-    w, d = _w_and_d(b, grad_scale)
-    starts = b.chunk_table[:, CHUNK_START]
-    ends = torch.minimum(starts + b.chunk_elems, b.seg_table[b.chunk_table[:, CHUNK_SEG], SEG_END])
-    lengths = ends - starts
-    b.partials.copy_(torch.stack([torch.segment_reduce(w * w, "sum", lengths=lengths, unsafe=True),
-                                  torch.segment_reduce(d * d, "sum", lengths=lengths, unsafe=True)], 1))
-    finalize_stats(b, segment_sums(b), _keep(b, found_inf))
+def pass1(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
+    """Chunk partials of w^2 and d^2 (of the slices with an active segment), then the stats, of
+    every segment (a zero-size one gets norms 0, q = 1 and phi(t))."""
+    blocks = _chunk_blocks(b) if b.num_chunks else None
+    for sl in _slices(b):
+        if not any(st.active[i] for i in sl.segs):
+            continue
+        w = st.weights(b, sl, updated=False)
+        d = st.direction(b, sl, w)
+        torch.mul(w, w, out=st.work[0, :sl.n])
+        d.mul_(d)
+        sums = st.work[:2, :sl.n].reshape(2, -1, ALIGN).sum(2)      # [2, blocks]: w^2, d^2
+        lengths = blocks[sl.c0:sl.c1].expand(2, -1)
+        partials = torch.segment_reduce(sums, "sum", lengths=lengths, unsafe=True, axis=1)
+        b.partials[sl.c0:sl.c1].copy_(partials.t())
+    finalize_stats(b, segment_sums(b), keep)
 
 
-def pass2(b: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    keep = _keep(b, found_inf)
-    if b.num_chunks:
-        acc = b.acc_dtype
-        w, d = _w_and_d(b, grad_scale)
-        tab = b.group_table[b.seg_table[:, SEG_GROUP]]
-        lr = _per_elem(b, tab[:, H.COL_LR])
-        mom = _per_elem(b, tab[:, H.COL_MOMENTUM])
-        u = _per_elem(b, b.stats[:, 2]) * d
-        s = b.state_buf.to(acc)
-        s_new = mom * s + u
-        w_new = w - lr * s_new
-        if any(row[H.COL_PAPER_FORM] for row in b._rows or ()):
-            paper = _per_elem(b, tab[:, H.COL_PAPER_FORM] != 0)
-            m_new = w - lr * u
-            w_new = torch.where(paper, m_new + mom * (m_new - s), w_new)
-            s_new = torch.where(paper, m_new, s_new)
-        apply = _per_elem(b, (b.seg_active != 0) & keep)
-        b.param_buf.copy_(torch.where(apply, w_new, w))
-        b.state_buf.copy_(torch.where(apply, s_new, s))
-    b.step.add_(keep.to(b.step.dtype))
+def pass2(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
+    """u = q*d; heavy ball s = mom*s + u, w = w - lr*s; paper mn = w - lr*u,
+    w = mn + mom*(mn - s), s = mn. Only the active segments' parts of the buffers are written;
+    a low-precision w is rounded once."""
+    q = b.stats[:, STAT_TRUST_RATIO].unbind(0)
+    for sl in _slices(b):
+        act = [k for k, i in enumerate(sl.segs) if st.active[i]]
+        if not act:
+            continue
+        p, s_buf = b.param_buf[sl.lo:sl.hi], b.state_buf[sl.lo:sl.hi]
+        w = st.weights(b, sl, updated=True)
+        s = st.work[-1, :sl.n].copy_(s_buf) if st.vetoable else s_buf
+        d = st.direction(b, sl, w)
+        W, S, D = sl.views(w), sl.views(s), sl.views(d)
+        torch._foreach_mul_([D[k] for k in act], [q[sl.segs[k]] for k in act])    # u = q*d
+        for paper in (False, True):
+            ks = [k for k in act if st.paper[sl.segs[k]] == paper]
+            if not ks:
+                continue
+            w_, s_, u_ = [W[k] for k in ks], [S[k] for k in ks], [D[k] for k in ks]
+            lr, mom = [st.lr[sl.segs[k]] for k in ks], [st.mom[sl.segs[k]] for k in ks]
+            if not paper:
+                torch._foreach_mul_(s_, mom)
+                torch._foreach_add_(s_, u_)                                        # s = mom*s + u
+                torch._foreach_sub_(w_, torch._foreach_mul(s_, lr))                # w = w - lr*s
+            else:
+                mn = torch._foreach_sub(w_, torch._foreach_mul(u_, lr))            # mn = w - lr*u
+                t = torch._foreach_sub(mn, s_)
+                torch._foreach_mul_(t, mom)
+                torch._foreach_add_(t, mn)                                         # mom*(mn - s) + mn
+                torch._foreach_copy_(w_, t)
+                torch._foreach_copy_(s_, mn)
+        # back to the buffers: rounded to the parameter dtype, and the old values if vetoed
+        if w is not p:
+            new = w.to(b.dtype)
+            if st.vetoable:
+                new = torch.where(keep, new, p)
+            P, N = sl.views(p), sl.views(new)
+            torch._foreach_copy_([P[k] for k in act], [N[k] for k in act])
+        if s is not s_buf:
+            torch.where(keep, s, s_buf, out=s)
+            S_buf = sl.views(s_buf)
+            torch._foreach_copy_([S_buf[k] for k in act], [S[k] for k in act])
 
 
 def bucket_step(b: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                 between: Optional[Callable[[Bucket], None]] = None) -> None:
     """`between(bucket)`, when given, runs after pass 1 (e.g. all-reduce the partial sums of a
     sharded bucket and recompute the stats from them)."""
-    pass1(b, grad_scale, found_inf)
+    keep = _keep(b, found_inf)
+    st = _Step(b, grad_scale, vetoable=found_inf is not None)
+    pass1(b, st, keep)
     if between is not None:
         between(b)
-    pass2(b, grad_scale, found_inf)
+    pass2(b, st, keep)
+    b.step.add_(keep.to(b.step.dtype))
