@@ -219,8 +219,8 @@ class Fused(_TorchOptim):
         p = _nbytes(dtype)
         s = 4 if p == 2 else p
         if self.backend == "torch":
-            # plain torch ops over the flat buffers with bucket-sized temporaries (~20 sweeps)
-            return (167 if p == 4 else 177), "plain torch ops over the flat buffers, ~20 bucket-sized sweeps"
+            # foreach ops slice by slice; the scratch rows of a slice stay in cache between its ops
+            return 2 * p + (2 * p + s + p + s), "as the kernels, in slices of torch ops (scratch in cache)"
         return 2 * p + (2 * p + s + p + s), "pass 1 reads w,g; pass 2 reads w,g,s, writes w,s"
 
 
