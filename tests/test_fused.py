@@ -288,17 +288,24 @@ def test_torch_backend_slices_change_no_bits(dtype, amp, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
 
-def test_torch_backend_zero_size_only_bucket_stats():
-    """A bucket of zero-size parameters only (no chunks): the step counts and each segment's stats
-    are (0, 0, 1, phi(t)), as with the C++ kernels (test_extension.py)."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["zero-size-only", "mixed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_params_stats(backend, mixed):
+    """Zero-size parameters (a bucket of only those, or among others): the step counts and each one's
+    stats are (0, 0, 1, phi(t)) on every backend, as the C++ kernels write them."""
     params = [torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0, 3))]
-    opt = tvlars_fused.TVLARS(params, lr=0.1, lmbda=0.05, delay_steps=3, backend="torch")
+    if mixed:
+        params = [torch.nn.Parameter(torch.randn(40, 30)), *params, torch.nn.Parameter(torch.randn(9000))]
+    opt = tvlars_fused.TVLARS(params, lr=0.1, lmbda=0.05, delay_steps=3, backend=backend)
     for _ in range(3):
         opt.zero_grad()
-        (params[0].sum() + params[1].sum()).backward()
+        sum(p.sum() for p in params).backward()
         opt.step()
     assert float(opt.state["step"]) == 3
     phi2 = tvlars_fused.phi(2, 0.05, 3, 1.0, 0.0)
     for p in params:
         st = opt.layer_stats()[p]
-        assert st[:3].tolist() == [0.0, 0.0, 1.0] and abs(float(st[3]) - phi2) < 1e-6, st
+        if p.numel() == 0:
+            assert st[:3].tolist() == [0.0, 0.0, 1.0] and abs(float(st[3]) - phi2) < 1e-6, st
+        else:
+            assert float(st[0]) > 0 and abs(float(st[3]) - phi2) < 1e-6, st

@@ -542,21 +542,23 @@ AOT_SCRIPT = textwrap.dedent(r'''
 
     PTR = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "f64": "fp64"}
     TABLES = {"chunk_tab": "i64", "seg_tab": "i64", "seg_active": "i32", "counters": "i32",
-              "step_ptr": "fp32", "scale_ptr": "fp32", "inf_ptr": "fp32"}
+              "step_ptr": "fp32", "scale_ptr": "fp32", "inf_ptr": "fp32", "num_segs": "i32"}
 
     def compile_one(kernel, dtype, arch, amp):
         acc = "fp64" if dtype == "f64" else "fp32"
         types = dict(TABLES, w_ptr=PTR[dtype], g_ptr=PTR[dtype], s_ptr=acc, group_tab=acc,
                      partials=acc, stats=acc)
-        sig = {n: "constexpr" if n.isupper() else "*" + types[n] for n in kernel.arg_names}
+        sig = {n: "constexpr" if n.isupper() else types[n] if n == "num_segs" else "*" + types[n]
+               for n in kernel.arg_names}
         block, warps = T.block_and_warps(T.CHUNK_ELEMS, torch.float64 if dtype == "f64" else torch.float32)
         consts = dict(CHUNK=T.CHUNK_ELEMS, BLOCK=block, HAS_CHUNKS=True, HAS_SCALE=amp, HAS_INF=amp)
         if "UNROLL" in sig:
             consts["UNROLL"] = T._SUM_UNROLL
+            consts["HAS_EMPTY"] = False   # the common case: no zero-size parameter in the bucket
         if "BF16" in sig:
             consts["BF16"] = dtype == "bf16"
         # every pointer is 16-byte aligned (what the JIT specialises on for torch allocations)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n] != "constexpr"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n][0] == "*"}
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         c = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=warps, enable_fp_fusion=False))

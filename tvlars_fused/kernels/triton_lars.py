@@ -6,7 +6,8 @@ partial sums of w^2 and d^2 (d = g/grad_scale + wd*w) in `bucket.partials`, in t
 dtype. A per-segment atomic counter (acq_rel) tells the program that finished a segment's last
 chunk; that program adds the segment's partials in chunk order (plain loads through L2, no float
 atomics: the same bits every run), evaluates phi(t) from the device step counter, writes
-`stats[seg] = (wn, dn, q, phi)` and puts the counter back to 0.
+`stats[seg] = (wn, dn, q, phi)` and puts the counter back to 0. (Zero-size parameters have no
+chunk: in buckets that hold one, the programs also finish those segments, grid-stride.)
 
 Pass 2, `_lars_update_kernel` (one program per chunk): reads w, g and the momentum state with
 128-bit vector accesses, applies u = q*d and the heavy-ball or paper momentum update, and writes w
@@ -72,11 +73,44 @@ def _bf16_rne_bits(x):
 
 
 @triton.jit
+def _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC: tl.constexpr, IEEE: tl.constexpr):
+    """A segment's sums of w^2 and d^2 -> stats[seg] = (wn, dn, q, phi(t))."""
+    clip = tl.load(grow + G_NORM_CLIP)
+    wn = tl.sqrt_rn(sw) if ACC == tl.float32 else tl.sqrt(sw)
+    dn = tl.sqrt_rn(sd) if ACC == tl.float32 else tl.sqrt(sd)
+    wn = tl.where(wn > clip, clip, wn)   # NaN stays NaN (torch.clamp semantics)
+    dn = tl.where(dn > clip, clip, dn)
+
+    # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1 (in ACC; on the
+    # GPU tl.exp is ex2.approx: phi within a few 1e-7 relative of the exact value)
+    t = tl.load(step_ptr).to(ACC)
+    lmbda = tl.load(grow + G_LMBDA)
+    delay = tl.load(grow + G_DELAY)
+    alpha = tl.load(grow + G_ALPHA)
+    gamma_min = tl.load(grow + G_GAMMA_MIN)
+    x = (t - delay) * lmbda
+    e = tl.exp(-tl.abs(x))
+    # (IEEE round-to-nearest divisions: the plain float32 `/` is approximate on the GPU)
+    ph = tl.where(x > 0, tl.math.fdiv(e, 1.0 + alpha * e, ieee_rounding=IEEE),
+                  tl.math.fdiv(tl.full((), 1.0, ACC), alpha + e, ieee_rounding=IEEE))
+    ph = tl.where(tl.load(grow + G_USE_PHI) != 0, ph + gamma_min, 1.0).to(ACC)
+
+    eta = tl.load(grow + G_ETA)
+    adapt = ((flags & F_SKIP_ADAPT) == 0) & (wn > 0) & (dn > 0)
+    q = tl.where(adapt, tl.math.fdiv(eta * ph * wn, dn, ieee_rounding=IEEE), 1.0).to(ACC)
+    srow = stats + seg * STAT_COLS
+    tl.store(srow + STAT_WN, wn)
+    tl.store(srow + STAT_DN, dn)
+    tl.store(srow + STAT_Q, q)
+    tl.store(srow + STAT_PHI, ph)
+
+
+@triton.jit
 def _lars_norms_kernel(
     w_ptr, g_ptr, chunk_tab, seg_tab, seg_active, group_tab, step_ptr,
-    partials, counters, stats, scale_ptr, inf_ptr,
+    partials, counters, stats, scale_ptr, inf_ptr, num_segs,
     CHUNK: tl.constexpr, HAS_CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr, HAS_EMPTY: tl.constexpr,
 ):
     ACC: tl.constexpr = stats.dtype.element_ty
     IEEE: tl.constexpr = ACC == tl.float32   # fdiv's IEEE flag is for float32 (float64 `/` is exact-rounded)
@@ -134,35 +168,22 @@ def _lars_norms_kernel(
                         p = partials + 2 * (base + k)
                         sw += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
                         sd += tl.load(p + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                clip = tl.load(grow + G_NORM_CLIP)
-                wn = tl.sqrt_rn(sw) if ACC == tl.float32 else tl.sqrt(sw)
-                dn = tl.sqrt_rn(sd) if ACC == tl.float32 else tl.sqrt(sd)
-                wn = tl.where(wn > clip, clip, wn)   # NaN stays NaN (torch.clamp semantics)
-                dn = tl.where(dn > clip, clip, dn)
-
-                # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1 (in ACC; on the
-                # GPU tl.exp is ex2.approx: phi within a few 1e-7 relative of the exact value)
-                t = tl.load(step_ptr).to(ACC)
-                lmbda = tl.load(grow + G_LMBDA)
-                delay = tl.load(grow + G_DELAY)
-                alpha = tl.load(grow + G_ALPHA)
-                gamma_min = tl.load(grow + G_GAMMA_MIN)
-                x = (t - delay) * lmbda
-                e = tl.exp(-tl.abs(x))
-                # (IEEE round-to-nearest divisions: the plain float32 `/` is approximate on the GPU)
-                ph = tl.where(x > 0, tl.math.fdiv(e, 1.0 + alpha * e, ieee_rounding=IEEE),
-                              tl.math.fdiv(tl.full((), 1.0, ACC), alpha + e, ieee_rounding=IEEE))
-                ph = tl.where(tl.load(grow + G_USE_PHI) != 0, ph + gamma_min, 1.0).to(ACC)
-
-                eta = tl.load(grow + G_ETA)
-                adapt = ((flags & F_SKIP_ADAPT) == 0) & (wn > 0) & (dn > 0)
-                q = tl.where(adapt, tl.math.fdiv(eta * ph * wn, dn, ieee_rounding=IEEE), 1.0).to(ACC)
-                srow = stats + seg * STAT_COLS
-                tl.store(srow + STAT_WN, wn)
-                tl.store(srow + STAT_DN, dn)
-                tl.store(srow + STAT_Q, q)
-                tl.store(srow + STAT_PHI, ph)
+                _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC, IEEE)
                 tl.store(counters + seg, 0)   # zero between launches (the ABI)
+
+    # Active segments without chunks (zero-size parameters) have no program above: program i
+    # finishes those among segments i, i + grid, ... (norms 0, q = 1, phi(t)), as the C++ kernels
+    # do. Compiled only for buckets that hold such a segment (HAS_EMPTY).
+    if HAS_EMPTY:
+        for sid in range(tl.program_id(0), num_segs, tl.num_programs(0)):
+            srow = seg_tab + sid * SEG_COLS
+            empty = (tl.load(srow + SEG_NUM_CHUNKS) == 0) & (tl.load(seg_active + sid) != 0)
+            if HAS_INF:
+                empty = empty & (tl.load(inf_ptr) == 0)
+            if empty:
+                zero = tl.zeros((), dtype=ACC)
+                _write_stats(stats, sid, zero, zero, group_tab + tl.load(srow + SEG_GROUP) * G_COLS,
+                             tl.load(srow + SEG_FLAGS), step_ptr, ACC, IEEE)
 
 
 @triton.jit
@@ -261,7 +282,7 @@ def block_and_warps(chunk_elems: int, acc_dtype: torch.dtype = torch.float32):
 class _Launch:
     """Everything bucket_step passes to the two kernels that does not change between steps."""
 
-    __slots__ = ("grid", "norms_args", "update_args", "consts", "warps", "step")
+    __slots__ = ("grid", "norms_args", "num_segs", "has_empty", "update_args", "consts", "warps", "step")
 
     def __init__(self, b: Bucket):
         ce = b.chunk_elems
@@ -270,6 +291,8 @@ class _Launch:
         self.grid = (max(b.num_chunks, 1),)
         self.norms_args = (b.param_buf, b.grad_buf, b.chunk_table, b.seg_table, b.seg_active,
                            b.group_table, b.step, b.partials, b.counters, b.stats)
+        self.num_segs = b.num_segments
+        self.has_empty = any(row[B.SEG_NUM_CHUNKS] == 0 for row in b._seg_rows)
         self.update_args = (b.param_buf, b.grad_buf, b.state_buf, b.chunk_table, b.seg_table,
                             b.seg_active, b.group_table, b.stats, b.step)
         block, self.warps = block_and_warps(ce, b.acc_dtype)
@@ -301,8 +324,8 @@ def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: O
     has_scale, has_inf = grad_scale is not None, found_inf is not None
     scale = grad_scale if has_scale else cfg.step   # a dummy pointer when absent (never read)
     inf = found_inf if has_inf else cfg.step
-    _lars_norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
-                                 HAS_INF=has_inf, UNROLL=_SUM_UNROLL, num_warps=cfg.warps,
+    _lars_norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, cfg.num_segs, **cfg.consts, HAS_SCALE=has_scale,
+                                 HAS_INF=has_inf, UNROLL=_SUM_UNROLL, HAS_EMPTY=cfg.has_empty, num_warps=cfg.warps,
                                  enable_fp_fusion=False)
     if between is not None:
         between(bucket)
