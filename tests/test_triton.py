@@ -32,7 +32,7 @@ triton_lars = pytest.importorskip("tvlars_fused.kernels.triton_lars", reason="tr
 ROOT = Path(__file__).resolve().parents[1]
 needs_interpreter = pytest.mark.skipif(
     not triton_lars.available(torch.device("cpu")),
-    reason="CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before triton is imported)")
+    reason="CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before triton is imported, triton >= 3.7)")
 DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=requires_cuda)]
 
 HYPER = dict(lr=0.7, momentum=0.9, weight_decay=1e-3, eta=2e-3)
@@ -268,7 +268,8 @@ def test_available_and_requirement():
     assert triton_lars.NAME == "triton" and triton_lars.CHUNK_ELEMS % 16 == 0
     assert not triton_lars.available(torch.device("meta"))
     assert triton_lars.available(torch.device("cpu")) == (
-        os.environ.get("TRITON_INTERPRET") == "1" and triton_lars._interpreted())
+        os.environ.get("TRITON_INTERPRET") == "1" and triton_lars._interpreted()
+        and triton_lars._interpreter_ok())
     if not triton_lars.available(torch.device("cpu")):
         with pytest.raises(RuntimeError, match="Triton interpreter"):
             tvlars_fused.TVLARS([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="triton")

@@ -41,7 +41,7 @@ CHUNK_ELEMS = 8192
 SUPPORTS_SHARDED = True   # bucket_step takes `between` (FSDP2 all-reduce between the passes)
 BLOCK_ELEMS = 2048
 requirement = ("the triton package and CUDA tensors (CPU tensors only under the Triton interpreter: "
-               "TRITON_INTERPRET=1 set before triton is imported)")
+               "TRITON_INTERPRET=1 set before triton is imported, triton >= 3.7)")
 
 # Pass 1 reads a segment's chunk partials this many at a time (independent loads in flight)
 # before adding them, in chunk order, to the running sums.
@@ -267,8 +267,14 @@ def available(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and not _interpreted()
     if device.type == "cpu":
-        return os.environ.get("TRITON_INTERPRET") == "1" and _interpreted()
+        return os.environ.get("TRITON_INTERPRET") == "1" and _interpreted() and _interpreter_ok()
     return False
+
+
+def _interpreter_ok() -> bool:
+    """Triton's interpreter before 3.7 cannot use a loaded scalar as a loop bound (these kernels do)."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 7)
 
 
 def block_and_warps(chunk_elems: int, acc_dtype: torch.dtype = torch.float32):
