@@ -57,6 +57,12 @@ def _single_process():
     return [p.detach().clone() for p in m.parameters()]
 
 
+def _cpu_mesh():
+    """FSDP2's default mesh is on the accelerator when there is one: these gloo runs stay on CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (WORLD,))
+
+
 def _worker(rank, port, engine, backend, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -67,10 +73,11 @@ def _worker(rank, port, engine, backend, out_dir):
             model = torch.nn.parallel.DistributedDataParallel(m)
         else:
             from torch.distributed.fsdp import fully_shard
+            mesh = _cpu_mesh()
             for layer in m:
                 if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            model = fully_shard(m)
+                    fully_shard(layer, mesh=mesh)
+            model = fully_shard(m, mesh=mesh)
         opt = tvlars_fused.TVLARS(model.parameters(), backend=backend, **HYPER)
         for x, y in _batches():
             half = slice(rank * 4, rank * 4 + 4)
@@ -119,7 +126,7 @@ def _refusal_worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         from torch.distributed.fsdp import fully_shard
-        model = fully_shard(_model())
+        model = fully_shard(_model(), mesh=_cpu_mesh())
         try:
             tvlars_fused.TVLARS(model.parameters(), backend="cpu", lr=0.1)
         except ValueError as exc:

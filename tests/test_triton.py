@@ -582,7 +582,9 @@ AOT_SCRIPT = textwrap.dedent(r'''
                     ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
                     ld_v2_b64=len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.b64", ptx)),
                     st_v4=len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)),
-                    ld_scalar_f=len(re.findall(r"ld\.global\.b32", ptx)), ptxas_rc=out.returncode,
+                    ld_scalar_f=len(re.findall(r"ld\.global\.b32", ptx)),
+                    div_approx=len(re.findall(r"div\.(?:full|approx)\.", ptx)),
+                    div_rn=len(re.findall(r"div\.rn\.", ptx)), ptxas_rc=out.returncode,
                     ptxas_log=log if out.returncode else "")
 
     dtypes, archs, amps = json.loads(sys.argv[1])
@@ -606,10 +608,12 @@ def _aot(dtypes, archs, amps):
     for r in rows:
         print(f"sm_{r['arch']} {r['kernel']:<20} {r['dtype']:<4} amp={int(r['amp'])} warps={r['warps']}: "
               f"{r['regs']} registers, spill stores {r['spill_stores']} B, spill loads {r['spill_loads']} B, "
-              f"ld.global.v4 x{r['ld_v4']}, ld.global.v2.b64 x{r['ld_v2_b64']}, st.global.v4 x{r['st_v4']}")
+              f"ld.global.v4 x{r['ld_v4']}, ld.global.v2.b64 x{r['ld_v2_b64']}, st.global.v4 x{r['st_v4']}, "
+              f"div.rn x{r['div_rn']}, approximate div x{r['div_approx']}")
     for r in rows:
         assert r["ptxas_rc"] == 0, r["ptxas_log"]
         assert r["regs"] is not None and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["div_approx"] == 0, r   # every division IEEE round-to-nearest (phi, q, 1/scale)
         if r["kernel"] == "_lars_update_kernel":
             if r["dtype"] == "f64":
                 assert r["ld_v2_b64"] >= 3, r            # 128-bit loads of w, g and the state

@@ -73,6 +73,16 @@ def _bf16_rne_bits(x):
 
 
 @triton.jit
+def _div(a, b, IEEE: tl.constexpr):
+    """a / b rounded to nearest: float32 `/` is approximate on the GPU (div.full), and triton 3.6
+    ignores fdiv's ieee_rounding flag; div_rn is div.rn.f32. float64 `/` is already exact."""
+    if IEEE:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC: tl.constexpr, IEEE: tl.constexpr):
     """A segment's sums of w^2 and d^2 -> stats[seg] = (wn, dn, q, phi(t))."""
     clip = tl.load(grow + G_NORM_CLIP)
@@ -91,13 +101,13 @@ def _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC: tl.constexpr, I
     x = (t - delay) * lmbda
     e = tl.exp(-tl.abs(x))
     # (IEEE round-to-nearest divisions: the plain float32 `/` is approximate on the GPU)
-    ph = tl.where(x > 0, tl.math.fdiv(e, 1.0 + alpha * e, ieee_rounding=IEEE),
-                  tl.math.fdiv(tl.full((), 1.0, ACC), alpha + e, ieee_rounding=IEEE))
+    ph = tl.where(x > 0, _div(e, 1.0 + alpha * e, IEEE),
+                  _div(tl.full((), 1.0, ACC), alpha + e, IEEE))
     ph = tl.where(tl.load(grow + G_USE_PHI) != 0, ph + gamma_min, 1.0).to(ACC)
 
     eta = tl.load(grow + G_ETA)
     adapt = ((flags & F_SKIP_ADAPT) == 0) & (wn > 0) & (dn > 0)
-    q = tl.where(adapt, tl.math.fdiv(eta * ph * wn, dn, ieee_rounding=IEEE), 1.0).to(ACC)
+    q = tl.where(adapt, _div(eta * ph * wn, dn, IEEE), 1.0).to(ACC)
     srow = stats + seg * STAT_COLS
     tl.store(srow + STAT_WN, wn)
     tl.store(srow + STAT_DN, dn)
@@ -113,7 +123,7 @@ def _lars_norms_kernel(
     BLOCK: tl.constexpr, UNROLL: tl.constexpr, HAS_EMPTY: tl.constexpr,
 ):
     ACC: tl.constexpr = stats.dtype.element_ty
-    IEEE: tl.constexpr = ACC == tl.float32   # fdiv's IEEE flag is for float32 (float64 `/` is exact-rounded)
+    IEEE: tl.constexpr = ACC == tl.float32   # float32 needs div_rn (float64 `/` is exact-rounded)
     if HAS_CHUNKS:
         pid = tl.program_id(0)
         start = tl.multiple_of(tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_START), 16)
@@ -131,7 +141,7 @@ def _lars_norms_kernel(
             wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
 
             if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
-                inv_scale = tl.math.fdiv(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), ieee_rounding=IEEE)
+                inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE)
             acc_w = tl.zeros((BLOCK,), dtype=ACC)
             acc_d = tl.zeros((BLOCK,), dtype=ACC)
             # [start, min(start + CHUNK, end)) in BLOCK-element steps (small segments: one step)
@@ -218,7 +228,7 @@ def _lars_update_kernel(
             q = tl.load(stats + seg * STAT_COLS + STAT_Q)
 
             if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
-                inv_scale = tl.math.fdiv(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), ieee_rounding=IEEE)
+                inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE)
             # start and end are multiples of 16 elements: 128-bit vector accesses, uniform masks
             for sub in range(start, tl.minimum(start + CHUNK, end), BLOCK):
                 offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
