@@ -110,6 +110,8 @@ class Bucket:
             # (the old storages must not stay alive through self.locals)
             self.locals = list(self.param_views)
         self._expected_ptrs = [local(p).data_ptr() for p in self.params]
+        # what each parameter must still look like (is_stale runs every step: plain tuples)
+        self._layouts = [(tuple(v.shape), v.stride()) for v in self.param_views]
 
         # Carry over optimizer state (live views of an older bucket, or values loaded from a
         # state_dict) and existing gradients into the new buffers.
@@ -217,7 +219,15 @@ class Bucket:
                                      or lp.stride() != self.param_views[i].stride())
 
     def is_stale(self) -> bool:
-        return any(self.param_is_stale(i) for i in range(len(self.params)))
+        if self.sharded:
+            return any(self.param_is_stale(i) for i in range(len(self.params)))
+        # param_is_stale inlined for the unsharded case (every step, every parameter)
+        dtype = self.dtype
+        for p, ptr, (shape, stride) in zip(self.params, self._expected_ptrs, self._layouts):
+            # (a move to another device allocates: with CUDA's unified addressing the pointer differs)
+            if p.data_ptr() != ptr or p.dtype != dtype or p.stride() != stride or p.shape != shape:
+                return True
+        return False
 
     def prepare(self, param_groups: List[dict], state: Dict) -> None:
         """Collect which parameters have a gradient, copy in foreign gradients, create state
@@ -226,6 +236,8 @@ class Bucket:
         if self.sharded:
             self.locals = [local(p.detach()) for p in self.params]
             torch._foreach_copy_(self.param_views, self.locals)
+        forms = [g["momentum_form"] for g in param_groups]
+        keys = [state_key(f) for f in forms]
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
@@ -242,8 +254,8 @@ class Bucket:
                 self.grad_copies += 1
             self.clean[i] = False
             active.append(1)
-            form = param_groups[self.group_index[i]]["momentum_form"]
-            key = state_key(form)
+            gi = self.group_index[i]
+            form, key = forms[gi], keys[gi]
             if self.has_state[i]:
                 st = state.get(p)
                 cur = None if st is None else st.get(key)
