@@ -57,7 +57,7 @@ def parse_args(argv=None):
                     help="all sets x float32/bfloat16 x all implementations, torch.compile for each")
     ap.add_argument("--sets", help="comma-separated parameter sets (resnet18, resnet50, gpt2s, tiny2000, big64m)")
     ap.add_argument("--impls", help="comma-separated implementations (eager, foreach, compiled, fused-cpu, "
-                    "fused-torch, fused-triton, fused-cuda, sgd-foreach, sgd-fused)")
+                    "fused-torch, fused-triton, fused-triton-graph, fused-cuda, sgd-foreach, sgd-fused)")
     ap.add_argument("--dtypes", help="comma-separated: float32, bfloat16")
     ap.add_argument("--steps", type=int, help="timed steps per implementation (default: adapt to the "
                     "step time within --time seconds per configuration)")
