@@ -278,7 +278,7 @@ struct BucketStep {
 // one contiguous part per thread; the owner claims items from the front of its part, other
 // threads steal from the back. Both ends of a part live in one 64-bit word (front << 32 | back),
 // so a claim is one compare-and-swap.
-class Part {
+class alignas(64) Part {  // one cache line each: threads claim from different parts at once
  public:
   void reset(uint32_t front, uint32_t back) { v_.store(pack(front, back), std::memory_order_relaxed); }
   bool take_front(int64_t* item) { return take(item, true); }
@@ -390,13 +390,18 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
       while (other.take_back(&item)) run(item);
     }
   };
-  auto worker = [&](int64_t me) {
+  // noexcept: nothing in the region throws (the tables were checked before it); if something
+  // ever did, the other threads would wait for its segment's q forever, so terminate instead.
+  auto worker = [&](int64_t me) noexcept {
     for (int64_t sid = 0; sid < S; ++sid) {
       const int64_t* row = k.seg + sid * SEG_COLS;
       if (active[sid] == 0 || row[SEG_NUM_CHUNKS] == 0) continue;
       const int64_t slot = slot_of[sid];
       if (slot < 0) {
-        if (claimed[sid].exchange(1, std::memory_order_relaxed) == 0) k.segment(sid);
+        if (claimed[sid].load(std::memory_order_relaxed) == 0 &&
+            claimed[sid].exchange(1, std::memory_order_relaxed) == 0) {
+          k.segment(sid);
+        }
         continue;
       }
       drain(&parts1[slot * T], me, [&](int64_t item) { pass1_item(sid, slot, item); });
@@ -424,6 +429,7 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
 // pointer arithmetic relies on them.
 void check_tables_cpu(const int64_t* seg, int64_t S, const int64_t* chunks, int64_t C, int64_t G,
                       int64_t numel, int64_t chunk_elems) {
+  int64_t prev_end = 0;
   for (int64_t sid = 0; sid < S; ++sid) {
     const int64_t* row = seg + sid * SEG_COLS;
     const int64_t off = row[SEG_OFFSET], end = row[SEG_END], first = row[SEG_FIRST_CHUNK],
@@ -432,6 +438,11 @@ void check_tables_cpu(const int64_t* seg, int64_t S, const int64_t* chunks, int6
                     row[SEG_NUMEL] <= end - off,
                 "tvlars_fused::bucket_step: seg_table row ", sid, " has an invalid range [", off, ", ",
                 end, ") (numel ", row[SEG_NUMEL], ") for a bucket of ", numel, " elements");
+    // segments are updated by different threads: they must not overlap
+    TORCH_CHECK(off >= prev_end, "tvlars_fused::bucket_step: seg_table row ", sid, " starts at ", off,
+                " inside the previous segment (which ends at ", prev_end,
+                "); segments must be in offset order and disjoint");
+    prev_end = end;
     TORCH_CHECK(0 <= row[SEG_GROUP] && row[SEG_GROUP] < G, "tvlars_fused::bucket_step: seg_table row ",
                 sid, " names group ", row[SEG_GROUP], " but group_table has ", G, " rows");
     TORCH_CHECK(0 <= first && 0 <= count && first + count <= C &&

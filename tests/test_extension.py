@@ -650,6 +650,10 @@ def test_input_checks():
     with pytest.raises(RuntimeError, match="invalid range"):
         OP(*bad, None, None, chunk)
     bad = [a.clone() for a in args]
+    bad[3][1, :3] = bad[3][0, :3]           # segment 1 on top of segment 0 (threads would race)
+    with pytest.raises(RuntimeError, match="inside the previous segment"):
+        OP(*bad, None, None, chunk)
+    bad = [a.clone() for a in args]
     bad[5][3, 0] += 16                      # a chunk start that does not match its segment
     with pytest.raises(RuntimeError, match="chunk_table row 3"):
         OP(*bad, None, None, chunk)
