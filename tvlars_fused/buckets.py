@@ -110,7 +110,7 @@ class Bucket:
             # (the old storages must not stay alive through self.locals)
             self.locals = list(self.param_views)
         self._expected_ptrs = [local(p).data_ptr() for p in self.params]
-        # what each parameter must still look like (is_stale runs every step: plain tuples)
+        # what each parameter must still look like (param_is_stale runs every step: plain tuples)
         self._layouts = [(tuple(v.shape), v.stride()) for v in self.param_views]
 
         # Carry over optimizer state (live views of an older bucket, or values loaded from a
@@ -210,24 +210,19 @@ class Bucket:
 
     # -- per-step host bookkeeping (no device sync) -------------------------------------------
     def param_is_stale(self, i: int) -> bool:
-        """True when parameter i was moved or re-assigned (module.to, p.data = ...) since the build."""
-        lp = local(self.params[i])
-        if lp.dtype != self.dtype or lp.device != self.device or lp.shape != self.param_views[i].shape:
-            return True
+        """True when parameter i was moved or re-assigned (module.to, p.data = ...) since the build.
+        Runs every step for every parameter: plain attribute reads against precomputed tuples."""
+        p = self.params[i]
+        shape, stride = self._layouts[i]
+        if self.sharded:   # FSDP2 owns the local storage: compare what the shard looks like
+            lp = local(p)
+            return lp.dtype != self.dtype or lp.device != self.device or lp.shape != shape
         # (same storage, other strides: `p.data = p.data.t()` on a square weight)
-        return not self.sharded and (lp.data_ptr() != self._expected_ptrs[i]
-                                     or lp.stride() != self.param_views[i].stride())
+        return (p.data_ptr() != self._expected_ptrs[i] or p.dtype != self.dtype or p.stride() != stride
+                or p.shape != shape or p.device != self.device)
 
     def is_stale(self) -> bool:
-        if self.sharded:
-            return any(self.param_is_stale(i) for i in range(len(self.params)))
-        # param_is_stale inlined for the unsharded case (every step, every parameter)
-        dtype = self.dtype
-        for p, ptr, (shape, stride) in zip(self.params, self._expected_ptrs, self._layouts):
-            # (a move to another device allocates: with CUDA's unified addressing the pointer differs)
-            if p.data_ptr() != ptr or p.dtype != dtype or p.stride() != stride or p.shape != shape:
-                return True
-        return False
+        return any(self.param_is_stale(i) for i in range(len(self.params)))
 
     def prepare(self, param_groups: List[dict], state: Dict) -> None:
         """Collect which parameters have a gradient, copy in foreign gradients, create state
