@@ -47,24 +47,20 @@ TVLARS_ALWAYS_INLINE U splat(uint32_t x) {
 template <typename P>
 struct Simd;
 
-template <>
-struct Simd<float> {
-  using V = f32v;
-  static constexpr int N = TVLARS_VEC_BYTES / 4;
-  static TVLARS_ALWAYS_INLINE V load(const float* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store(float* p, V v) { vstore(p, v); }
-  static TVLARS_ALWAYS_INLINE V load_state(const float* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store_state(float* p, V v) { vstore(p, v); }
+// float and double: parameters, state and arithmetic share one type, loaded and stored as is
+template <typename T, typename VT>
+struct SimdNative {
+  using V = VT;
+  static constexpr int N = TVLARS_VEC_BYTES / sizeof(T);
+  static TVLARS_ALWAYS_INLINE V load(const T* p) { return vload<V>(p); }
+  static TVLARS_ALWAYS_INLINE void store(T* p, V v) { vstore(p, v); }
+  static TVLARS_ALWAYS_INLINE V load_state(const T* p) { return vload<V>(p); }
+  static TVLARS_ALWAYS_INLINE void store_state(T* p, V v) { vstore(p, v); }
 };
 template <>
-struct Simd<double> {
-  using V = f64v;
-  static constexpr int N = TVLARS_VEC_BYTES / 8;
-  static TVLARS_ALWAYS_INLINE V load(const double* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store(double* p, V v) { vstore(p, v); }
-  static TVLARS_ALWAYS_INLINE V load_state(const double* p) { return vload<V>(p); }
-  static TVLARS_ALWAYS_INLINE void store_state(double* p, V v) { vstore(p, v); }
-};
+struct Simd<float> : SimdNative<float, f32v> {};
+template <>
+struct Simd<double> : SimdNative<double, f64v> {};
 template <>
 struct Simd<c10::BFloat16> {  // bfloat16 = the upper 16 bits of a float32
   using V = f32v;
