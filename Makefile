@@ -17,7 +17,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
-	$(PIP) install "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib scikit-learn tqdm pytorch-optimizer
+	$(PIP) install "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib scikit-learn tqdm pytorch-optimizer safetensors
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 

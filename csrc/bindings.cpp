@@ -48,23 +48,30 @@ void check_scalar(const std::optional<at::Tensor>& t, const char* name, const at
 }  // namespace
 
 void check_bucket_args(TVLARS_BUCKET_STEP_PARAMS) {
-  const at::ScalarType P = params.scalar_type();
+  TORCH_CHECK(!params.empty(), kOp, ": params must list one tensor per segment (got none)");
+  const at::ScalarType P = params[0].scalar_type();
   TORCH_CHECK(P == at::kFloat || P == at::kDouble || P == at::kBFloat16 || P == at::kHalf, kOp,
               ": params must be float32, float64, bfloat16 or float16, got ", P);
   const bool low = P == at::kBFloat16 || P == at::kHalf;
   const at::ScalarType S = low ? at::kFloat : P;
   const at::ScalarType A = P == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Device dev = params.device();
+  const at::Device dev = params[0].device();
   TORCH_CHECK(chunk_elems > 0 && chunk_elems % ALIGN == 0, kOp, ": chunk_elems must be a positive multiple of ",
               ALIGN, ", got ", chunk_elems);
-  const c10::SymInt n = params.sym_numel();
-  check_vector(params, "params", P, n, dev);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == P && params[i].device() == dev, kOp, ": params[", i, "] is ",
+                params[i].scalar_type(), " on ", params[i].device(), " but params[0] is ", P, " on ", dev);
+  }
+  const c10::SymInt n = grads.sym_numel();
   check_vector(grads, "grads", P, n, dev);
   check_vector(state, "state", S, n, dev);
   check_table(seg_table, "seg_table", at::kLong, SEG_COLS, dev);
   check_table(chunk_table, "chunk_table", at::kLong, CHUNK_COLS, dev);
   check_table(group_table, "group_table", A, GROUP_COLS, dev);
   const c10::SymInt segs = seg_table.sym_size(0), chunks = chunk_table.sym_size(0);
+  TORCH_SYM_CHECK(segs.sym_eq(static_cast<int64_t>(params.size())), kOp, ": params must list one tensor per "
+                  "segment (", segs, "), got ", params.size());
+  check_vector(param_offsets, "param_offsets", at::kLong, segs, dev);
   check_vector(seg_active, "seg_active", at::kInt, segs, dev);
   check_vector(counters, "counters", at::kInt, segs, dev);
   check_table(stats, "stats", A, STAT_COLS, dev);
@@ -91,7 +98,7 @@ void bucket_step_meta(TVLARS_BUCKET_STEP_PARAMS) {
 
 TORCH_LIBRARY(tvlars_fused, m) {
   m.def(
-      "bucket_step(Tensor(a!) params, Tensor grads, Tensor(b!) state, Tensor seg_table, "
+      "bucket_step(Tensor(a!)[] params, Tensor param_offsets, Tensor grads, Tensor(b!) state, Tensor seg_table, "
       "Tensor seg_active, Tensor chunk_table, Tensor group_table, Tensor(c!) step, "
       "Tensor(d!) partials, Tensor(e!) counters, Tensor(f!) stats, Tensor? grad_scale, "
       "Tensor? found_inf, int chunk_elems) -> ()");

@@ -197,7 +197,7 @@ struct BucketStep {
   using S = typename Types<P>::state;
 
   const KernelTable* kt;
-  P* w;
+  P* const* w;  // per segment: the parameter's memory
   const P* g;
   S* s;
   const int64_t* seg;
@@ -224,29 +224,49 @@ struct BucketStep {
     return sp;
   }
 
-  // [begin, end) of chunk c (element indices into the flat buffers)
-  void chunk_range(int64_t c, int64_t* begin, int64_t* end) const {
+  // Chunk c's elements of the parameter: [begin, end) in flat buffer indices (the padding past
+  // the parameter's end is never touched) and the parameter's memory at `begin`.
+  P* chunk_range(int64_t c, int64_t* begin, int64_t* end) const {
     const int64_t start = chunks[c * CHUNK_COLS + CHUNK_START];
-    const int64_t seg_end = seg[chunks[c * CHUNK_COLS + CHUNK_SEG] * SEG_COLS + SEG_END];
+    const int64_t sid = chunks[c * CHUNK_COLS + CHUNK_SEG];
+    const int64_t* row = seg + sid * SEG_COLS;
     *begin = start;
-    *end = std::min(start + chunk_elems, seg_end);
+    *end = std::min(start + chunk_elems, row[SEG_OFFSET] + row[SEG_NUMEL]);
+    return w[sid] + (start - row[SEG_OFFSET]);
   }
 
   void pass1_chunk(int64_t c, const SegParams<A>& sp) const {
     int64_t b, e;
-    chunk_range(c, &b, &e);
-    chunk_sums(*kt, w + b, g + b, e - b, sp, partials + c * PART_COLS);
+    const P* wc = chunk_range(c, &b, &e);
+    chunk_sums(*kt, wc, g + b, e - b, sp, partials + c * PART_COLS);
   }
 
-  // adds the chunk partials in chunk order, writes stats, returns q
+  // Column col of the segment's chunk partials added in the order of docs/SPEC.md ("The segment
+  // sum"): tiles of REDUCE_TILE chunks, each a pairwise tree, the tiles in chunk order. (A tree
+  // over a tile padded with zeros equals the tree over the next power of two: x + 0 = x for the
+  // non-negative sums.)
+  A segment_sum(int64_t first, int64_t count, int col) const {
+    A total = A(0);
+    A v[REDUCE_TILE];
+    for (int64_t base = first; base < first + count; base += REDUCE_TILE) {
+      const int64_t n = std::min<int64_t>(REDUCE_TILE, first + count - base);
+      int64_t width = 1;
+      while (width < n) width *= 2;
+      for (int64_t i = 0; i < width; ++i) v[i] = i < n ? partials[(base + i) * PART_COLS + col] : A(0);
+      for (width /= 2; width >= 1; width /= 2) {
+        for (int64_t i = 0; i < width; ++i) v[i] = add(v[2 * i], v[2 * i + 1]);
+      }
+      total = add(total, v[0]);
+    }
+    return total;
+  }
+
+  // the segment's sums, stats written, returns q
   A reduce(int64_t sid) const {
     const int64_t* row = seg + sid * SEG_COLS;
     const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
-    A sw = A(0), sd = A(0);
-    for (int64_t c = first; c < first + count; ++c) {
-      sw = add(sw, partials[c * PART_COLS + PART_W2]);
-      sd = add(sd, partials[c * PART_COLS + PART_D2]);
-    }
+    const A sw = segment_sum(first, count, PART_W2);
+    const A sd = segment_sum(first, count, PART_D2);
     const SegmentStats<A> st =
         segment_stats(sw, sd, groups + row[SEG_GROUP] * GROUP_COLS, row[SEG_FLAGS], t);
     A* out = stats + sid * STAT_COLS;
@@ -259,8 +279,8 @@ struct BucketStep {
 
   void pass2_chunk(int64_t c, A q, const SegParams<A>& sp) const {
     int64_t b, e;
-    chunk_range(c, &b, &e);
-    chunk_update(*kt, w + b, g + b, s + b, e - b, q, sp);
+    P* wc = chunk_range(c, &b, &e);
+    chunk_update(*kt, wc, g + b, s + b, e - b, q, sp);
   }
 
   // a whole segment by the calling thread
@@ -427,11 +447,14 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
 
 // Table contents are on the host here, so check them once per step (cheap: O(S + C)) before any
 // pointer arithmetic relies on them.
-void check_tables_cpu(const int64_t* seg, int64_t S, const int64_t* chunks, int64_t C, int64_t G,
-                      int64_t numel, int64_t chunk_elems) {
+void check_tables_cpu(at::TensorList params, const int64_t* seg, int64_t S, const int64_t* chunks, int64_t C,
+                      int64_t G, int64_t numel, int64_t chunk_elems) {
   int64_t prev_end = 0;
   for (int64_t sid = 0; sid < S; ++sid) {
     const int64_t* row = seg + sid * SEG_COLS;
+    TORCH_CHECK(params[sid].numel() == row[SEG_NUMEL] && params[sid].is_non_overlapping_and_dense(),
+                "tvlars_fused::bucket_step: params[", sid, "] (", params[sid].numel(),
+                " elements) must be dense in memory with seg_table's numel ", row[SEG_NUMEL]);
     const int64_t off = row[SEG_OFFSET], end = row[SEG_END], first = row[SEG_FIRST_CHUNK],
                   count = row[SEG_NUM_CHUNKS];
     TORCH_CHECK(0 <= off && off <= end && end <= numel && row[SEG_NUMEL] >= 0 &&
@@ -467,17 +490,19 @@ void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS) {
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;  // AMP: skip all
 
   const int64_t S = seg_table.size(0), C = chunk_table.size(0);
-  check_tables_cpu(seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
-                   group_table.size(0), params.numel(), chunk_elems);
+  check_tables_cpu(params, seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
+                   group_table.size(0), grads.numel(), chunk_elems);
 
   const KernelTable& kt = kernel_table();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "tvlars_bucket_step_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "tvlars_bucket_step_cpu", [&] {
     using P = scalar_t;
     using A = typename Types<P>::acc;
     using St = typename Types<P>::state;
+    std::vector<P*> weights(S);
+    for (int64_t sid = 0; sid < S; ++sid) weights[sid] = static_cast<P*>(params[sid].data_ptr());
     BucketStep<P> k;
     k.kt = &kt;
-    k.w = params.mutable_data_ptr<P>();
+    k.w = weights.data();
     k.g = grads.const_data_ptr<P>();
     k.s = state.mutable_data_ptr<St>();
     k.seg = seg_table.const_data_ptr<int64_t>();

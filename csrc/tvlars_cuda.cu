@@ -1,14 +1,20 @@
 // The bucket step on CUDA (docs/SPEC.md, "The bucket ABI"): two kernels per bucket per step, on
 // the current stream, no host sync, deterministic.
 //
-// pass 1: one block per chunk. 128-bit loads of w and g, per-thread sums of w^2 and d^2, a fixed
-//   block reduction (warp shuffles, then warps in order) into partials[chunk]. The block then
-//   bumps counters[segment] (after __threadfence); the block that sees the count complete adds
-//   the segment's chunk partials in chunk order, writes stats[segment] = (wn, dn, q, phi) and
-//   resets the counter to zero for the next launch. Which block finishes last changes nothing:
-//   every block's partial is a fixed function of its chunk, and the sum runs in chunk order.
+// The weights stay in the parameters' own memory: segment i's parameter starts params[0] +
+// param_offsets[i] elements; gradients and state are flat padded buffers. Only a parameter's own
+// elements are read or written (never past its end), and the state's padding is never written.
+//
+// pass 1: one block per chunk. 128-bit loads of w (where aligned) and g, per-thread sums of w^2
+//   and d^2, a fixed block reduction (warp shuffles, then warps in order) into partials[chunk].
+//   The block then bumps counters[segment] (after __threadfence); the block that sees the count
+//   complete adds the segment's chunk partials in the order of docs/SPEC.md (tiles of REDUCE_TILE
+//   chunks loaded by all threads, a pairwise tree each, tiles in chunk order), writes
+//   stats[segment] = (wn, dn, q, phi) and resets the counter. Which block finishes last changes
+//   nothing: every block's partial is a fixed function of its chunk, and the order is fixed.
 // pass 2: one block per chunk, elementwise update with q = stats[segment, 2], 128-bit loads and
-//   stores; block 0 increments step.
+//   stores; block 0 increments step; each segment's first block zeroes its counter (pass 1 is
+//   over), so a counter left non-zero by an interrupted launch heals at the next step.
 // Both kernels read found_inf on the device and change nothing when it is nonzero. The grid is
 // chunk_table.size(0) blocks (at least 1), a shape the host knows without a sync.
 //
@@ -84,6 +90,44 @@ __device__ __forceinline__ void block_sum2(A& x, A& y) {
   }
 }
 
+// x[0] + ... + x[N-1] as a pairwise tree (N a power of two).
+template <int N, typename A>
+__device__ __forceinline__ A pairwise_sum(const A* x) {
+  if constexpr (N == 1) {
+    return x[0];
+  } else {
+    return add(pairwise_sum<N / 2>(x), pairwise_sum<N / 2>(x + N / 2));
+  }
+}
+
+// Column col of partials[first, first + count) added as docs/SPEC.md says (result in thread 0):
+// tiles of REDUCE_TILE chunks; in a tile thread t holds chunks 4t..4t+3 (+0 past the end) and
+// adds them pairwise, then adjacent threads are combined pairwise (shuffles within a warp, then
+// the warps' results, also pairwise), so each tile is the pairwise tree; tiles in chunk order.
+template <typename A>
+__device__ __forceinline__ A segment_sum(const A* partials, int64_t first, int64_t count, int col) {
+  static_assert(REDUCE_TILE == 4 * THREADS, "a tile is four partials per thread");
+  __shared__ A warp_sums[WARPS];
+  A total = A(0);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t base = first; base < first + count; base += REDUCE_TILE) {
+    A v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = base + 4 * static_cast<int64_t>(threadIdx.x) + j;
+      v[j] = k < first + count ? __ldcg(partials + k * PART_COLS + col) : A(0);
+    }
+    A x = add(add(v[0], v[1]), add(v[2], v[3]));
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) x = add(x, __shfl_down_sync(0xffffffffu, x, offset));
+    if (lane == 0) warp_sums[warp] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) total = add(total, pairwise_sum<WARPS>(warp_sums));
+    __syncthreads();
+  }
+  return total;
+}
+
 template <typename A>
 __device__ __forceinline__ void write_stats(A* stats, int64_t sid, A sum_w2, A sum_d2, const A* group,
                                             int64_t flags, float t) {
@@ -95,9 +139,42 @@ __device__ __forceinline__ void write_stats(A* stats, int64_t sid, A sum_w2, A s
   out[STAT_PHI] = st.phi;
 }
 
+// Segment sid's parameter as a pointer indexed by flat buffer positions: wseg[i] is the
+// parameter's element i - seg_start (integer arithmetic on the address: the parameter need not
+// lie inside params[0]'s allocation).
+template <typename P>
+__device__ __forceinline__ P* segment_weights(P* w0, const int64_t* offsets, int64_t sid, int64_t seg_start) {
+  return reinterpret_cast<P*>(reinterpret_cast<intptr_t>(w0) +
+                              (offsets[sid] - seg_start) * static_cast<intptr_t>(sizeof(P)));
+}
+
+// V consecutive weights from flat position i: one 128-bit load when the address is aligned and all
+// V lie inside the parameter, else element by element (0 past its end).
+template <typename P, int V>
+__device__ __forceinline__ Vec<P, V> load_weights(const P* wseg, int64_t i, int64_t real_end) {
+  if (i + V <= real_end && (reinterpret_cast<uintptr_t>(wseg + i) % 16) == 0) return load_vec<P, V>(wseg + i);
+  Vec<P, V> out;
+#pragma unroll
+  for (int j = 0; j < V; ++j) out.v[j] = i + j < real_end ? wseg[i + j] : P(0.0f);
+  return out;
+}
+
+// Store V values at flat position i, only the parameter's own elements (never the padding).
+template <typename T, int V>
+__device__ __forceinline__ void store_real(T* ptr, int64_t i, int64_t real_end, const Vec<T, V>& v) {
+  if (i + V <= real_end && (reinterpret_cast<uintptr_t>(ptr + i) % 16) == 0) {
+    store_vec<T, V>(ptr + i, v);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (i + j < real_end) ptr[i + j] = v.v[j];
+  }
+}
+
 template <typename P>
 __global__ void __launch_bounds__(THREADS)
-    pass1_kernel(const P* __restrict__ w, const P* __restrict__ g, const int64_t* __restrict__ seg,
+    pass1_kernel(P* w0, const int64_t* __restrict__ w_offsets, const P* __restrict__ g, const int64_t* __restrict__ seg,
                  const int32_t* __restrict__ active, const int64_t* __restrict__ chunks,
                  const typename Types<P>::acc* __restrict__ groups, typename Types<P>::acc* partials,
                  int32_t* counters, typename Types<P>::acc* stats, const float* __restrict__ step,
@@ -114,6 +191,7 @@ __global__ void __launch_bounds__(THREADS)
     if (active[sid] != 0) {
       const int64_t* row = seg + sid * SEG_COLS;
       const int64_t end = row[SEG_END];
+      const int64_t real_end = row[SEG_OFFSET] + row[SEG_NUMEL];
       const int64_t flags = row[SEG_FLAGS];
       const A* group = groups + row[SEG_GROUP] * GROUP_COLS;
       const int64_t stop = start + chunk_elems < end ? start + chunk_elems : end;
@@ -121,12 +199,13 @@ __global__ void __launch_bounds__(THREADS)
       const A scale = has_scale ? static_cast<A>(*grad_scale) : A(1);
       const bool decay = (flags & FLAG_SKIP_WEIGHT_DECAY) == 0;
       const A wd = group[COL_WEIGHT_DECAY];
+      const P* w = segment_weights(w0, w_offsets, sid, row[SEG_OFFSET]);
 
       A sw = A(0), sd = A(0);
       if (((start | stop) % V) == 0) {  // always, for a bucket built by buckets.py
 #pragma unroll 4
         for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < stop; i += THREADS * V) {
-          const Vec<P, V> wv = load_vec<P, V>(w + i);
+          const Vec<P, V> wv = load_weights<P, V>(w, i, real_end);
           const Vec<P, V> gv = load_vec<P, V>(g + i);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -138,7 +217,7 @@ __global__ void __launch_bounds__(THREADS)
         }
       } else {
         for (int64_t i = start + threadIdx.x; i < stop; i += THREADS) {
-          const A wa = to_acc<A>(w[i]);
+          const A wa = i < real_end ? to_acc<A>(w[i]) : A(0);
           const A d = direction(to_acc<A>(g[i]), wa, scale, wd, has_scale, decay);
           sw = add(sw, mul(wa, wa));
           sd = add(sd, mul(d, d));
@@ -146,19 +225,20 @@ __global__ void __launch_bounds__(THREADS)
       }
       block_sum2(sw, sd);
 
+      __shared__ int32_t last;
       if (threadIdx.x == 0) {
         partials[c * PART_COLS + PART_W2] = sw;
         partials[c * PART_COLS + PART_D2] = sd;
         __threadfence();  // the partial is visible device-wide before the count says so
+        last = atomicAdd(counters + sid, 1) == row[SEG_NUM_CHUNKS] - 1;
+      }
+      __syncthreads();
+      if (last) {  // the segment's last chunk: every thread helps add the partials
+        __threadfence();
         const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
-        const int32_t done = atomicAdd(counters + sid, 1);
-        if (done == count - 1) {  // the segment's last chunk: reduce in chunk order
-          __threadfence();
-          A tw = A(0), td = A(0);
-          for (int64_t k = first; k < first + count; ++k) {
-            tw = add(tw, __ldcg(partials + k * PART_COLS + PART_W2));
-            td = add(td, __ldcg(partials + k * PART_COLS + PART_D2));
-          }
+        const A tw = segment_sum(partials, first, count, PART_W2);
+        const A td = segment_sum(partials, first, count, PART_D2);
+        if (threadIdx.x == 0) {
           write_stats(stats, sid, tw, td, group, flags, *step);
           counters[sid] = 0;  // workspace is zero between launches
         }
@@ -178,25 +258,32 @@ __global__ void __launch_bounds__(THREADS)
 
 template <typename P>
 __global__ void __launch_bounds__(THREADS)
-    pass2_kernel(P* __restrict__ w, const P* __restrict__ g, typename Types<P>::state* __restrict__ s,
-                 const int64_t* __restrict__ seg, const int32_t* __restrict__ active,
-                 const int64_t* __restrict__ chunks, const typename Types<P>::acc* __restrict__ groups,
-                 const typename Types<P>::acc* __restrict__ stats, float* step,
+    pass2_kernel(P* w0, const int64_t* __restrict__ w_offsets, const P* __restrict__ g,
+                 typename Types<P>::state* __restrict__ s, const int64_t* __restrict__ seg,
+                 const int32_t* __restrict__ active, const int64_t* __restrict__ chunks,
+                 const typename Types<P>::acc* __restrict__ groups,
+                 const typename Types<P>::acc* __restrict__ stats, float* step, int32_t* counters,
                  const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
                  int64_t num_chunks, int64_t chunk_elems) {
   using A = typename Types<P>::acc;
   using S = typename Types<P>::state;
   constexpr int V = Width<P>::value;
+  const int64_t c = blockIdx.x;
+  if (c < num_chunks && threadIdx.x == 0) {  // pass 1 is over: heal a counter left non-zero
+    const int64_t sid = chunks[c * CHUNK_COLS + CHUNK_SEG];
+    if (chunks[c * CHUNK_COLS + CHUNK_START] == seg[sid * SEG_COLS + SEG_OFFSET]) counters[sid] = 0;
+  }
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   if (blockIdx.x == 0 && threadIdx.x == 0) *step = add(*step, 1.0f);
 
-  const int64_t c = blockIdx.x;
   if (c >= num_chunks) return;
   const int64_t start = chunks[c * CHUNK_COLS + CHUNK_START];
   const int64_t sid = chunks[c * CHUNK_COLS + CHUNK_SEG];
   if (active[sid] == 0) return;
   const int64_t* row = seg + sid * SEG_COLS;
   const int64_t end = row[SEG_END];
+  const int64_t real_end = row[SEG_OFFSET] + row[SEG_NUMEL];
+  P* w = segment_weights(w0, w_offsets, sid, row[SEG_OFFSET]);
   const A* group = groups + row[SEG_GROUP] * GROUP_COLS;
   const int64_t stop = start + chunk_elems < end ? start + chunk_elems : end;
   const bool has_scale = grad_scale != nullptr;
@@ -210,7 +297,7 @@ __global__ void __launch_bounds__(THREADS)
   if (((start | stop) % V) == 0) {
 #pragma unroll 2
     for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < stop; i += THREADS * V) {
-      Vec<P, V> wv = load_vec<P, V>(w + i);
+      Vec<P, V> wv = load_weights<P, V>(w, i, real_end);
       const Vec<P, V> gv = load_vec<P, V>(g + i);
       Vec<S, V> sv = load_vec<S, V>(s + i);
 #pragma unroll
@@ -222,11 +309,11 @@ __global__ void __launch_bounds__(THREADS)
         wv.v[j] = from_acc<P>(wa);
         sv.v[j] = static_cast<S>(sa);
       }
-      store_vec<P, V>(w + i, wv);
-      store_vec<S, V>(s + i, sv);
+      store_real<P, V>(w, i, real_end, wv);
+      store_real<S, V>(s, i, real_end, sv);
     }
   } else {
-    for (int64_t i = start + threadIdx.x; i < stop; i += THREADS) {
+    for (int64_t i = start + threadIdx.x; i < real_end && i < stop; i += THREADS) {
       A wa = to_acc<A>(w[i]);
       A sa = static_cast<A>(s[i]);
       const A u = mul(q, direction(to_acc<A>(g[i]), wa, scale, wd, has_scale, decay));
@@ -243,25 +330,26 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS) {
   check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
-  TORCH_CHECK(aligned16(params.const_data_ptr()) && aligned16(grads.const_data_ptr()) &&
-                  aligned16(state.const_data_ptr()),
-              "tvlars_fused::bucket_step: params, grads and state must be 16-byte aligned (128-bit access)");
+  TORCH_CHECK(aligned16(grads.const_data_ptr()) && aligned16(state.const_data_ptr()),
+              "tvlars_fused::bucket_step: grads and state must be 16-byte aligned (128-bit access)");
   const int64_t num_segs = seg_table.size(0), num_chunks = chunk_table.size(0);
   TORCH_CHECK(num_chunks < (int64_t(1) << 31), "tvlars_fused::bucket_step: too many chunks (", num_chunks,
               "); use a larger chunk_elems");
-  const c10::cuda::CUDAGuard guard(params.device());
+  const c10::cuda::CUDAGuard guard(grads.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(num_chunks > 0 ? num_chunks : 1);
   const float* scale_ptr = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
   const float* inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "tvlars_bucket_step_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "tvlars_bucket_step_cuda", [&] {
     using P = scalar_t;
     using A = typename Types<P>::acc;
     using St = typename Types<P>::state;
+    P* w0 = static_cast<P*>(params[0].data_ptr());
+    const int64_t* w_offsets = param_offsets.const_data_ptr<int64_t>();
     if (num_segs > 0) {
       pass1_kernel<P><<<grid, THREADS, 0, stream>>>(
-          params.const_data_ptr<P>(), grads.const_data_ptr<P>(), seg_table.const_data_ptr<int64_t>(),
+          w0, w_offsets, grads.const_data_ptr<P>(), seg_table.const_data_ptr<int64_t>(),
           seg_active.const_data_ptr<int32_t>(), chunk_table.const_data_ptr<int64_t>(),
           group_table.const_data_ptr<A>(), partials.mutable_data_ptr<A>(), counters.mutable_data_ptr<int32_t>(),
           stats.mutable_data_ptr<A>(), step.const_data_ptr<float>(), scale_ptr, inf_ptr, num_segs, num_chunks,
@@ -269,10 +357,11 @@ void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     pass2_kernel<P><<<grid, THREADS, 0, stream>>>(
-        params.mutable_data_ptr<P>(), grads.const_data_ptr<P>(), state.mutable_data_ptr<St>(),
+        w0, w_offsets, grads.const_data_ptr<P>(), state.mutable_data_ptr<St>(),
         seg_table.const_data_ptr<int64_t>(), seg_active.const_data_ptr<int32_t>(),
         chunk_table.const_data_ptr<int64_t>(), group_table.const_data_ptr<A>(), stats.const_data_ptr<A>(),
-        step.mutable_data_ptr<float>(), scale_ptr, inf_ptr, num_chunks, chunk_elems);
+        step.mutable_data_ptr<float>(), counters.mutable_data_ptr<int32_t>(), scale_ptr, inf_ptr, num_chunks,
+        chunk_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -1,6 +1,6 @@
 // The TVLARS/LARS math of docs/SPEC.md, shared by the CPU kernel (tvlars_cpu.cpp) and the CUDA
-// kernels (tvlars_cuda.cu): table layouts, per-element direction and update, the per-segment
-// phi(t) and trust ratio. Every function is __host__ __device__ under nvcc and plain inline on the
+// kernels (tvlars_cuda.cu): per-element direction and update, the per-segment phi(t) and trust
+// ratio (table layouts: abi.h). Every function is __host__ __device__ under nvcc and plain inline on the
 // host compiler.
 //
 // Rounding: every multiply and add below is a separate IEEE operation. On the device they go
@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "abi.h"
+
 #if defined(__CUDACC__)
 #define TVLARS_HD __host__ __device__ __forceinline__
 #else
@@ -23,26 +25,6 @@
 #endif
 
 namespace tvlars {
-
-// ---- table layouts (docs/SPEC.md "The bucket ABI"; tvlars_fused/buckets.py, hyperparams.py) ----
-// seg_table int64 [S, 7]
-constexpr int SEG_OFFSET = 0, SEG_END = 1, SEG_NUMEL = 2, SEG_GROUP = 3, SEG_FLAGS = 4,
-              SEG_FIRST_CHUNK = 5, SEG_NUM_CHUNKS = 6, SEG_COLS = 7;
-// chunk_table int64 [C, 2]
-constexpr int CHUNK_START = 0, CHUNK_SEG = 1, CHUNK_COLS = 2;
-// group_table acc [G, 11]
-constexpr int COL_LR = 0, COL_MOMENTUM = 1, COL_WEIGHT_DECAY = 2, COL_ETA = 3, COL_LMBDA = 4,
-              COL_DELAY = 5, COL_ALPHA = 6, COL_GAMMA_MIN = 7, COL_NORM_CLIP = 8, COL_USE_PHI = 9,
-              COL_PAPER_FORM = 10, GROUP_COLS = 11;
-// stats acc [S, 4]
-constexpr int STAT_WEIGHT_NORM = 0, STAT_UPDATE_NORM = 1, STAT_TRUST_RATIO = 2, STAT_PHI = 3,
-              STAT_COLS = 4;
-// partials acc [C, 2]
-constexpr int PART_W2 = 0, PART_D2 = 1, PART_COLS = 2;
-// seg_table flags
-constexpr int64_t FLAG_SKIP_WEIGHT_DECAY = 1, FLAG_SKIP_ADAPTATION = 2;
-// every segment starts at a multiple of ALIGN elements (buckets.ALIGN)
-constexpr int64_t ALIGN = 16;
 
 // ---- types ------------------------------------------------------------------------------------
 // acc: float64 for float64 parameters, float32 otherwise. state: float32 for bfloat16/float16.

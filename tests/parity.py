@@ -92,3 +92,8 @@ def assert_close_ulps(actual, expected, dtype: torch.dtype, max_ulps: float, wha
         worst = max(worst, float(((a64 - e64).abs() / ulp).max()))
     assert worst <= max_ulps, f"{what}: {worst:.2f} ulps > {max_ulps}"
     return worst
+
+
+def weights_flat(bucket) -> torch.Tensor:
+    """A copy of a bucket's weights (the parameters' memory the kernels update), concatenated."""
+    return torch.cat([w.detach().reshape(-1) for w in bucket.weights]).clone()

@@ -62,5 +62,5 @@ def test_compiled_training_step_fullgraph_matches_eager(backend):
             assert torch.allclose(lc, le, rtol=1e-6, atol=0)
     err = max_err(m_c.parameters(), m_e.parameters())
     assert err < 1e-6, err
-    assert float(o_c.state["step"]) == 4
+    assert float(o_c.step_count) == 4
     assert not torch.equal(m_c[0].weight, _net()[0].weight), "the compiled step must update the weights"

@@ -45,12 +45,12 @@ def test_step_captured_in_cuda_graph_replays_like_eager(backend):
     for _ in range(3):
         o_e.step()                   # the eager run: the warm-up steps (capture records, runs nothing)
     torch.cuda.synchronize()
-    assert float(o_g.state["step"]) == float(o_e.state["step"]) == 3
+    assert float(o_g.step_count) == float(o_e.step_count) == 3
     for _ in range(5):
         graph.replay()
         o_e.step()
     torch.cuda.synchronize()
-    assert float(o_g.state["step"]) == float(o_e.state["step"]) == 8
+    assert float(o_g.step_count) == float(o_e.step_count) == 8
     for a, b in zip(m_g.parameters(), m_e.parameters()):
         assert torch.equal(a, b)
 

@@ -87,7 +87,7 @@ def _worker(rank, port, engine, backend, out_dir):
         params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         info = {"params": [p.detach().clone() for p in params], "backends": opt.backends,
                 "local_numels": [(p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters()],
-                "grad_copies": opt.grad_copies, "step": float(opt.state["step"])}
+                "grad_copies": opt.grad_copies, "step": float(opt.step_count)}
         torch.save(info, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

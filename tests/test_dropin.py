@@ -56,7 +56,7 @@ def test_grad_scaler_forced_overflow(backend):
         seen.append((s_f.get_scale(), s_r.get_scale()))
         assert max_err(m.parameters(), m_ref.parameters()) < 1e-12, step
     assert seen[3][0] == seen[3][1] < seen[2][0], "the overflow must lower the scale"
-    assert float(opt.state["step"]) == float(o_ref.state["step"]) == 6
+    assert float(opt.step_count) == float(o_ref.step_count) == 6
     assert not hasattr(opt, "grad_scale") or opt.grad_scale is None  # GradScaler cleans up
 
 

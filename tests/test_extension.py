@@ -30,13 +30,13 @@ _C = pytest.importorskip(
 
 import tvlars_fused  # noqa: E402
 from tvlars_fused import reference  # noqa: E402
-from tvlars_fused.buckets import STAT_PHI, STAT_TRUST_RATIO, STAT_UPDATE_NORM, STAT_WEIGHT_NORM  # noqa: E402
+from tvlars_fused.abi import STAT_PHI, STAT_TRUST_RATIO, STAT_UPDATE_NORM, STAT_WEIGHT_NORM  # noqa: E402
 from tvlars_fused.kernels import extension as ext  # noqa: E402
 from tvlars_fused.kernels import resolve  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import HAS_CUDA, requires_cuda  # noqa: E402
-from parity import init_with_zero, used  # noqa: E402
+from parity import init_with_zero, used, weights_flat  # noqa: E402
 from parity import (SHAPES, assert_close_ulps, assert_parity_fp32, make_init, max_err,  # noqa: E402
                     train)
 
@@ -164,7 +164,7 @@ def test_parity_fp64(device, form, tvlars):
     assert err <= 64 * torch.finfo(torch.float64).eps * scale, err
     assert max_err(states(opt, f64), states(opt_r, r64)) <= 64 * torch.finfo(torch.float64).eps * scale
     assert max_err(f64, init_params()) > 1e-3   # it moved
-    assert float(opt.state["step"]) == 10
+    assert float(opt.step_count) == 10
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -181,7 +181,7 @@ def test_parity_fp32(device, form, tvlars):
     seg = b.seg_table.cpu()
     for i in range(len(SH)):
         off, end, numel = (int(v) for v in seg[i, :3])
-        assert not b.param_buf[off + numel:end].any() and not b.state_buf[off + numel:end].any()
+        assert not b.grad_buf[off + numel:end].any() and not b.state_buf[off + numel:end].any()
 
 
 def _ulps_and_fraction(actual, expected, dtype, scale):
@@ -317,7 +317,7 @@ def test_matches_torch_backend(dtype, form):
     for p, pt in zip(f, t):
         a, b = st[p].double(), st_t[pt].double()
         assert torch.allclose(a, b, rtol=rel, atol=0), (p.shape, a, b)
-    assert float(opt.state["step"]) == float(opt_t.state["step"]) == steps
+    assert float(opt.step_count) == float(opt_t.step_count) == steps
 
 
 def test_layer_stats_values():
@@ -347,7 +347,7 @@ def test_layer_stats_values():
 
 def _snapshot(opt):
     b = opt._buckets[0]
-    return [t.clone() for t in (b.param_buf, b.state_buf, b.stats, b.step)]
+    return [weights_flat(b), *(t.clone() for t in (b.state_buf, b.stats, b.step))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
@@ -386,12 +386,11 @@ def test_dynamic_schedule_stress():
             _, opt = train(lambda ps: tvlars_fused.TVLARS(ps, backend="cpu", **HYPER, **TV_ONLY), init,
                            torch.float32, 2)
             b = opt._buckets[0]
-            args = [b.param_buf, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
-                    b.group_table, b.step, b.partials, b.counters, b.stats]
+            args = op_args(b)
             out = []
             for _ in range(15):
                 OP(*args, None, None, b.chunk_elems)
-                out.append(torch.cat([b.param_buf, b.state_buf, b.stats.flatten()]).clone())
+                out.append(torch.cat([weights_flat(b), b.state_buf, b.stats.flatten()]).clone())
             snaps[n] = out
     finally:
         torch.set_num_threads(old)
@@ -439,7 +438,7 @@ def _amp_twins(device, dtype=torch.float32):
 
 def _full_snapshot(opt):
     b = opt._buckets[0]
-    return [t.clone() for t in (b.param_buf, b.state_buf, b.stats, b.step, b.counters)]
+    return [weights_flat(b), *(t.clone() for t in (b.state_buf, b.stats, b.step, b.counters))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -510,14 +509,14 @@ def test_grad_scaler_integration():
     scaler.scale(model(x).square().sum()).backward()
     scaler.step(opt)
     scaler.update()
-    assert float(opt.state["step"]) == 1
+    assert float(opt.step_count) == 1
     w = model.weight.detach().clone()
     opt.zero_grad()
     scaler.scale(model(x).square().sum()).backward()
     model.weight.grad[0, 0] = float("inf")
     scaler.step(opt)
     scaler.update()
-    assert float(opt.state["step"]) == 1 and torch.equal(model.weight, w)
+    assert float(opt.step_count) == 1 and torch.equal(model.weight, w)
     assert scaler.get_scale() == 128.0
 
 
@@ -561,7 +560,7 @@ def test_empty_bucket_only_zero_size(device):
         opt.step()
     b = opt._buckets[0]
     assert b.numel == 0 and b.num_chunks == 0
-    assert float(opt.state["step"]) == 3
+    assert float(opt.step_count) == 3
     phi2 = tvlars_fused.phi(2, 0.05, 3, 1.0, 0.0)
     for p in params:
         st = opt.layer_stats()[p].cpu()
@@ -585,14 +584,27 @@ def test_mixed_zero_size_and_regular(device):
 
 # -- the op itself: torch.compile, opcheck, input checks -----------------------------------------
 
+def op_args(b):
+    """The op's arguments over a bucket's own tensors (the grad_scale, found_inf and chunk_elems
+    left out)."""
+    return [list(b.weights), b.w_offsets, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
+            b.group_table, b.step, b.partials, b.counters, b.stats]
+
+
+def clone_args(args):
+    return [[w.clone() for w in a] if isinstance(a, list) else a.clone() for a in args]
+
+
+def flat_args(args):
+    return [t for a in args for t in (a if isinstance(a, list) else [a])]
+
+
 def _bucket_args(dtype=torch.float32, device="cpu"):
     """A prepared bucket (2 groups, None grads, zero-size) and the op's arguments over clones of
     its tensors."""
     _, opt = run("fused", dtype, 2, "paper", True, device)
     b = opt._buckets[0]
-    tensors = [b.param_buf, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
-               b.group_table, b.step, b.partials, b.counters, b.stats]
-    return [t.clone() for t in tensors], b.chunk_elems
+    return clone_args(op_args(b)), b.chunk_elems
 
 
 def test_compile_fullgraph_matches_eager():
@@ -602,22 +614,22 @@ def test_compile_fullgraph_matches_eager():
     args, chunk = _bucket_args()
     scale = torch.full((1,), 2.0)
 
-    def step(params, grads, state, seg, active, chunks, groups, t, partials, counters, stats, gs):
-        torch.ops.tvlars_fused.bucket_step(params, grads.mul(gs), state, seg, active, chunks, groups, t,
+    def step(params, offsets, grads, state, seg, active, chunks, groups, t, partials, counters, stats, gs):
+        torch.ops.tvlars_fused.bucket_step(params, offsets, grads.mul(gs), state, seg, active, chunks, groups, t,
                                            partials, counters, stats, gs, None, chunk)
         return stats[:, 2] * 2
 
-    eager = [a.clone() for a in args]
-    comp = [a.clone() for a in args]
+    eager = clone_args(args)
+    comp = clone_args(args)
     compiled = torch.compile(step, fullgraph=True)
     for _ in range(2):
         le = step(*eager, scale)
         lc = compiled(*comp, scale)
         assert torch.equal(le, lc)
-    for a, b in zip(eager, comp):
+    for a, b in zip(flat_args(eager), flat_args(comp)):
         assert torch.equal(a, b)
-    assert not torch.equal(eager[0], args[0]), "the step must have changed the parameters"
-    assert float(comp[7]) == float(args[7]) + 2
+    assert not torch.equal(eager[0][0], args[0][0]), "the step must have changed the parameters"
+    assert float(comp[8]) == float(args[8]) + 2
 
 
 def test_opcheck():
@@ -629,11 +641,15 @@ def test_opcheck():
 
 def test_meta_checks_shapes():
     args, chunk = _bucket_args()
-    meta = [a.to("meta") for a in args]
+    meta = [[w.to("meta") for w in a] if isinstance(a, list) else a.to("meta") for a in args]
     OP(*meta, None, None, chunk)   # shapes only: fine
     bad = list(meta)
-    bad[2] = torch.empty(bad[2].numel(), dtype=torch.float64, device="meta")
+    bad[3] = torch.empty(bad[3].numel(), dtype=torch.float64, device="meta")
     with pytest.raises(RuntimeError, match="state must be"):
+        OP(*bad, None, None, chunk)
+    bad = list(meta)
+    bad[0] = bad[0][:-1]
+    with pytest.raises(RuntimeError, match="params must list one tensor per segment"):
         OP(*bad, None, None, chunk)
 
 
@@ -641,31 +657,43 @@ def test_input_checks():
     args, chunk = _bucket_args()
     with pytest.raises(RuntimeError, match="chunk_elems must be a positive multiple of 16"):
         OP(*args, None, None, 1000)
-    bad = [a.clone() for a in args]
-    bad[1] = bad[1].double()
+    bad = clone_args(args)
+    bad[2] = bad[2].double()
     with pytest.raises(RuntimeError, match="grads must be"):
         OP(*bad, None, None, chunk)
-    bad = [a.clone() for a in args]
-    bad[3][1, 1] = bad[0].numel() + 16      # a segment end past the buffer
+    bad = clone_args(args)
+    bad[0][1] = bad[0][1].double()
+    with pytest.raises(RuntimeError, match=r"params\[1\] is Double"):
+        OP(*bad, None, None, chunk)
+    bad = clone_args(args)
+    bad[0][1] = torch.zeros(bad[0][1].numel() + 1)   # a parameter that does not match its segment
+    with pytest.raises(RuntimeError, match=r"params\[1\] .* seg_table's numel"):
+        OP(*bad, None, None, chunk)
+    bad = clone_args(args)
+    bad[0][1] = torch.zeros(2 * bad[0][1].numel())[::2]   # not dense in memory
+    with pytest.raises(RuntimeError, match=r"params\[1\] .* must be dense"):
+        OP(*bad, None, None, chunk)
+    bad = clone_args(args)
+    bad[4][1, 1] = bad[2].numel() + 16      # a segment end past the buffer
     with pytest.raises(RuntimeError, match="invalid range"):
         OP(*bad, None, None, chunk)
-    bad = [a.clone() for a in args]
-    bad[3][1, :3] = bad[3][0, :3]           # segment 1 on top of segment 0 (threads would race)
-    with pytest.raises(RuntimeError, match="inside the previous segment"):
+    bad = clone_args(args)
+    bad[4][1, :3] = bad[4][0, :3]           # segment 1 on top of segment 0 (threads would race)
+    with pytest.raises(RuntimeError, match="inside the previous segment|seg_table's numel"):
         OP(*bad, None, None, chunk)
-    bad = [a.clone() for a in args]
-    bad[5][3, 0] += 16                      # a chunk start that does not match its segment
+    bad = clone_args(args)
+    bad[6][3, 0] += 16                      # a chunk start that does not match its segment
     with pytest.raises(RuntimeError, match="chunk_table row 3"):
         OP(*bad, None, None, chunk)
-    bad = [a.clone() for a in args]
-    bad[3][0, 3] = 7                        # a group index past the group table
+    bad = clone_args(args)
+    bad[4][0, 3] = 7                        # a group index past the group table
     with pytest.raises(RuntimeError, match="names group 7"):
         OP(*bad, None, None, chunk)
     with pytest.raises(RuntimeError, match="grad_scale must be a one-element float32"):
         OP(*args, torch.ones(1, dtype=torch.float64), None, chunk)
-    # nothing was changed by the rejected calls
+    # nothing was changed by the rejected calls (w_offsets: addresses, other in every build)
     ref_args, _ = _bucket_args()
-    for a, b in zip(args, ref_args):
+    for a, b in zip(flat_args(args[:1] + args[2:]), flat_args(ref_args[:1] + ref_args[2:])):
         assert torch.equal(a, b)
 
 
@@ -716,7 +744,7 @@ def test_cuda_no_host_sync(device):
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert float(opt.state["step"]) == 3
+    assert float(opt.step_count) == 3
     assert int(opt._buckets[0].counters.abs().sum()) == 0   # workspace back to zero
 
 

@@ -2,6 +2,7 @@
 (Kernel-specific tests live in test_triton.py and test_extension.py.)"""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ import tvlars_fused
 from tvlars_fused import reference
 from tvlars_fused.kernels import available_backends
 
-from parity import SHAPES, assert_parity_fp32, make_init, max_err, train
+from parity import SHAPES, assert_parity_fp32, grads_for_step, make_init, max_err, train
 
 
 def _backends():
@@ -65,13 +66,15 @@ def test_fast_path_views_and_unused_branch(backend):
     for p, gv in zip(b.params, b.grad_views):
         if p.grad is not None:
             assert p.grad is gv
-        assert b.param_buf.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+    # the parameters keep their own memory (the kernels reach them through the offsets table)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params)
     # the unused branch never got a grad: untouched, no state, as in the reference
     assert m.unused.weight.grad is None
     assert torch.equal(m.unused.weight, m_ref.unused.weight)
     assert m.unused.weight not in opt.state or not opt.state[m.unused.weight]
     assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
-    assert float(opt.state["step"]) == 6
+    assert float(opt.step_count) == 6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +103,8 @@ def test_parity_fp32_groups_filters_forms(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hand_written_and_reallocated_grads(backend):
     """A grad written by hand (assignment, copy_), or re-allocated after model.zero_grad(), is a
-    real update; it is copied into the bucket (counted) and the view restored."""
+    real update; it is copied into the bucket (counted) and left as it is (torch's semantics:
+    step() neither writes into .grad nor replaces it)."""
     init = make_init([(5, 3), (4,), (6,)])
     ps_f = [torch.nn.Parameter(x.clone()) for x in init]
     ps_r = [torch.nn.Parameter(x.clone()) for x in init]
@@ -111,17 +115,16 @@ def test_hand_written_and_reallocated_grads(backend):
         grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init]
         for opt_, ps in ((opt, ps_f), (o_ref, ps_r)):
             opt_.zero_grad()
-            ps[0].grad = grads[0].clone()                 # assignment
+            ps[0].grad = assigned = grads[0].clone()      # assignment
             ps[1].grad = torch.zeros_like(ps[1])          # a zero grad is a real update
             if step % 2:
                 ps[1].grad.copy_(grads[1])                # in-place write by hand
             # ps[2]: no grad -> skipped
             opt_.step()
+            assert ps[0].grad is assigned and torch.equal(assigned, grads[0])
     assert max_err(ps_f, ps_r) < 1e-12
     assert torch.equal(ps_f[2], init[2])
     assert opt.grad_copies == 10
-    b = opt._buckets[0]
-    assert ps_f[0].grad is b.grad_views[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,9 +165,9 @@ def test_state_dict_roundtrip_between_fused_and_reference(backend):
         _loop(m_a, o_a, 3, seed=9)
         _loop(m_b, o_b, 3, seed=9)
         assert max_err(m_a.parameters(), m_b.parameters()) < 1e-12
-        assert float(o_a.state["step"]) == float(o_b.state["step"]) == 7
-        keys = {k for st in o_b.state_dict()["state"].values() if isinstance(st, dict) for k in st}
-        assert keys == {"m"}
+        assert float(o_a.step_count) == float(o_b.step_count) == 7
+        keys = {k for st in o_b.state_dict()["state"].values() for k in st}
+        assert keys == {"m", "step"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,13 +200,16 @@ def test_param_data_reassigned_rebuilds(backend):
             (ps[0] * 1.5).sum().backward() if step % 2 else (ps[0].square().sum() + ps[1].sum()).backward()
             opt.step()
             if step == 1 and replace:
-                ps[0].data = torch.full((4, 4), 0.25, dtype=torch.float64)
+                new.append(torch.full((4, 4), 0.25, dtype=torch.float64))
+                ps[0].data = new[-1]
+    new = []
     opt = tvlars_fused.TVLARS(ps_f, backend=backend, **HYPER)
     run(opt, ps_f, True)
     o_ref = reference.TVLARS(ps_r, **HYPER)
     run(o_ref, ps_r, True)
     assert max_err(ps_f, ps_r) < 1e-12
-    assert ps_f[0].untyped_storage().data_ptr() == opt._buckets[0].param_buf.untyped_storage().data_ptr()
+    # the step updated the tensor the user assigned, in place (no rebuild: only its address changed)
+    assert ps_f[0].data_ptr() == new[0].data_ptr() and torch.equal(ps_f[0], new[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -244,7 +250,7 @@ def test_no_host_sync_in_step(backend, monkeypatch):
         loss().backward()
         opt.step()
     monkeypatch.undo()
-    assert float(opt.state["step"]) == 3
+    assert float(opt.step_count) == 3
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -284,7 +290,7 @@ def test_torch_backend_slices_change_no_bits(dtype, amp, monkeypatch):
         sizes = [sl.n for sl in torch_backend._slices(b)]
         assert len(sizes) == 1 if slice_elems > b.numel else max(sizes) <= torch_backend.CHUNK_ELEMS
         runs.append([_bits(p) for p in ps] + [_bits(v) for p in ps for v in opt.state[p].values()]
-                    + [_bits(b.stats), _bits(opt.state["step"])])
+                    + [_bits(b.stats), _bits(opt.step_count)])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
 
@@ -301,7 +307,7 @@ def test_zero_size_params_stats(backend, mixed):
         opt.zero_grad()
         sum(p.sum() for p in params).backward()
         opt.step()
-    assert float(opt.state["step"]) == 3
+    assert float(opt.step_count) == 3
     phi2 = tvlars_fused.phi(2, 0.05, 3, 1.0, 0.0)
     for p in params:
         st = opt.layer_stats()[p]
@@ -309,3 +315,75 @@ def test_zero_size_params_stats(backend, mixed):
             assert st[:3].tolist() == [0.0, 0.0, 1.0] and abs(float(st[3]) - phi2) < 1e-6, st
         else:
             assert float(st[0]) > 0 and abs(float(st[3]) - phi2) < 1e-6, st
+
+
+def spec_segment_sum(partials, tile):
+    """docs/SPEC.md, "The segment sum", written out independently: tiles of `tile` chunk partials
+    in chunk order, each summed as a pairwise tree (v[i] = v[2i] + v[2i+1], +0 past the end),
+    the tiles added in order, all in float32."""
+    total = np.float32(0.0)
+    for base in range(0, len(partials), tile):
+        v = [np.float32(x) for x in partials[base:base + tile]] + [np.float32(0.0)] * (tile - len(partials[base:base + tile]))
+        while len(v) > 1:
+            v = [np.float32(v[2 * i] + v[2 * i + 1]) for i in range(len(v) // 2)]
+        total = np.float32(total + v[0])
+    return total
+
+
+# backend -> (chunk elements, reduce tile: small where the backend reads it at run time; the C++
+# kernel's is compiled in)
+ORDER_SETUP = {"torch": (64, 4), "triton": (64, 4), "cpu": (16, 1024)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_sum_order_is_the_spec(backend, monkeypatch):
+    """stats = sqrt of each segment's chunk partials added in SPEC's order (tiles of a pairwise
+    tree, tiles in chunk order), bit for bit, whoever finishes last; each partial is its chunk's
+    sum of squares. Segment 1 makes the order show: a first chunk summing to 2^24, then chunks of
+    0.75 each (below half an ulp of 2^24 one at a time, not in pairs): sequential, reversed or
+    untiled orders give other bits."""
+    from tvlars_fused import stats as S
+    from tvlars_fused.kernels import resolve, triton_lars
+    chunk, tile = ORDER_SETUP[backend]
+    monkeypatch.setattr(resolve(backend, torch.device("cpu")), "CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(S, "REDUCE_TILE", tile)
+    monkeypatch.setattr(triton_lars, "REDUCE_TILE", tile)
+    n_chunks = 3 * tile + 2 if tile < 1024 else tile + 76          # several tiles, the last one partial
+    shapes = [(700,), (n_chunks * chunk,), (33, 20), (5,), (chunk,)]
+    init = make_init(shapes)
+    g = grads_for_step(shapes, 0)
+    per = chunk
+    for t in (init[1], g[1]):
+        t.fill_((0.75 / per) ** 0.5)
+        t[:per] = 0.0
+        t[0] = 4096.0
+    ps = [torch.nn.Parameter(x.float()) for x in init]
+    opt = tvlars_fused.LARS(ps, lr=0.1, weight_decay=1e-2, backend=backend)
+    for p, c in zip(ps, g):
+        p.grad = c.float()
+    b = opt._buckets[0]
+    assert b.chunk_elems == chunk
+    w0 = [p.detach().double().clone().reshape(-1) for p in ps]
+    opt.step()
+    seg = b.seg_table.tolist()
+    chunks = b.chunk_table.tolist()
+    partials = b.partials.numpy()
+    stats = b.stats.numpy()
+    for s, (off, end, numel, _, _, first, n) in enumerate(seg):
+        assert n == -(-(end - off) // chunk)
+        d0 = g[s].reshape(-1).float().double() + 1e-2 * w0[s]
+        for c in range(first, first + n):
+            lo, hi = chunks[c][0] - off, min(chunks[c][0] + chunk, off + numel) - off
+            np.testing.assert_allclose(partials[c, 0], float((w0[s][lo:hi] ** 2).sum()), rtol=1e-5)
+            np.testing.assert_allclose(partials[c, 1], float((d0[lo:hi] ** 2).sum()), rtol=1e-5)
+        sw = spec_segment_sum(partials[first:first + n, 0], tile)
+        sd = spec_segment_sum(partials[first:first + n, 1], tile)
+        assert stats[s, 0] == np.sqrt(sw), s   # bit for bit: sqrt is correctly rounded everywhere
+        assert stats[s, 1] == np.sqrt(sd), s
+        if s == 1:   # the order shows: other orders give other bits here
+            seq = np.float32(0.0)
+            for x in partials[first:first + n, 0]:
+                seq = np.float32(seq + x)
+            assert np.sqrt(seq) != stats[s, 0]
+            assert spec_segment_sum(partials[first:first + n, 0], 2 * tile) != sw or tile >= 1024
+    assert int(b.counters.sum()) == 0   # counters are back to zero between launches

@@ -1,9 +1,19 @@
-"""What the reference and the fused optimizers share: validation of parameters, gradients and
-hyperparameters, the state layout (docs/SPEC.md) and state_dict loading."""
+"""LayerwiseOptimizer: what the eager reference and the fused optimizers share (they are siblings
+over this base). It owns the torch.optim contract: parameter and param-group validation (named
+parameters included), the state format, load_state_dict, pickling. Subclasses implement step()
+and say where the step count t lives.
+
+State format (docs/SPEC.md, "State"): `optimizer.state` is keyed by parameters only. A parameter's
+entry is created the first time it is updated and holds `"step"` (t, the optimizer-wide count of
+steps taken: a 0-dim float32 tensor, the same value for every parameter) and `"momentum_buffer"`
+(momentum_form="heavy_ball") or `"m"` ("paper").
+"""
 from __future__ import annotations
 
+from collections import defaultdict
+from copy import deepcopy
 from itertools import chain
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -11,7 +21,9 @@ from torch.optim import Optimizer
 from .hyperparams import validate_group
 from .schedule import phi
 
-STEP_KEY = "step"   # the optimizer-wide step counter t, a 0-dim float32 tensor in self.state
+STEP = "step"                       # per-parameter state entry: t
+LEGACY_STEP = "step"                # the format before 0.2: one non-parameter key state["step"] = t
+STATE_KEYS = ("momentum_buffer", "m")
 
 
 def state_key(momentum_form: str) -> str:
@@ -20,16 +32,18 @@ def state_key(momentum_form: str) -> str:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norms and the update run in float32 at least, float64 for float64 parameters."""
+    """Norms, the update and the momentum state are float32 at least, float64 for float64
+    parameters (so bfloat16/float16 parameters keep float32 state)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def describe(group_index: int, param_index: int, p: torch.Tensor) -> str:
-    return (f"param_groups[{group_index}]['params'][{param_index}] "
+def describe(group_index: int, param_index: int, p: torch.Tensor, name: Optional[str] = None) -> str:
+    label = f" {name!r}" if name is not None else ""
+    return (f"param_groups[{group_index}]['params'][{param_index}]{label} "
             f"(shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})")
 
 
-def check_param(p: torch.Tensor, where: str) -> None:
+def check_param(p: Any, where: str) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where}: optimizer parameters must be tensors, got {type(p).__name__}")
     if p.is_complex():
@@ -37,6 +51,9 @@ def check_param(p: torch.Tensor, where: str) -> None:
                          "optimize torch.view_as_real(p) as a real parameter instead")
     if not p.is_floating_point():
         raise ValueError(f"{where}: only floating-point parameters can be optimized, got {p.dtype}")
+    if not (p.is_leaf or p.retains_grad):
+        raise ValueError(f"{where}: can't optimize a non-leaf tensor; optimize the leaf it was computed "
+                         "from (e.g. a nn.Parameter)")
 
 
 def grad_ok(g: torch.Tensor) -> bool:
@@ -53,39 +70,65 @@ def check_grad(g: torch.Tensor, where: str) -> None:
                            "optimize torch.view_as_real(p) as a real parameter instead")
 
 
-class LarsFamilyBase(Optimizer):
-    _tvlars = True
+def _param_and_name(item: Any):
+    """A params entry: a tensor, or a (name, tensor) pair from named_parameters()."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item[1], item[0]
+    return item, None
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Base of the layer-wise optimizers (reference and fused). Subclasses set `tvlars` and implement
+    step(), `_step_tensor()` (where t lives) and `_load_step(t, state)` (adopt loaded state)."""
+
+    tvlars = True
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
-        if not isinstance(params, torch.Tensor):
-            params = list(params)
-            if not params:
-                raise ValueError(
-                    "params is empty: pass the parameters to optimize, e.g. model.parameters() (a "
-                    "generator can be consumed only once: call model.parameters() again or pass a list)")
+        validate_group(defaults, self.tvlars, where="the constructor arguments")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or of param-group dicts, e.g. "
+                            f"model.parameters(), got a single tensor of shape {tuple(params.shape)}: "
+                            "wrap it in a list")
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "params is empty: pass the parameters to optimize, e.g. model.parameters() (a "
+                "generator can be consumed only once: call model.parameters() again or pass a list)")
         super().__init__(params, defaults)
-        self.state[STEP_KEY] = torch.zeros((), dtype=torch.float32)
 
+    # -- parameters and groups -------------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         # Validate before torch appends the group, so a rejected group leaves no trace.
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         gi = len(self.param_groups)
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError(f"param_groups[{gi}]['params'] is a set; pass an ordered collection (a list) "
                             "so the parameter order is the same in every run")
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        items = [params] if isinstance(params, torch.Tensor) else list(params)
         owner = {id(q): (gj, j) for gj, g in enumerate(self.param_groups) for j, q in enumerate(g["params"])}
-        for i, p in enumerate(params):
-            check_param(p, describe(gi, i, p))
-            if any(p is q for q in params[:i]):
-                raise ValueError(f"{describe(gi, i, p)} appears twice in the same group; list each parameter once")
+        seen = set()
+        for i, item in enumerate(items):
+            p, name = _param_and_name(item)
+            where = describe(gi, i, p, name) if isinstance(p, torch.Tensor) else f"param_groups[{gi}]['params'][{i}]"
+            check_param(p, where)
+            if id(p) in seen:
+                raise ValueError(f"{where} appears twice in the same group; list each parameter once")
+            seen.add(id(p))
             if id(p) in owner:
                 gj, j = owner[id(p)]
-                raise ValueError(f"{describe(gi, i, p)} is already param_groups[{gj}]['params'][{j}]; a "
-                                 "parameter can belong to only one group: remove it from one of them")
-        validate_group({**self.defaults, **param_group}, self._tvlars, where=f"param_groups[{gi}]")
-        super().add_param_group({**param_group, "params": params})
+                raise ValueError(f"{where} is already param_groups[{gj}]['params'][{j}]; a parameter can "
+                                 "belong to only one group: remove it from one of them")
+        validate_group({**self.defaults, **param_group}, self.tvlars, where=f"param_groups[{gi}]")
+        super().add_param_group({**param_group, "params": items})
 
+    def _where(self, gi: int, i: int) -> str:
+        group = self.param_groups[gi]
+        names = group.get("param_names")
+        return describe(gi, i, group["params"][i], names[i] if names else None)
+
+    # -- step ------------------------------------------------------------------------------------
     def begin_step(self, closure):
         """The start of every step(): run the closure (with grad enabled), then validate. Returns
         the closure's loss."""
@@ -100,14 +143,41 @@ class LarsFamilyBase(Optimizer):
         """Check every group and gradient before anything is updated, so a rejected step changes
         nothing."""
         for gi, group in enumerate(self.param_groups):
-            validate_group(group, self._tvlars, where=f"param_groups[{gi}]")
+            validate_group(group, self.tvlars, where=f"param_groups[{gi}]")
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is not None and not grad_ok(g):
-                    check_grad(g, describe(gi, i, p))
+                    check_grad(g, self._where(gi, i))
 
+    def scale(self, group: Dict[str, Any], t: float) -> float:
+        """phi(t) for TVLARS, 1 for LARS."""
+        if not self.tvlars:
+            return 1.0
+        return phi(t, group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"])
+
+    @property
+    def step_count(self) -> torch.Tensor:
+        """t, the number of steps this optimizer has taken (a 0-dim float32 tensor; on the
+        parameters' device for the fused classes: reading it as a number syncs)."""
+        return self._step_tensor()
+
+    def _step_tensor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- state_dict ------------------------------------------------------------------------------
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        saved_groups = state_dict.get("param_groups", [])
+        """torch.optim's load_state_dict (hooks, checks, param_names) with this project's state
+        policy: momentum state is copied at the state dtype (float32 for bfloat16/float16
+        parameters), never aliased; t is read from the per-parameter "step" entries (their max:
+        torch-style per-parameter steps are accepted) or from the pre-0.2 top-level state["step"].
+        What a pre-hook returns and what a post-hook edits is what the next step uses."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = deepcopy(state_dict["param_groups"])
         saved_state = state_dict.get("state", {})
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -120,34 +190,59 @@ class LarsFamilyBase(Optimizer):
                     f"load_state_dict: param_groups[{gi}] has {len(sg['params'])} parameters in the state_dict "
                     f"and {len(g['params'])} in this optimizer (a parameter group that does not match); it "
                     "comes from a different model: build the optimizer over the same parameters, in the same order")
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        if len(saved_groups) == len(self.param_groups):
-            id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups), params))
-            for pid, entry in saved_state.items():
-                p = id_map.get(pid)
-                for key, value in (entry.items() if p is not None else ()):
-                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+
+        steps: List[float] = []
+        legacy = saved_state.get(LEGACY_STEP) if LEGACY_STEP not in id_map else None
+        if legacy is not None:
+            steps.append(float(legacy))
+        state: Dict[Any, Dict[str, Any]] = defaultdict(dict)
+        for pid, entry in saved_state.items():
+            p = id_map.get(pid)
+            if p is None:
+                if pid != LEGACY_STEP:   # torch keeps state of unknown keys as is
+                    state[pid] = entry
+                continue
+            for key, value in entry.items():
+                if key == STEP:
+                    steps.append(float(value))
+                    continue
+                if isinstance(value, torch.Tensor):
+                    if value.is_floating_point() and value.shape != p.shape:
                         raise ValueError(
                             f"load_state_dict: state[{pid!r}][{key!r}] has shape {tuple(value.shape)} but the "
                             f"parameter it belongs to has shape {tuple(p.shape)}; the state_dict comes from a "
                             "different model (or parameter order): build the optimizer over the same parameters")
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter dtype; bfloat16/float16 parameters keep float32
-        # state, so copy the saved values again at the state dtype.
-        if len(saved_groups) == len(self.param_groups):
-            for pid, entry in saved_state.items():
-                p = id_map.get(pid)
-                if p is None:
-                    continue
-                for key, value in entry.items():
-                    if isinstance(value, torch.Tensor) and value.is_floating_point():
-                        self.state[p][key] = value.to(device=p.device, dtype=accumulation_dtype(p.dtype),
-                                                      copy=True)
-        step = saved_state.get(STEP_KEY)
-        self.state[STEP_KEY] = (torch.zeros((), dtype=torch.float32) if step is None
-                                else torch.as_tensor(step, dtype=torch.float32).detach().to("cpu", copy=True).reshape(()))
+                    dtype = accumulation_dtype(p.dtype) if value.is_floating_point() else value.dtype
+                    value = value.detach().to(device=p.device, dtype=dtype, copy=True)
+                state[p][key] = value
+        t = max(steps) if steps else 0.0
 
-    def scale(self, group: Dict[str, Any], t: float) -> float:
-        """phi(t) for TVLARS; LARS overrides it with 1."""
-        return phi(t, group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"])
+        def update_group(group, new_group):
+            new_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in new_group:
+                new_group["param_names"] = group["param_names"]
+            return new_group
 
+        param_groups = [update_group(g, ng) for g, ng in zip(self.param_groups, saved_groups)]
+        self.__setstate__({"state": state, "param_groups": param_groups})
+        self._load_step(t)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+        self._after_load()
+
+    def _load_step(self, t: float) -> None:
+        """Adopt t as the step count and point every state entry's "step" at it."""
+        raise NotImplementedError
+
+    def _after_load(self) -> None:
+        """After load_state_dict's post-hooks: a post-hook may have replaced "step" entries."""
+        if any(isinstance(st, dict) and STEP in st for st in self.state.values()):
+            self._load_step(self._max_step(self.state))
+
+    @staticmethod
+    def _max_step(state: Dict[Any, Dict[str, Any]]) -> float:
+        """t from per-parameter "step" entries (0 when there are none)."""
+        steps = [float(st[STEP]) for st in state.values() if isinstance(st, dict) and STEP in st]
+        return max(steps) if steps else 0.0

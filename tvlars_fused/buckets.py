@@ -1,18 +1,25 @@
-"""Flat parameter buckets: the parameters of one (device, dtype) live in one contiguous buffer.
+"""Buckets: the parameters of one (device, dtype), with their gradients and optimizer state in flat
+buffers, and the tables the kernels read (docs/SPEC.md, "The bucket ABI"; layouts in abi.py).
 
-Each parameter becomes a view of its bucket (the Parameter objects stay the same, so the model keeps
-working); its gradient and optimizer state are views of matching flat buffers. Segments start at
-multiples of ALIGN elements (128-bit aligned for every dtype); padding stays zero. The segment,
-chunk and group tables that the kernels read are described in docs/SPEC.md ("The bucket ABI").
+Parameters keep their own storage: the kernels reach each one through a table of element offsets
+(from the bucket's first parameter), so nothing about the model changes (safetensors, partial
+state_dict saves, ZeRO's bucket views and FSDP2's shards all see ordinary tensors). A parameter that
+is not dense in memory (a strided slice) is staged: copied into a dense tensor of the bucket's
+before the kernels and back after. A parameter moved behind the optimizer's back (p.data = ...,
+ZeroRedundancyOptimizer(parameters_as_bucket_view=True)) with the same shape, strides, dtype and
+device just gets its offset updated; any other change rebuilds the buckets (optimizer.py).
 
-How the bucket knows which parameters have a gradient, without a host sync: gradients follow torch
-semantics exactly (a parameter whose .grad is None is skipped). zero_grad() zeroes the grad buffer
-in place and sets each .grad to None; a tensor hook, which runs before autograd accumulates into
-.grad, attaches the (zeroed) bucket view as .grad the first time backward produces a gradient for
-the parameter, so autograd accumulates straight into the bucket. At step time, `p.grad is None`
-says "skip", `p.grad is view` is the fast path, and anything else (a grad re-allocated after
-model.zero_grad(), assigned by hand, or replaced by another library) is copied in and the view
-restored; `Bucket.grad_copies` counts those.
+Gradients and momentum state live in flat buffers whose segments start at multiples of ALIGN
+elements; padding is zero and stays zero. Each parameter's gradient and state are views with the
+parameter's own (dense) strides, so element k of a segment is element k of the parameter's memory.
+
+Gradients follow torch's semantics: a parameter whose .grad is None is skipped, and whatever .grad
+is at step() is what the step uses; step() neither writes into .grad nor replaces it. The fast path
+avoids copies: zero_grad() zeroes the grad buffer in place and sets each .grad to None; a tensor
+hook, which runs before autograd accumulates into .grad, attaches the (zeroed) bucket view as .grad
+the first time backward produces a gradient, so autograd accumulates straight into the bucket.
+Any other .grad (assigned by hand, allocated by model.zero_grad() + backward, owned by another
+library) is copied in at step time and counted in `Bucket.grad_copies`.
 """
 from __future__ import annotations
 
@@ -22,58 +29,71 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import accumulation_dtype, check_grad, describe, state_key
-from .hyperparams import GROUP_TABLE_COLS, group_row, segment_flags
+from .abi import ALIGN, CHUNK_COLS, COL_LR, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS, STAT_TRUST_RATIO
+from .base import STEP, accumulation_dtype, check_grad, state_key
+from .hyperparams import GROUP_COLS, group_row, segment_flags
 from .sharding import is_sharded, local, shard_groups
+from .stats import ReducePlan
 
-ALIGN = 16  # elements: 64 B for float32, enough for 128-bit vector access of every dtype
-
-# seg_table columns
-SEG_OFFSET, SEG_END, SEG_NUMEL, SEG_GROUP, SEG_FLAGS, SEG_FIRST_CHUNK, SEG_NUM_CHUNKS = range(7)
-SEG_COLS = 7
-# chunk_table columns
-CHUNK_START, CHUNK_SEG = 0, 1
-# stats columns
-STAT_WEIGHT_NORM, STAT_UPDATE_NORM, STAT_TRUST_RATIO, STAT_PHI = range(4)
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Momentum state is float32 for bfloat16/float16 parameters, the parameter dtype otherwise."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+Layout = Tuple[Tuple[int, ...], Tuple[int, ...], torch.dtype, torch.device]
 
 
 def _dense_strides(p: torch.Tensor) -> Tuple[int, ...]:
-    """Keep the parameter's memory format (e.g. channels_last) when it is dense, else contiguous."""
+    """The parameter's strides when it is dense (e.g. channels_last), else contiguous ones."""
     return tuple(torch.empty_like(p, device="meta").stride())  # preserve_format does exactly this
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel) exactly (in some
+    order of the dimensions), so the kernels can treat the memory as a flat array."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(t: torch.Tensor) -> Layout:
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def upload(dst: torch.Tensor, rows) -> None:
+    """Copy host values into a device table without a host sync: through pinned memory when the
+    table is on a CUDA device (the caching host allocator keeps the staging block alive until the
+    copy has run)."""
+    src = torch.tensor(rows, dtype=dst.dtype).reshape(dst.shape)
+    if dst.device.type == "cuda":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
+
+
 class Bucket:
-    """Flat buffers and tables for the parameters of one (device, dtype)."""
+    """Flat gradient/state buffers and tables for the parameters of one (device, dtype)."""
 
     def __init__(self, params: Sequence[torch.Tensor], group_index: Sequence[int],
-                 param_groups: List[dict], chunk_elems: int, step: torch.Tensor, tvlars: bool,
+                 param_groups: List[dict], chunk_elems: int, t: float, tvlars: bool,
                  optimizer_state: Dict, where: Sequence[str]):
         assert len(params) > 0
         self.params = list(params)
-        # Sharded (DTensor) parameters belong to FSDP2, which all-gathers from its own storage:
-        # the bucket mirrors their local shards (copied in and out each step) instead of rebinding.
+        # Sharded (DTensor) parameters: the kernels update FSDP2's local shards in place.
         self.sharded = is_sharded(params[0])
-        self.locals = [local(p.detach()) for p in self.params]
         self.group_index = list(group_index)
         self.where = list(where)
-        self.device = self.locals[0].device
-        self.dtype = params[0].dtype
+        with torch.no_grad():
+            targets = [local(p) for p in self.params]
+        self.device = targets[0].device
+        self.dtype = targets[0].dtype
         self.acc_dtype = accumulation_dtype(self.dtype)
-        self.state_dtype = state_dtype(self.dtype)
         self.chunk_elems = int(chunk_elems)
         self.tvlars = tvlars
         # A parameter whose shape changed (p.data = ...) no longer fits its state: refuse before
-        # anything is re-bound.
+        # anything is built.
         for i, p in enumerate(self.params):
             st = optimizer_state.get(p)
             for key in ("momentum_buffer", "m"):
                 v = st.get(key) if st is not None else None
-                if isinstance(v, torch.Tensor) and local(v).shape != self.locals[i].shape:
+                if isinstance(v, torch.Tensor) and local(v).shape != targets[i].shape:
                     raise ValueError(
                         f"{self.where[i]} has shape {tuple(p.shape)} but its optimizer state[{key!r}] has shape "
                         f"{tuple(v.shape)}: the parameter changed shape after the optimizer was built; reset "
@@ -81,40 +101,40 @@ class Bucket:
         self.grad_copies = 0      # grads that were not the bucket's view at step time
         self.grad_rezeroed = 0    # views that had to be zeroed one by one (no optimizer.zero_grad())
 
-        # layout
+        # layout of the flat buffers
         offsets, numels, ends = [], [], []
         off = 0
-        for p in self.locals:
+        for p in targets:
             n = p.numel()
             offsets.append(off)
             numels.append(n)
             off += ALIGN * math.ceil(n / ALIGN)
             ends.append(off)
         self.numel = off
-        dev, dt = self.device, self.dtype
-        self.param_buf = torch.zeros(self.numel, dtype=dt, device=dev)
-        self.grad_buf = torch.zeros(self.numel, dtype=dt, device=dev)
-        self.state_buf = torch.zeros(self.numel, dtype=self.state_dtype, device=dev)
-
-        self.param_views, self.grad_views, self.state_views = [], [], []
-        for p, o in zip(self.locals, offsets):
+        dev = self.device
+        self.grad_buf = torch.zeros(self.numel, dtype=self.dtype, device=dev)
+        self.state_buf = torch.zeros(self.numel, dtype=self.acc_dtype, device=dev)
+        self.grad_views, self.state_views = [], []
+        for p, o in zip(targets, offsets):
             shape, strides = tuple(p.shape), _dense_strides(p)
-            pv = self.param_buf.as_strided(shape, strides, o)
-            pv.copy_(p.detach())
-            self.param_views.append(pv)
             self.grad_views.append(self.grad_buf.as_strided(shape, strides, o))
             self.state_views.append(self.state_buf.as_strided(shape, strides, o))
-        if not self.sharded:
-            for p, pv in zip(self.params, self.param_views):
-                p.data = pv
-            # (the old storages must not stay alive through self.locals)
-            self.locals = list(self.param_views)
-        self._expected_ptrs = [local(p).data_ptr() for p in self.params]
-        # what each parameter must still look like (param_is_stale runs every step: plain tuples)
-        self._layouts = [(tuple(v.shape), v.stride()) for v in self.param_views]
+        # What each parameter must still look like for this bucket to serve it (checked every step).
+        self._layouts = [_layout(p) for p in targets]
+        # Non-dense parameters are updated through a dense copy (staging), copied in and out.
+        self.staging: Dict[int, torch.Tensor] = {
+            i: torch.empty_strided(tuple(p.shape), _dense_strides(p), dtype=self.dtype, device=dev)
+            for i, p in enumerate(targets) if not _is_dense(p)}
+        self.weights: List[torch.Tensor] = []      # what the kernels update, per segment
+        self.w_offsets = torch.zeros(len(targets), dtype=torch.int64, device=dev)
+        self._ptrs: List[int] = []
+        self.w_aligned = False
+        self._set_weights(targets)
 
         # Carry over optimizer state (live views of an older bucket, or values loaded from a
-        # state_dict) and existing gradients into the new buffers.
+        # state_dict) into the new buffers.
+        self.step = torch.full((1,), float(t), dtype=torch.float32, device=dev)
+        self.step_entry = self.step.view(())   # what every state[p]["step"] holds
         self.has_state = [False] * len(self.params)
         self._entries: List[Optional[torch.Tensor]] = [None] * len(self.params)   # what state[p][key] holds
         self._keys: List[Optional[str]] = [None] * len(self.params)
@@ -125,17 +145,11 @@ class Bucket:
                 if st is not None and isinstance(st.get(key), torch.Tensor):
                     self.state_views[i].copy_(local(st[key].detach()))
                     st[key] = self._entries[i] = self._state_entry(i)
+                    st[STEP] = self.step_entry
                     self._keys[i] = key
                     self.has_state[i] = True
                     break
         self.clean = [True] * len(self.params)  # grad view known to be zero
-        for i, p in enumerate(self.params):
-            if p.grad is not None and not self.sharded:
-                check_grad(p.grad, self.where[i])
-                self.grad_views[i].copy_(p.grad.detach())
-                p.grad = self.grad_views[i]
-                self.clean[i] = False
-                self.grad_copies += 1
 
         # tables
         chunk_rows, seg_rows = [], []
@@ -145,17 +159,17 @@ class Bucket:
             seg_rows.append([o, e, n, self.group_index[s], 0, first, len(chunk_rows) - first])
         self._seg_rows = seg_rows
         self.seg_table = torch.tensor(seg_rows, dtype=torch.int64).reshape(-1, SEG_COLS).to(dev)
-        self.chunk_table = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2).to(dev)
+        self.chunk_table = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, CHUNK_COLS).to(dev)
         self.num_segments = len(seg_rows)
         self.num_chunks = len(chunk_rows)
+        self.has_tail = any(n % ALIGN for n in numels)   # a parameter that ends inside a 16-element block
+        self.reduce_plan = ReducePlan(seg_rows, self.num_chunks, dev)
         self.seg_active = torch.zeros(self.num_segments, dtype=torch.int32, device=dev)
-        self.group_table = torch.zeros(len(param_groups), GROUP_TABLE_COLS, dtype=self.acc_dtype, device=dev)
-        self.partials = torch.zeros(max(self.num_chunks, 1), 2, dtype=self.acc_dtype, device=dev)
+        self.group_table = torch.zeros(len(param_groups), GROUP_COLS, dtype=self.acc_dtype, device=dev)
+        self.partials = torch.zeros(max(self.num_chunks, 1), PART_COLS, dtype=self.acc_dtype, device=dev)
         self.counters = torch.zeros(self.num_segments, dtype=torch.int32, device=dev)
-        self.stats = torch.zeros(self.num_segments, 4, dtype=self.acc_dtype, device=dev)
+        self.stats = torch.zeros(self.num_segments, STAT_COLS, dtype=self.acc_dtype, device=dev)
         self.stats[:, STAT_TRUST_RATIO] = 1.0
-        self.step = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.step.copy_(step.detach().reshape(1))
         self._active: Optional[List[int]] = None
         self._rows: Optional[list] = None
         self._filters: Optional[list] = None
@@ -175,6 +189,51 @@ class Bucket:
         return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())
 
+    # -- the parameters' memory ---------------------------------------------------------------
+    def _set_weights(self, targets: List[torch.Tensor]) -> None:
+        """Point the kernels at the parameters' current memory: the weights list and the offsets
+        table (elements from weights[0]; aligned when every weight is 16-element aligned)."""
+        self.weights = [self.staging.get(i, t) for i, t in enumerate(targets)]
+        self._ptrs = [t.data_ptr() for t in targets]
+        size = self.weights[0].element_size()
+        ptrs = [w.data_ptr() for w in self.weights]
+        base = ptrs[0]
+        self.w_aligned = all((q - base) % (ALIGN * size) == 0 for q, w in zip(ptrs, self.weights) if w.numel()) \
+            and base % 16 == 0
+        upload(self.w_offsets, [(q - base) // size for q in ptrs])
+
+    def sync_params(self) -> bool:
+        """Called before each step: False when a parameter changed shape, strides, dtype or device
+        (the buckets must be rebuilt); a parameter that only moved to other memory is followed."""
+        moved = False
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                t = local(p) if self.sharded else p
+                if t.data_ptr() != self._ptrs[i]:
+                    if _layout(t) != self._layouts[i]:
+                        return False
+                    moved = True
+                elif t.shape != self._layouts[i][0] or t.stride() != self._layouts[i][1]:
+                    return False
+            if moved:
+                self._set_weights([local(p) if self.sharded else p for p in self.params])
+        return True
+
+    def layout_changed(self, i: int) -> bool:
+        """Parameter i no longer has the shape, strides, dtype or device it was built with."""
+        p = self.params[i]
+        return _layout(local(p) if self.sharded else p) != self._layouts[i]
+
+    def stage_in(self) -> None:
+        if self.staging:
+            idx = list(self.staging)
+            torch._foreach_copy_([self.staging[i] for i in idx], [self.params[i].detach() for i in idx])
+
+    def stage_out(self) -> None:
+        if self.staging:
+            idx = list(self.staging)
+            torch._foreach_copy_([self.params[i].detach() for i in idx], [self.staging[i] for i in idx])
+
     # -- gradients ----------------------------------------------------------------------------
     def attach_grad(self, i: int) -> None:
         """Backward is about to produce p.grad while it is None: give autograd the bucket view."""
@@ -186,21 +245,24 @@ class Bucket:
         self.params[i].grad = view
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self.sharded:   # FSDP2 owns these gradients
-            for p in self.params:
-                if p.grad is not None:
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        p.grad.zero_()
-            return
-        self.grad_buf.zero_()
+        """torch's zero_grad: None, or every existing .grad zeroed in place (the same tensors).
+        The bucket's own gradient buffer is zeroed with one fill."""
+        if not self.sharded:
+            self.grad_buf.zero_()
+            self.clean = [True] * len(self.params)
         for i, p in enumerate(self.params):
-            self.clean[i] = True
+            g = p.grad
+            if g is None:
+                continue
             if set_to_none:
                 p.grad = None
-            elif p.grad is not None:
-                p.grad = self.grad_views[i]
+            elif self.sharded or g is not self.grad_views[i]:
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                g.zero_()
+            else:
                 self.clean[i] = False
 
     def remove_hooks(self) -> None:
@@ -209,28 +271,13 @@ class Bucket:
         self._hooks = []
 
     # -- per-step host bookkeeping (no device sync) -------------------------------------------
-    def param_is_stale(self, i: int) -> bool:
-        """True when parameter i was moved or re-assigned (module.to, p.data = ...) since the build.
-        Runs every step for every parameter: plain attribute reads against precomputed tuples."""
-        p = self.params[i]
-        shape, stride = self._layouts[i]
-        if self.sharded:   # FSDP2 owns the local storage: compare what the shard looks like
-            lp = local(p)
-            return lp.dtype != self.dtype or lp.device != self.device or lp.shape != shape
-        # (same storage, other strides: `p.data = p.data.t()` on a square weight)
-        return (p.data_ptr() != self._expected_ptrs[i] or p.dtype != self.dtype or p.stride() != stride
-                or p.shape != shape or p.device != self.device)
-
-    def is_stale(self) -> bool:
-        return any(self.param_is_stale(i) for i in range(len(self.params)))
-
-    def prepare(self, param_groups: List[dict], state: Dict) -> None:
-        """Collect which parameters have a gradient, copy in foreign gradients, create state
-        entries on first use, and upload the tables that changed since the last step."""
+    def prepare(self, param_groups: List[dict], state: Dict) -> List[torch.Tensor]:
+        """Collect which parameters have a gradient, copy in gradients that are not the bucket's
+        views, create state entries on first use, and upload the tables that changed. Returns the
+        "step" entries that were replaced from outside (ZeroRedundancyOptimizer.load_state_dict
+        writes whole state entries): the optimizer adopts t from them."""
         active = []
-        if self.sharded:
-            self.locals = [local(p.detach()) for p in self.params]
-            torch._foreach_copy_(self.param_views, self.locals)
+        replaced_steps = []
         forms = [g["momentum_form"] for g in param_groups]
         keys = [state_key(f) for f in forms]
         for i, p in enumerate(self.params):
@@ -239,20 +286,17 @@ class Bucket:
                 active.append(0)
                 continue
             view = self.grad_views[i]
-            if self.sharded:
-                check_grad(local(g), self.where[i])
-                view.copy_(local(g.detach()))
-            elif g is not view:
+            if g is not view:   # (FSDP2's gradients always take this path)
+                g = local(g)
                 check_grad(g, self.where[i])
                 view.copy_(g.detach())
-                p.grad = view
-                self.grad_copies += 1
+                self.grad_copies += not self.sharded
             self.clean[i] = False
             active.append(1)
             gi = self.group_index[i]
             form, key = forms[gi], keys[gi]
+            st = state.get(p)
             if self.has_state[i]:
-                st = state.get(p)
                 cur = None if st is None else st.get(key)
                 if cur is not self._entries[i]:
                     if cur is None:   # reset by the user, or a new momentum_form: start it afresh
@@ -263,38 +307,41 @@ class Bucket:
                         self.state_views[i].copy_(local(cur.detach()))
                         st[key] = self._entries[i]
             if not self.has_state[i]:
-                if form == "paper":  # m starts equal to w
-                    self.state_views[i].copy_(self.param_views[i])
+                st = state[p]
+                given = st.get(key)
+                if isinstance(given, torch.Tensor):   # written from outside (ZeRO's load_state_dict)
+                    self.state_views[i].copy_(local(given.detach()))
+                elif form == "paper":  # m starts equal to w
+                    self.state_views[i].copy_(local(p.detach()))
                 else:
                     self.state_views[i].zero_()
-                state[p][key] = self._entries[i] = self._state_entry(i)
+                st[key] = self._entries[i] = self._state_entry(i)
                 self._keys[i] = key
                 self.has_state[i] = True
+            given = st.get(STEP)
+            if given is not self.step_entry:
+                if given is not None:
+                    replaced_steps.append(given)
+                st[STEP] = self.step_entry
         if active != self._active:
-            self.seg_active.copy_(torch.tensor(active, dtype=torch.int32), non_blocking=True)
+            upload(self.seg_active, active)
             self._active = active
 
         filters = [(g["weight_decay_filter"], g["lars_adaptation_filter"]) for g in param_groups]
         if filters != self._filters:
             for i, row in enumerate(self._seg_rows):
                 row[SEG_FLAGS] = segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
-            self.seg_table.copy_(torch.tensor(self._seg_rows, dtype=torch.int64).reshape(-1, SEG_COLS),
-                                 non_blocking=True)
+            upload(self.seg_table, self._seg_rows)
             self._filters = filters
 
         rows = [group_row(g, self.tvlars) for g in param_groups]
         if rows != self._rows:
-            self.group_table.copy_(torch.tensor(rows, dtype=self.acc_dtype), non_blocking=True)
+            upload(self.group_table, rows)
             self._rows = rows
         for gi, g in enumerate(param_groups):
             if isinstance(g["lr"], torch.Tensor):  # a device lr: copied on the device, never read
-                self.group_table[gi, 0].copy_(g["lr"].reshape(()), non_blocking=True)
-
-
-    def finish(self) -> None:
-        """After the kernels: write a sharded bucket's parameters back to FSDP2's shards."""
-        if self.sharded:
-            torch._foreach_copy_(self.locals, self.param_views)
+                self.group_table[gi, COL_LR].copy_(g["lr"].reshape(()), non_blocking=True)
+        return replaced_steps
 
 
 def _make_attach_hook(bucket_ref, i):
@@ -304,11 +351,11 @@ def _make_attach_hook(bucket_ref, i):
         if torch.compiler.is_compiling():
             return None
         bucket = bucket_ref()
-        # Attach only a dense grad to a parameter that still lives in this bucket: a sparse grad
-        # must reach step() (which rejects it), and a parameter moved behind the optimizer's back
-        # (module.to, p.data = ...) gets its own grad; step() then rebuilds the buckets.
+        # Attach only a dense grad to a parameter that still fits this bucket: a sparse grad must
+        # reach step() (which rejects it), and a parameter reshaped or moved to another dtype or
+        # device gets its own grad; step() then rebuilds the buckets.
         if (bucket is not None and not grad.is_sparse and bucket.params[i].grad is None
-                and not bucket.param_is_stale(i)):
+                and not bucket.layout_changed(i)):
             bucket.attach_grad(i)
         return None
     return hook

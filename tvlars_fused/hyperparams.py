@@ -1,11 +1,15 @@
 """Hyperparameters shared by the reference and the fused optimizers: defaults, validation, and
-the per-group table layout that every kernel reads (docs/SPEC.md)."""
+how a param group becomes a row of the group table (layout: abi.py)."""
 from __future__ import annotations
 
 import math
 from typing import Any, Dict
 
 import torch
+
+from .abi import (COL_ALPHA, COL_DELAY, COL_ETA, COL_GAMMA_MIN, COL_LMBDA, COL_LR, COL_MOMENTUM,
+                  COL_NORM_CLIP, COL_PAPER_FORM, COL_USE_PHI, COL_WEIGHT_DECAY, FLAG_SKIP_ADAPTATION,
+                  FLAG_SKIP_WEIGHT_DECAY, GROUP_COLS)
 
 MOMENTUM_FORMS = ("heavy_ball", "paper")
 
@@ -18,19 +22,6 @@ LARS_DEFAULTS: Dict[str, Any] = dict(
     momentum=0.9, weight_decay=0.0, eta=1e-3, weight_decay_filter=False,
     lars_adaptation_filter=False, norm_clip=None, momentum_form="heavy_ball",
 )
-
-# Column layout of the per-group hyperparameter table (one row per param group). The Triton
-# kernels, the C++/CUDA kernels (csrc/tvlars_math.h) and the torch backend all index it this way.
-COL_LR, COL_MOMENTUM, COL_WEIGHT_DECAY, COL_ETA = 0, 1, 2, 3
-COL_LMBDA, COL_DELAY, COL_ALPHA, COL_GAMMA_MIN = 4, 5, 6, 7
-COL_NORM_CLIP = 8          # +inf when norm_clip is None
-COL_USE_PHI = 9            # 1.0 for TVLARS, 0.0 for LARS (phi == 1)
-COL_PAPER_FORM = 10        # 1.0 for momentum_form == "paper", 0.0 for "heavy_ball"
-GROUP_TABLE_COLS = 11
-
-# Bits of the per-segment flags in the segment table.
-FLAG_SKIP_WEIGHT_DECAY = 1   # weight_decay_filter and ndim == 1
-FLAG_SKIP_ADAPTATION = 2     # lars_adaptation_filter and ndim == 1
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -95,7 +86,7 @@ def validate_group(group: Dict[str, Any], tvlars: bool, where: str = "") -> None
 def group_row(group: Dict[str, Any], tvlars: bool) -> list:
     """One row of the per-group table, as Python floats (a tensor lr is filled in on the device)."""
     lr = group["lr"]
-    row = [0.0] * GROUP_TABLE_COLS
+    row = [0.0] * GROUP_COLS
     row[COL_LR] = 0.0 if isinstance(lr, torch.Tensor) else float(lr)
     row[COL_MOMENTUM] = float(group["momentum"])
     row[COL_WEIGHT_DECAY] = float(group["weight_decay"])

@@ -1,59 +1,75 @@
-"""The fused TVLARS and LARS: torch.optim drop-ins whose step is a couple of kernel launches per
-bucket (docs/DESIGN.md). Same arguments, state layout and results as tvlars_fused.reference, plus
-`backend`.
+"""The fused TVLARS and LARS: torch.optim drop-ins whose step is two kernel launches per bucket
+(docs/DESIGN.md). Same arguments, state format and results as tvlars_fused.reference (its
+siblings over base.LayerwiseOptimizer), plus `backend`.
 """
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import reference
-from .base import STEP_KEY, describe
-from .buckets import STAT_PHI, STAT_TRUST_RATIO, STAT_UPDATE_NORM, STAT_WEIGHT_NORM, Bucket
+from .base import STEP, LayerwiseOptimizer
+from .buckets import Bucket
+from .hyperparams import LARS_DEFAULTS, TVLARS_DEFAULTS
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
 
-__all__ = ["TVLARS", "LARS"]
-
-STAT_NAMES = {STAT_WEIGHT_NORM: "weight_norm", STAT_UPDATE_NORM: "update_norm",
-              STAT_TRUST_RATIO: "trust_ratio", STAT_PHI: "phi"}
+__all__ = ["TVLARS", "LARS", "FusedOptimizer"]
 
 
-class _Fused:
-    """Mixed into the reference classes: same constructor, validation and state_dict format;
-    step() runs the bucket kernels instead of the per-parameter loop."""
+class FusedOptimizer(LayerwiseOptimizer):
+    """The bucket machinery shared by the fused optimizers: parameters grouped by (device, dtype)
+    into buckets (buckets.py), each stepped by its backend's two launches, no host sync."""
 
     # torch.amp.GradScaler sets optimizer.grad_scale / optimizer.found_inf (device tensors) for the
     # step instead of unscaling the gradients itself and syncing on found_inf. (No class defaults:
     # GradScaler multiplies an existing grad_scale attribute.)
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr, *args, backend: str = "auto", **kwargs):
+    def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; use one of {BACKENDS}")
         self.backend = backend
+        self._init_buckets(0.0)
+        super().__init__(params, defaults)
+        self._building = False
+        # Build now, so the grad hooks are in place before the first backward: the first step
+        # takes the fast path too.
+        self._ensure_buckets()
+
+    def _init_buckets(self, t: float) -> None:
         self._buckets: Optional[List[Bucket]] = None
         self._built_layout: Optional[list] = None
         self._building = True
-        super().__init__(params, lr, *args, **kwargs)
-        self._building = False
-        # Build now, so parameters are bucket views and the grad hooks are in place before the
-        # first backward: the first step takes the fast path too.
-        self._ensure_buckets()
+        self._t_host = torch.tensor(float(t), dtype=torch.float32)   # t while there are no buckets
+        self._grad_copies_before = 0   # counted by buckets that were since rebuilt
+
+    # -- pickling (copy.deepcopy, pickle, multiprocessing) --------------------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "defaults" in state:   # a new object (unpickled, deep-copied): build its buckets
+            self._init_buckets(self._max_step(self.state))
+            self._building = False
+            self._ensure_buckets()
 
     # -- buckets ------------------------------------------------------------------------------
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
         self._invalidate()
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, rebuild: bool = True) -> None:
         for b in self._buckets or ():
             b.remove_hooks()
+            self._grad_copies_before += b.grad_copies
+        if self._buckets:
+            self._t_host = self._buckets[0].step.detach().reshape(()).cpu()
         self._buckets = None
-        if not getattr(self, "_building", False):
+        if rebuild and not self._building:
             self._ensure_buckets()
 
     def _layout(self) -> list:
@@ -63,13 +79,13 @@ class _Fused:
     def _ensure_buckets(self) -> List[Bucket]:
         layout = self._layout()
         if (self._buckets is not None and layout == self._built_layout
-                and not any(b.is_stale() for b in self._buckets)):
+                and all(b.sync_params() for b in self._buckets)):
             return self._buckets
-        step = self.state[STEP_KEY]
+        t = self._step_tensor()
         by_key: Dict = OrderedDict()
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                by_key.setdefault(bucket_key(p), []).append((p, gi, describe(gi, i, p)))
+                by_key.setdefault(bucket_key(p), []).append((p, gi, self._where(gi, i)))
         buckets = []
         for key, items in by_key.items():
             mod = resolve(self.backend, key[0])
@@ -81,23 +97,36 @@ class _Fused:
                         "use backend='auto', 'triton' or 'torch'")
                 mod = resolve("torch", key[0])
             b = Bucket([p for p, _, _ in items], [gi for _, gi, _ in items], self.param_groups,
-                       mod.CHUNK_ELEMS, step, self._tvlars, self.state, [w for _, _, w in items])
+                       mod.CHUNK_ELEMS, float(t), self.tvlars, self.state, [w for _, _, w in items])
             b.backend = mod
             buckets.append(b)
         for b in self._buckets or ():   # only once the new buckets exist (a failed build changes nothing)
             b.remove_hooks()
+            self._grad_copies_before += b.grad_copies
         self._buckets = buckets
         self._built_layout = layout
-        # t lives on the device, one copy per bucket (all advance together); state["step"] shows
-        # the first, so state_dict() carries it without a sync. (No parameters: it stays on the host.)
-        if buckets:
-            self.state[STEP_KEY] = buckets[0].step.view(())
         return buckets
+
+    def _step_tensor(self) -> torch.Tensor:
+        """t: the first bucket's device counter (every bucket's advances together)."""
+        return self._buckets[0].step_entry if self._buckets else self._t_host
+
+    def _load_step(self, t: float) -> None:
+        # Rebuilt after the load's post-hooks (_after_load), from the loaded state and this t.
+        self._invalidate(rebuild=False)
+        self._t_host = torch.tensor(float(t), dtype=torch.float32)
+        for st in self.state.values():
+            if isinstance(st, dict) and st:
+                st[STEP] = self._t_host
+
+    def _after_load(self) -> None:
+        super()._after_load()
+        self._ensure_buckets()
 
     @property
     def grad_copies(self) -> int:
         """How many gradients had to be copied into a bucket (not on the fast path) so far."""
-        return sum(b.grad_copies for b in self._buckets or ())
+        return self._grad_copies_before + sum(b.grad_copies for b in self._buckets or ())
 
     @property
     def backends(self) -> List[str]:
@@ -113,32 +142,32 @@ class _Fused:
         buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for b in buckets:
-            b.prepare(self.param_groups, self.state)
+        replaced = [t for b in buckets for t in b.prepare(self.param_groups, self.state)]
+        if replaced:   # "step" entries written from outside (ZeRO's load_state_dict): adopt t
+            t = max(float(v) for v in replaced)
+            for b in buckets:
+                b.step.fill_(t)
         for b in buckets:
             gs = None if grad_scale is None else grad_scale.to(b.device, non_blocking=True)
             fi = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
+            b.stage_in()
             if b.reduce_groups:
                 b.backend.bucket_step(b, gs, fi, functools.partial(all_reduce_norms, found_inf=fi))
             else:
                 b.backend.bucket_step(b, gs, fi)
-            b.finish()
+            b.stage_out()
         if not buckets:   # every group empty: only t advances, as in the reference
             keep = 1.0 if found_inf is None else (found_inf.reshape(()) == 0).float().cpu()
-            self.state[STEP_KEY] += keep
+            self._t_host += keep
         return loss
 
+    @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient buffers in place (one fill per bucket); with set_to_none (the
-        default) each .grad becomes None, exactly as torch does, and backward re-attaches the
-        bucket view before it accumulates."""
-        buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()
-        for b in buckets:
+        """torch's zero_grad (set_to_none: every .grad becomes None; else every existing .grad is
+        zeroed in place), with the bucket's gradient buffer zeroed by one fill, so that backward,
+        which re-attaches the bucket views, accumulates into zeros."""
+        for b in self._ensure_buckets():
             b.zero_grad(set_to_none)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._invalidate()   # rebuilt at the next step from the loaded state
 
     def layer_stats(self) -> Dict[torch.Tensor, torch.Tensor]:
         """Per parameter, a device tensor [weight_norm, update_norm, trust_ratio, phi] from the
@@ -151,10 +180,35 @@ class _Fused:
         return out
 
 
-class TVLARS(_Fused, reference.TVLARS):
-    """Fused TVLARS. Arguments as tvlars_fused.reference.TVLARS, plus backend: "auto" (triton for
-    CUDA tensors, else the C++ extension, else torch), "triton", "cuda", "cpu" or "torch"."""
+class TVLARS(FusedOptimizer):
+    """Fused TVLARS (arXiv 2309.14053; docs/SPEC.md). The arguments of
+    tvlars_fused.reference.TVLARS, plus backend: "auto" (triton for CUDA tensors, else the C++
+    extension, else torch), "triton", "cuda", "cpu" or "torch"."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
+                 gamma_min: float = 0.0, weight_decay_filter: bool = False,
+                 lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
+                 momentum_form: str = "heavy_ball", backend: str = "auto"):
+        defaults = dict(TVLARS_DEFAULTS, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                        lmbda=lmbda, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min,
+                        weight_decay_filter=weight_decay_filter,
+                        lars_adaptation_filter=lars_adaptation_filter, norm_clip=norm_clip,
+                        momentum_form=momentum_form)
+        super().__init__(params, defaults, backend)
 
 
-class LARS(_Fused, reference.LARS):
-    """Fused LARS (TVLARS with phi == 1). Arguments as tvlars_fused.reference.LARS, plus backend."""
+class LARS(FusedOptimizer):
+    """Fused LARS (TVLARS with phi == 1). The arguments of tvlars_fused.reference.LARS, plus
+    backend."""
+    tvlars = False
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 1e-3, weight_decay_filter: bool = False,
+                 lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
+                 momentum_form: str = "heavy_ball", backend: str = "auto"):
+        defaults = dict(LARS_DEFAULTS, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                        weight_decay_filter=weight_decay_filter,
+                        lars_adaptation_filter=lars_adaptation_filter, norm_clip=norm_clip,
+                        momentum_form=momentum_form)
+        super().__init__(params, defaults, backend)

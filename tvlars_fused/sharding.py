@@ -41,8 +41,8 @@ def all_reduce_norms(bucket, found_inf: Optional[torch.Tensor]) -> None:
     over the shards and recompute (wn, dn, q, phi) from the totals."""
     import torch.distributed as dist
 
-    from .kernels.torch_backend import _keep, finalize_stats, segment_sums
+    from .stats import finalize_stats, keep_mask, segment_sums
     sums = segment_sums(bucket)
     for group in bucket.reduce_groups:
         dist.all_reduce(sums, group=group)
-    finalize_stats(bucket, sums, _keep(bucket, found_inf))
+    finalize_stats(bucket, sums, keep_mask(bucket.device, found_inf))

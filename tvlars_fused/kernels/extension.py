@@ -36,7 +36,7 @@ WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0)) and _has_kernel("CUDA")
 
 def _call(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     b = bucket
-    bucket_step_op(b.param_buf, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
+    bucket_step_op(b.weights, b.w_offsets, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
                    b.group_table, b.step, b.partials, b.counters, b.stats,
                    None if grad_scale is None else grad_scale.reshape(1),
                    None if found_inf is None else found_inf.reshape(1),

@@ -6,7 +6,8 @@ addcmul, which may be fused into an FMA).
 
 Without per-element expansion or bucket-sized temporaries:
 - per-segment values (lr, momentum, weight decay, trust ratio q) are 0-dim views of the device
-  tables, applied by torch._foreach_* ops to per-segment views of the flat buffers; which segments
+  tables, applied by torch._foreach_* ops to per-segment views of the flat buffers (the weights,
+  which live in the parameters' own memory, are gathered into scratch and written back); which segments
   are active, take weight decay or use the paper form is host knowledge from Bucket.prepare;
 - the buffers are worked through in slices of whole chunks, with scratch rows allocated once per
   step: on the CPU a bucket-sized temporary page-faults anew every step (slower than all the
@@ -14,8 +15,7 @@ Without per-element expansion or bucket-sized temporaries:
 - chunk partial sums are 16-element block sums (segments, hence chunks, start at multiples of 16)
   added per chunk by segment_reduce, so no bit depends on the slicing.
 
-`segment_sums` and `finalize_stats` also turn all-reduced sums into trust ratios for sharded
-(FSDP2) buckets (tvlars_fused/sharding.py).
+The per-segment statistics come from tvlars_fused/stats.py (shared with FSDP2's sharded buckets).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .. import hyperparams as H
-from ..buckets import (ALIGN, CHUNK_SEG, CHUNK_START, SEG_END, SEG_FIRST_CHUNK, SEG_FLAGS, SEG_GROUP,
-                       SEG_NUM_CHUNKS, SEG_NUMEL, SEG_OFFSET, STAT_TRUST_RATIO, Bucket)
-from ..schedule import phi
+from ..abi import (ALIGN, CHUNK_SEG, CHUNK_START, COL_LR, COL_MOMENTUM, COL_PAPER_FORM, COL_WEIGHT_DECAY,
+                   FLAG_SKIP_WEIGHT_DECAY, SEG_END, SEG_FIRST_CHUNK, SEG_FLAGS, SEG_GROUP, SEG_NUMEL,
+                   SEG_OFFSET, STAT_TRUST_RATIO)
+from ..buckets import Bucket
+from ..stats import finalize_stats, keep_mask, segment_sums
 
 NAME = "torch"
 CHUNK_ELEMS = 4096
@@ -42,13 +43,6 @@ def available(device: torch.device) -> bool:
     return True
 
 
-def _keep(b: Bucket, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
-    """0-dim bool: False when GradScaler found an inf/nan (then nothing changes)."""
-    if found_inf is None:
-        return torch.ones((), dtype=torch.bool, device=b.device)
-    return found_inf.reshape(()) == 0
-
-
 class _Slice:
     """[lo, hi) of the flat buffers: chunks c0..c1-1, holding parts of the segments `segs`.
     Of a tensor over the slice, views(t)[k] is the part of segment segs[k] (padding left out)."""
@@ -56,15 +50,25 @@ class _Slice:
     def __init__(self, b: Bucket, lo: int, hi: int, c0: int, c1: int, segs: List[int]):
         self.lo, self.hi, self.n, self.c0, self.c1, self.segs = lo, hi, hi - lo, c0, c1, segs
         self.sizes, at = [], lo        # gap, part, gap, part, ..., gap
+        self.ranges = []               # the part of each segment, in elements of its parameter
         for i in segs:
             offset, numel = b._seg_rows[i][SEG_OFFSET], b._seg_rows[i][SEG_NUMEL]
             start, end = max(lo, offset), min(hi, offset + numel)
             self.sizes += [start - at, end - start]
+            self.ranges.append((start - offset, end - offset))
             at = end
         self.sizes.append(hi - at)
 
     def views(self, t: torch.Tensor) -> List[torch.Tensor]:
         return t.split(self.sizes)[1::2]
+
+    def weight_parts(self, b: Bucket) -> List[torch.Tensor]:
+        """The parameters' memory over the slice (each a dense tensor: linear views of it)."""
+        out = []
+        for i, (a, e) in zip(self.segs, self.ranges):
+            w = b.weights[i]
+            out.append(w.as_strided((w.numel(),), (1,))[a:e])
+        return out
 
 
 def _slices(b: Bucket) -> List[_Slice]:
@@ -87,29 +91,27 @@ def _slices(b: Bucket) -> List[_Slice]:
 
 class _Step:
     """What one step needs besides the buffers: host lists and 0-dim device scalars per segment,
-    and the scratch rows t, d, w (float32 copy of low-precision or vetoable w), s (vetoable s)."""
+    and the scratch rows t, d, w (the weights gathered in acc; gaps zero), s (vetoable s)."""
 
     def __init__(self, b: Bucket, grad_scale: Optional[torch.Tensor], vetoable: bool):
         group = [row[SEG_GROUP] for row in b._seg_rows]
         self.active = [a != 0 for a in b._active]
-        self.decay = [(row[SEG_FLAGS] & H.FLAG_SKIP_WEIGHT_DECAY) == 0 for row in b._seg_rows]
-        self.paper = [b._rows[g][H.COL_PAPER_FORM] != 0 for g in group]
+        self.decay = [(row[SEG_FLAGS] & FLAG_SKIP_WEIGHT_DECAY) == 0 for row in b._seg_rows]
+        self.paper = [b._rows[g][COL_PAPER_FORM] != 0 for g in group]
         per_group = [row.unbind(0) for row in b.group_table.unbind(0)]
         self.lr, self.mom, self.wd = ([per_group[g][col] for g in group]
-                                      for col in (H.COL_LR, H.COL_MOMENTUM, H.COL_WEIGHT_DECAY))
+                                      for col in (COL_LR, COL_MOMENTUM, COL_WEIGHT_DECAY))
         self.scale = None if grad_scale is None else grad_scale.reshape(()).to(b.acc_dtype)
         # found_inf may veto the step: then w and s are updated in scratch and kept or not at the end
         self.vetoable = vetoable
-        self.w_in_place = b.dtype == b.acc_dtype and not vetoable
-        rows = 2 + (not self.w_in_place) + vetoable
         longest = max([sl.n for sl in _slices(b)] + [0])
-        self.work = torch.empty(rows, longest, dtype=b.acc_dtype, device=b.device)
+        self.work = torch.empty(3 + vetoable, longest, dtype=b.acc_dtype, device=b.device)
 
-    def weights(self, b: Bucket, sl: _Slice, updated: bool) -> torch.Tensor:
-        """w over the slice in acc: param_buf itself, or a copy in scratch."""
-        p = b.param_buf[sl.lo:sl.hi]
-        in_place = self.w_in_place or (not updated and b.dtype == b.acc_dtype)
-        return p if in_place else self.work[2, :sl.n].copy_(p)
+    def weights(self, b: Bucket, sl: _Slice) -> torch.Tensor:
+        """w over the slice in acc, gathered from the parameters into scratch (gaps zero)."""
+        w = self.work[2, :sl.n].zero_()
+        torch._foreach_copy_(sl.views(w), sl.weight_parts(b))
+        return w
 
     def direction(self, b: Bucket, sl: _Slice, w: torch.Tensor) -> torch.Tensor:
         """d = g/scale + wd*w over the slice, in acc (no wd*w where the segment skips weight decay)."""
@@ -131,28 +133,6 @@ def _chunk_blocks(b: Bucket) -> torch.Tensor:
     return (ends - starts) // ALIGN
 
 
-def segment_sums(b: Bucket) -> torch.Tensor:
-    """[S, 2] per-segment sum(w^2), sum(d^2): the chunk partials added in chunk order."""
-    counts = b.seg_table[:, SEG_NUM_CHUNKS]
-    return torch.segment_reduce(b.partials[: b.num_chunks], "sum", lengths=counts, unsafe=True, axis=0)
-
-
-def finalize_stats(b: Bucket, sums: torch.Tensor, keep: torch.Tensor) -> None:
-    """Per-segment sums of squares -> stats = (wn, dn, q, phi) for the segments updated now."""
-    tab = b.group_table[b.seg_table[:, SEG_GROUP]]
-    flags = b.seg_table[:, SEG_FLAGS]
-    clip = tab[:, H.COL_NORM_CLIP]
-    wn = torch.minimum(sums[:, 0].sqrt(), clip)
-    dn = torch.minimum(sums[:, 1].sqrt(), clip)
-    ph = phi(b.step.reshape(()).to(b.acc_dtype), tab[:, H.COL_LMBDA], tab[:, H.COL_DELAY],
-             tab[:, H.COL_ALPHA], tab[:, H.COL_GAMMA_MIN])
-    ph = torch.where(tab[:, H.COL_USE_PHI] != 0, ph, torch.ones_like(ph))
-    adapt = ((flags & H.FLAG_SKIP_ADAPTATION) == 0) & (wn > 0) & (dn > 0)
-    q = torch.where(adapt, tab[:, H.COL_ETA] * ph * wn / dn, torch.ones_like(wn))
-    apply = (b.seg_active != 0) & keep
-    b.stats.copy_(torch.where(apply[:, None], torch.stack([wn, dn, q, ph], dim=1), b.stats))
-
-
 def pass1(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
     """Chunk partials of w^2 and d^2 (of the slices with an active segment), then the stats, of
     every segment (a zero-size one gets norms 0, q = 1 and phi(t))."""
@@ -160,7 +140,7 @@ def pass1(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
     for sl in _slices(b):
         if not any(st.active[i] for i in sl.segs):
             continue
-        w = st.weights(b, sl, updated=False)
+        w = st.weights(b, sl)
         d = st.direction(b, sl, w)
         torch.mul(w, w, out=st.work[0, :sl.n])
         d.mul_(d)
@@ -180,8 +160,8 @@ def pass2(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
         act = [k for k, i in enumerate(sl.segs) if st.active[i]]
         if not act:
             continue
-        p, s_buf = b.param_buf[sl.lo:sl.hi], b.state_buf[sl.lo:sl.hi]
-        w = st.weights(b, sl, updated=True)
+        s_buf = b.state_buf[sl.lo:sl.hi]
+        w = st.weights(b, sl)
         s = st.work[-1, :sl.n].copy_(s_buf) if st.vetoable else s_buf
         d = st.direction(b, sl, w)
         W, S, D = sl.views(w), sl.views(s), sl.views(d)
@@ -203,13 +183,11 @@ def pass2(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
                 torch._foreach_add_(t, mn)                                         # mom*(mn - s) + mn
                 torch._foreach_copy_(w_, t)
                 torch._foreach_copy_(s_, mn)
-        # back to the buffers: rounded to the parameter dtype, and the old values if vetoed
-        if w is not p:
-            new = w.to(b.dtype)
-            if st.vetoable:
-                new = torch.where(keep, new, p)
-            P, N = sl.views(p), sl.views(new)
-            torch._foreach_copy_([P[k] for k in act], [N[k] for k in act])
+        # back to the parameters (rounded to their dtype), unless vetoed
+        parts, N = sl.weight_parts(b), sl.views(w.to(b.dtype))
+        if st.vetoable:
+            N = [torch.where(keep, n, part) for n, part in zip(N, parts)]
+        torch._foreach_copy_([parts[k] for k in act], [N[k] for k in act])
         if s is not s_buf:
             torch.where(keep, s, s_buf, out=s)
             S_buf = sl.views(s_buf)
@@ -220,7 +198,7 @@ def bucket_step(b: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Option
                 between: Optional[Callable[[Bucket], None]] = None) -> None:
     """`between(bucket)`, when given, runs after pass 1 (e.g. all-reduce the partial sums of a
     sharded bucket and recompute the stats from them)."""
-    keep = _keep(b, found_inf)
+    keep = keep_mask(b.device, found_inf)
     st = _Step(b, grad_scale, vetoable=found_inf is not None)
     pass1(b, st, keep)
     if between is not None:

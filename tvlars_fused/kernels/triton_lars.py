@@ -1,6 +1,11 @@
 """backend="triton": the bucket step of docs/SPEC.md ("The bucket ABI") as exactly two Triton
 kernel launches per bucket per step, whatever the number of parameters.
 
+The weights stay in the parameters' own memory: `w_ptr` is the bucket's first parameter and
+`w_offsets[seg]` the element offset of segment seg's parameter from it (buckets.py). Gradients and
+state are flat, padded buffers. Elements past a parameter's end (the padding) are never read from
+or written to the parameter; the state's padding is never written, so it stays zero.
+
 Pass 1, `_lars_norms_kernel` (one program per chunk): reads w and g once and stores the chunk's
 partial sums of w^2 and d^2 (d = g/grad_scale + wd*w) in `bucket.partials`, in the accumulation
 dtype. A per-segment atomic counter (acq_rel) tells the program that finished a segment's last
@@ -30,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import buckets as B
-from .. import hyperparams as H
+from .. import abi as B
 from ..buckets import Bucket
 
 NAME = "triton"
@@ -43,24 +47,26 @@ BLOCK_ELEMS = 2048
 requirement = ("the triton package and CUDA tensors (CPU tensors only under the Triton interpreter: "
                "TRITON_INTERPRET=1 set before triton is imported, triton >= 3.7)")
 
-# Pass 1 reads a segment's chunk partials this many at a time (independent loads in flight)
-# before adding them, in chunk order, to the running sums.
-_SUM_UNROLL = 8
+# The last program of a segment adds its chunk partials REDUCE_TILE at a time (docs/SPEC.md, "the
+# segment sum"): the CPU and CUDA kernels use the same tile and tree.
+REDUCE_TILE = B.REDUCE_TILE
 
-# Table layouts (docs/SPEC.md "The bucket ABI"), from their single definitions in buckets.py and
-# hyperparams.py, as compile-time constants of the kernels.
+# Table layouts (docs/SPEC.md "The bucket ABI"), from their single definitions in abi.py, as
+# compile-time constants of the kernels.
 _C = tl.constexpr
-CHUNK_COLS, CHUNK_START, CHUNK_SEG = _C(2), _C(B.CHUNK_START), _C(B.CHUNK_SEG)
+ALIGN = _C(B.ALIGN)
+CHUNK_COLS, CHUNK_START, CHUNK_SEG = _C(B.CHUNK_COLS), _C(B.CHUNK_START), _C(B.CHUNK_SEG)
 SEG_COLS, SEG_OFFSET, SEG_END, SEG_NUMEL = _C(B.SEG_COLS), _C(B.SEG_OFFSET), _C(B.SEG_END), _C(B.SEG_NUMEL)
 SEG_GROUP, SEG_FLAGS = _C(B.SEG_GROUP), _C(B.SEG_FLAGS)
 SEG_FIRST_CHUNK, SEG_NUM_CHUNKS = _C(B.SEG_FIRST_CHUNK), _C(B.SEG_NUM_CHUNKS)
-STAT_COLS, STAT_WN, STAT_DN, STAT_Q, STAT_PHI = (_C(4), _C(B.STAT_WEIGHT_NORM), _C(B.STAT_UPDATE_NORM),
+PART_COLS, PART_W2, PART_D2 = _C(B.PART_COLS), _C(B.PART_W2), _C(B.PART_D2)
+STAT_COLS, STAT_WN, STAT_DN, STAT_Q, STAT_PHI = (_C(B.STAT_COLS), _C(B.STAT_WEIGHT_NORM), _C(B.STAT_UPDATE_NORM),
                                                  _C(B.STAT_TRUST_RATIO), _C(B.STAT_PHI))
-G_COLS, G_LR, G_MOMENTUM, G_WD, G_ETA = (_C(H.GROUP_TABLE_COLS), _C(H.COL_LR), _C(H.COL_MOMENTUM),
-                                         _C(H.COL_WEIGHT_DECAY), _C(H.COL_ETA))
-G_LMBDA, G_DELAY, G_ALPHA, G_GAMMA_MIN = _C(H.COL_LMBDA), _C(H.COL_DELAY), _C(H.COL_ALPHA), _C(H.COL_GAMMA_MIN)
-G_NORM_CLIP, G_USE_PHI, G_PAPER = _C(H.COL_NORM_CLIP), _C(H.COL_USE_PHI), _C(H.COL_PAPER_FORM)
-F_SKIP_WD, F_SKIP_ADAPT = _C(H.FLAG_SKIP_WEIGHT_DECAY), _C(H.FLAG_SKIP_ADAPTATION)
+G_COLS, G_LR, G_MOMENTUM, G_WD, G_ETA = (_C(B.GROUP_COLS), _C(B.COL_LR), _C(B.COL_MOMENTUM),
+                                         _C(B.COL_WEIGHT_DECAY), _C(B.COL_ETA))
+G_LMBDA, G_DELAY, G_ALPHA, G_GAMMA_MIN = _C(B.COL_LMBDA), _C(B.COL_DELAY), _C(B.COL_ALPHA), _C(B.COL_GAMMA_MIN)
+G_NORM_CLIP, G_USE_PHI, G_PAPER = _C(B.COL_NORM_CLIP), _C(B.COL_USE_PHI), _C(B.COL_PAPER_FORM)
+F_SKIP_WD, F_SKIP_ADAPT = _C(B.FLAG_SKIP_WEIGHT_DECAY), _C(B.FLAG_SKIP_ADAPTATION)
 
 
 @triton.jit
@@ -116,11 +122,79 @@ def _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC: tl.constexpr, I
 
 
 @triton.jit
+def _segment_weights(w_ptr, w_offsets, seg, seg_start, W_ALIGNED: tl.constexpr):
+    """The pointer wp with wp + i = the address of the segment's parameter element i - seg_start,
+    i a flat index of the gradient/state buffers (w_offsets: elements from w_ptr, buckets.py)."""
+    delta = tl.load(w_offsets + seg) - seg_start
+    if W_ALIGNED:   # every parameter 16-element aligned: 128-bit accesses
+        delta = tl.multiple_of(delta, 16)
+    return w_ptr + delta
+
+
+@triton.jit
+def _squares_block(wp, g_ptr, offs, mask, wd, inv_scale, HAS_SCALE: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1 on the elements offs[mask]: w^2 and d^2 (d = g/scale + wd*w), 0 elsewhere."""
+    w = tl.load(wp + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_SCALE:
+        g = g * inv_scale
+    d = g + wd * w
+    return w * w, d * d
+
+
+@triton.jit
+def _update_block(wp, g_ptr, s_ptr, offs, mask, q, wd, lr, mom, paper, inv_scale, HAS_SCALE: tl.constexpr,
+                  BF16: tl.constexpr, ACC: tl.constexpr):
+    """Pass 2 on the elements offs[mask]: u = q*d, the momentum update, w (rounded to nearest even
+    for bfloat16) and the state stored."""
+    w = tl.load(wp + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_SCALE:
+        g = g * inv_scale
+    u = q * (g + wd * w)
+    if paper:   # mn = w - lr*u; w = mn + momentum*(mn - s); s = mn
+        s_new = w - lr * u
+        w_new = s_new + mom * (s_new - s)
+    else:       # s = momentum*s + u; w = w - lr*s
+        s_new = mom * s + u
+        w_new = w - lr * s_new
+    if BF16:
+        tl.store(wp.to(tl.pointer_type(tl.uint16)) + offs, _bf16_rne_bits(w_new.to(tl.float32)), mask=mask)
+    else:
+        tl.store(wp + offs, w_new.to(wp.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + offs, s_new.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tree_sum(v, LOG2: tl.constexpr):
+    """Sum of a [2**LOG2] tensor as the pairwise tree of docs/SPEC.md: v[i] = v[2i] + v[2i+1] per
+    level (exactly one addition per pair, so the order is fixed)."""
+    for k in tl.static_range(LOG2):
+        v = tl.sum(tl.reshape(v, [v.shape[0] // 2, 2]), axis=1)
+    return tl.sum(v, axis=0)
+
+
+@triton.jit
+def _segment_sum(partials, first, stop, col, ACC: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr):
+    """A segment's chunk partials (column col) added in the order of docs/SPEC.md: tiles of TILE
+    chunks, each a pairwise tree (+0 past the last chunk), the tiles in chunk order. Every tile is
+    loaded by all threads at once, through L2 (.cg: written by other programs in this launch)."""
+    total = tl.zeros((), dtype=ACC)
+    for base in range(first, stop, TILE):
+        idx = base + tl.arange(0, TILE)
+        v = tl.load(partials + idx * PART_COLS + col, mask=idx < stop, other=0.0, cache_modifier=".cg")
+        total += _tree_sum(v, LOG2_TILE)
+    return total
+
+
+@triton.jit
 def _lars_norms_kernel(
-    w_ptr, g_ptr, chunk_tab, seg_tab, seg_active, group_tab, step_ptr,
+    w_ptr, w_offsets, g_ptr, chunk_tab, seg_tab, seg_active, group_tab, step_ptr,
     partials, counters, stats, scale_ptr, inf_ptr, num_segs,
     CHUNK: tl.constexpr, HAS_CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    BLOCK: tl.constexpr, UNROLL: tl.constexpr, HAS_EMPTY: tl.constexpr,
+    BLOCK: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr, HAS_EMPTY: tl.constexpr,
+    W_ALIGNED: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     ACC: tl.constexpr = stats.dtype.element_ty
     IEEE: tl.constexpr = ACC == tl.float32   # float32 needs div_rn (float64 `/` is exact-rounded)
@@ -133,30 +207,39 @@ def _lars_norms_kernel(
             go = go & (tl.load(inf_ptr) == 0)
         if go:
             row = seg_tab + seg * SEG_COLS
+            seg_start = tl.load(row + SEG_OFFSET)
             end = tl.multiple_of(tl.load(row + SEG_END), 16)
+            numel = tl.load(row + SEG_NUMEL)
+            real_end = seg_start + numel
+            full_end = tl.multiple_of(seg_start + numel // ALIGN * ALIGN, 16)
             group = tl.load(row + SEG_GROUP)
             flags = tl.load(row + SEG_FLAGS)
             grow = group_tab + group * G_COLS
             wd = tl.load(grow + G_WD)
             wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
+            wp = _segment_weights(w_ptr, w_offsets, seg, seg_start, W_ALIGNED)
 
-            if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
-                inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE)
+            # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
+            inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE) if HAS_SCALE else 1.0
             acc_w = tl.zeros((BLOCK,), dtype=ACC)
             acc_d = tl.zeros((BLOCK,), dtype=ACC)
-            # [start, min(start + CHUNK, end)) in BLOCK-element steps (small segments: one step)
-            for sub in range(start, tl.minimum(start + CHUNK, end), BLOCK):
+            # the parameter's whole 16-element blocks of [start, start + CHUNK), BLOCK elements a
+            # step (small segments: one step), 128-bit loads (every mask ends at a multiple of 16)
+            for sub in range(start, tl.minimum(start + CHUNK, full_end), BLOCK):
                 offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
-                mask = offs < end
-                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
-                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-                if HAS_SCALE:
-                    g = g * inv_scale
-                d = g + wd * w
-                acc_w += w * w
-                acc_d += d * d
-            tl.store(partials + 2 * pid, tl.sum(acc_w, axis=0))
-            tl.store(partials + 2 * pid + 1, tl.sum(acc_d, axis=0))
+                w2, d2 = _squares_block(wp, g_ptr, offs, offs < full_end, wd, inv_scale, HAS_SCALE, ACC)
+                acc_w += w2
+                acc_d += d2
+            sum_w = tl.sum(acc_w, axis=0)
+            sum_d = tl.sum(acc_d, axis=0)
+            if HAS_TAIL:   # the parameter's last numel % 16 elements, if they fall in this chunk
+                if (full_end < real_end) & (start <= full_end) & (full_end < start + CHUNK):
+                    offs = full_end + tl.arange(0, ALIGN)
+                    w2, d2 = _squares_block(wp, g_ptr, offs, offs < real_end, wd, inv_scale, HAS_SCALE, ACC)
+                    sum_w += tl.sum(w2, axis=0)
+                    sum_d += tl.sum(d2, axis=0)
+            tl.store(partials + PART_COLS * pid + PART_W2, sum_w)
+            tl.store(partials + PART_COLS * pid + PART_D2, sum_d)
 
             # Last-block pattern: every thread's partial store happens before the release of the
             # counter increment (barrier + acq_rel at GPU scope); the last program acquires it
@@ -167,17 +250,8 @@ def _lars_norms_kernel(
             if done == n - 1:
                 tl.debug_barrier()
                 first = tl.load(row + SEG_FIRST_CHUNK)
-                stop = first + n
-                # partials added strictly in chunk order: ((p0 + p1) + p2) + ..., UNROLL chunks'
-                # loads in flight before their additions
-                sw = tl.zeros((), dtype=ACC)
-                sd = tl.zeros((), dtype=ACC)
-                for base in range(first, stop, UNROLL):
-                    for k in tl.static_range(UNROLL):
-                        ok = base + k < stop
-                        p = partials + 2 * (base + k)
-                        sw += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
-                        sd += tl.load(p + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                sw = _segment_sum(partials, first, first + n, PART_W2, ACC, TILE, LOG2_TILE)
+                sd = _segment_sum(partials, first, first + n, PART_D2, ACC, TILE, LOG2_TILE)
                 _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC, IEEE)
                 tl.store(counters + seg, 0)   # zero between launches (the ABI)
 
@@ -198,10 +272,10 @@ def _lars_norms_kernel(
 
 @triton.jit
 def _lars_update_kernel(
-    w_ptr, g_ptr, s_ptr, chunk_tab, seg_tab, seg_active, group_tab, stats, step_ptr,
-    scale_ptr, inf_ptr,
+    w_ptr, w_offsets, g_ptr, s_ptr, chunk_tab, seg_tab, seg_active, group_tab, stats, step_ptr,
+    counters, scale_ptr, inf_ptr,
     CHUNK: tl.constexpr, HAS_CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    BLOCK: tl.constexpr, BF16: tl.constexpr,
+    BLOCK: tl.constexpr, BF16: tl.constexpr, W_ALIGNED: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     ACC: tl.constexpr = stats.dtype.element_ty
     IEEE: tl.constexpr = ACC == tl.float32
@@ -209,14 +283,20 @@ def _lars_update_kernel(
     if HAS_CHUNKS:
         start = tl.multiple_of(tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_START), 16)
         seg = tl.load(chunk_tab + pid * CHUNK_COLS + CHUNK_SEG)
+        row = seg_tab + seg * SEG_COLS
+        seg_start = tl.load(row + SEG_OFFSET)
+        # Pass 1 of this launch is over (same stream): the segment's first program puts its
+        # counter back to 0, so a counter left over by an interrupted step cannot stick.
+        if start == seg_start:
+            tl.store(counters + seg, 0)
         go = tl.load(seg_active + seg) != 0
         if HAS_INF:
             go = go & (tl.load(inf_ptr) == 0)
         if go:
-            row = seg_tab + seg * SEG_COLS
-            seg_start = tl.load(row + SEG_OFFSET)
             end = tl.multiple_of(tl.load(row + SEG_END), 16)
-            real_end = seg_start + tl.load(row + SEG_NUMEL)
+            numel = tl.load(row + SEG_NUMEL)
+            real_end = seg_start + numel
+            full_end = tl.multiple_of(seg_start + numel // ALIGN * ALIGN, 16)
             group = tl.load(row + SEG_GROUP)
             flags = tl.load(row + SEG_FLAGS)
             grow = group_tab + group * G_COLS
@@ -226,36 +306,23 @@ def _lars_update_kernel(
             wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
             paper = tl.load(grow + G_PAPER) != 0
             q = tl.load(stats + seg * STAT_COLS + STAT_Q)
+            wp = _segment_weights(w_ptr, w_offsets, seg, seg_start, W_ALIGNED)
 
-            if HAS_SCALE:   # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
-                inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE)
-            # start and end are multiples of 16 elements: 128-bit vector accesses, uniform masks
-            for sub in range(start, tl.minimum(start + CHUNK, end), BLOCK):
+            # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
+            inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE) if HAS_SCALE else 1.0
+            # the parameter's whole 16-element blocks, BLOCK elements a step, 128-bit accesses (every
+            # mask ends at a multiple of 16); then its last numel % 16 elements, if in this chunk.
+            # Nothing past the parameter's end is read from it or written anywhere.
+            for sub in range(start, tl.minimum(start + CHUNK, full_end), BLOCK):
                 offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
                 offs = tl.max_contiguous(tl.multiple_of(offs, 16), BLOCK)
-                mask = offs < end
-                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
-                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-                s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
-                if HAS_SCALE:
-                    g = g * inv_scale
-                u = q * (g + wd * w)
-                if paper:   # mn = w - lr*u; w = mn + momentum*(mn - s); s = mn
-                    s_new = w - lr * u
-                    w_new = s_new + mom * (s_new - s)
-                else:       # s = momentum*s + u; w = w - lr*s
-                    s_new = mom * s + u
-                    w_new = w - lr * s_new
-                # padding stays exactly zero even when q is not finite
-                inside = offs < real_end
-                w_new = tl.where(inside, w_new, 0.0)
-                s_new = tl.where(inside, s_new, 0.0)
-                if BF16:
-                    tl.store(w_ptr.to(tl.pointer_type(tl.uint16)) + offs,
-                             _bf16_rne_bits(w_new.to(tl.float32)), mask=mask)
-                else:
-                    tl.store(w_ptr + offs, w_new.to(w_ptr.dtype.element_ty), mask=mask)
-                tl.store(s_ptr + offs, s_new.to(s_ptr.dtype.element_ty), mask=mask)
+                _update_block(wp, g_ptr, s_ptr, offs, offs < full_end, q, wd, lr, mom, paper, inv_scale,
+                              HAS_SCALE, BF16, ACC)
+            if HAS_TAIL:
+                if (full_end < real_end) & (start <= full_end) & (full_end < start + CHUNK):
+                    offs = full_end + tl.arange(0, ALIGN)
+                    _update_block(wp, g_ptr, s_ptr, offs, offs < real_end, q, wd, lr, mom, paper, inv_scale,
+                                  HAS_SCALE, BF16, ACC)
     if pid == 0:
         if HAS_INF:
             if tl.load(inf_ptr) == 0:
@@ -296,32 +363,56 @@ def block_and_warps(chunk_elems: int, acc_dtype: torch.dtype = torch.float32):
 
 
 class _Launch:
-    """Everything bucket_step passes to the two kernels that does not change between steps."""
+    """Everything bucket_step passes to the two kernels that does not change between steps (the
+    weights list changes only when a parameter moves: the config is then rebuilt)."""
 
-    __slots__ = ("grid", "norms_args", "num_segs", "has_empty", "update_args", "consts", "warps", "step")
+    __slots__ = ("grid", "norms_args", "num_segs", "has_empty", "update_args", "consts", "warps", "step",
+                 "weights")
 
     def __init__(self, b: Bucket):
         ce = b.chunk_elems
         if ce < 16 or ce & (ce - 1):
             raise ValueError(f"backend='triton' needs a power-of-two chunk size >= 16, got {ce}")
         self.grid = (max(b.num_chunks, 1),)
-        self.norms_args = (b.param_buf, b.grad_buf, b.chunk_table, b.seg_table, b.seg_active,
+        self.weights = b.weights
+        w0 = b.weights[0]
+        self.norms_args = (w0, b.w_offsets, b.grad_buf, b.chunk_table, b.seg_table, b.seg_active,
                            b.group_table, b.step, b.partials, b.counters, b.stats)
         self.num_segs = b.num_segments
         self.has_empty = any(row[B.SEG_NUM_CHUNKS] == 0 for row in b._seg_rows)
-        self.update_args = (b.param_buf, b.grad_buf, b.state_buf, b.chunk_table, b.seg_table,
-                            b.seg_active, b.group_table, b.stats, b.step)
+        self.update_args = (w0, b.w_offsets, b.grad_buf, b.state_buf, b.chunk_table, b.seg_table,
+                            b.seg_active, b.group_table, b.stats, b.step, b.counters)
         block, self.warps = block_and_warps(ce, b.acc_dtype)
-        self.consts = dict(CHUNK=ce, BLOCK=block, HAS_CHUNKS=b.num_chunks > 0)
+        self.consts = dict(CHUNK=ce, BLOCK=block, HAS_CHUNKS=b.num_chunks > 0, W_ALIGNED=b.w_aligned,
+                           HAS_TAIL=b.has_tail)
         self.step = b.step
 
 
 def _launch_config(b: Bucket) -> _Launch:
     cfg = getattr(b, "_triton_launch", None)
-    if cfg is None:
+    if cfg is None or cfg.weights is not b.weights:
         cfg = _Launch(b)
         b._triton_launch = cfg
     return cfg
+
+
+class _NoGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_GUARD = _NoGuard()
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the bucket's (a bucket on cuda:1 while
+    cuda:0 is current would otherwise run on the wrong GPU, or fail)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NO_GUARD
 
 
 def _check_amp(t: Optional[torch.Tensor], name: str, b: Bucket) -> None:
@@ -340,11 +431,13 @@ def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: O
     has_scale, has_inf = grad_scale is not None, found_inf is not None
     scale = grad_scale if has_scale else cfg.step   # a dummy pointer when absent (never read)
     inf = found_inf if has_inf else cfg.step
-    _lars_norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, cfg.num_segs, **cfg.consts, HAS_SCALE=has_scale,
-                                 HAS_INF=has_inf, UNROLL=_SUM_UNROLL, HAS_EMPTY=cfg.has_empty, num_warps=cfg.warps,
-                                 enable_fp_fusion=False)
+    with _on_device(bucket.device):
+        _lars_norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, cfg.num_segs, **cfg.consts, HAS_SCALE=has_scale,
+                                     HAS_INF=has_inf, TILE=REDUCE_TILE, LOG2_TILE=REDUCE_TILE.bit_length() - 1,
+                                     HAS_EMPTY=cfg.has_empty, num_warps=cfg.warps, enable_fp_fusion=False)
     if between is not None:
         between(bucket)
-    _lars_update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
-                                  HAS_INF=has_inf, BF16=bucket.dtype == torch.bfloat16,
-                                  num_warps=cfg.warps, enable_fp_fusion=False)
+    with _on_device(bucket.device):
+        _lars_update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
+                                      HAS_INF=has_inf, BF16=bucket.dtype == torch.bfloat16,
+                                      num_warps=cfg.warps, enable_fp_fusion=False)
