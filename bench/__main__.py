@@ -382,7 +382,7 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
         ps = []
         for o, s, g in zip(offsets, shape_list, grads):
             p = torch.nn.Parameter(master_w[o:o + shapes.numel(s)].view(s).clone())
-            p.grad = g   # shared, read-only for every implementation (fused buckets copy it in)
+            p.grad = g   # shared, read-only for every implementation (the fused ones take it into their buckets)
             ps.append(p)
         return ps
 
