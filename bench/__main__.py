@@ -57,7 +57,8 @@ def parse_args(argv=None):
                     help="all sets x float32/bfloat16 x all implementations, torch.compile for each")
     ap.add_argument("--sets", help="comma-separated parameter sets (resnet18, resnet50, gpt2s, tiny2000, big64m)")
     ap.add_argument("--impls", help="comma-separated implementations (eager, foreach, compiled, fused-cpu, "
-                    "fused-torch, fused-triton, fused-triton-graph, fused-cuda, sgd-foreach, sgd-fused)")
+                    "fused-cpu-grad, fused-torch, fused-triton, fused-triton-grad, fused-triton-graph, "
+                    "fused-cuda, sgd-foreach, sgd-fused; -grad: denominator='grad')")
     ap.add_argument("--dtypes", help="comma-separated: float32, bfloat16")
     ap.add_argument("--steps", type=int, help="timed steps per implementation (default: adapt to the "
                     "step time within --time seconds per configuration)")
@@ -389,24 +390,25 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
     rows: Dict[str, dict] = {}
     impls: Dict[str, object] = {}
     est: Dict[str, float] = {}
-    truth: Optional[List] = None   # float64 momentum after step 1, stored as float32
+    truths: Dict[str, List] = {}   # per denominator: float64 momentum after step 1, stored as float32
 
     def check(impl) -> float:
         """Largest per-tensor relative error of the momentum after the first step against the
         spec evaluated in float64 from the same weights and gradients (step 1: buf = q * d)."""
-        nonlocal truth
-        if truth is None:
-            truth = []
+        denominator = getattr(impl, "denominator", "update")
+        if denominator not in truths:
+            truth = truths[denominator] = []
             hp = I.HP
             ph = phi(0.0, hp["lmbda"], hp["delay_steps"], hp["alpha"], hp["gamma_min"])
             for o, s, g in zip(offsets, shape_list, grads):
                 w64 = master_w[o:o + shapes.numel(s)].view(s).double()
                 d64 = g.double() + hp["weight_decay"] * w64
-                wn, dn = float(w64.square().sum().sqrt()), float(d64.square().sum().sqrt())
-                q = hp["eta"] * ph * wn / dn if wn > 0 and dn > 0 else 1.0
+                wn, dn, gn = (float(x.square().sum().sqrt()) for x in (w64, d64, g.double()))
+                norm, den = (gn, gn + hp["weight_decay"] * wn) if denominator == "grad" else (dn, dn)
+                q = hp["eta"] * ph * wn / den if wn > 0 and norm > 0 else 1.0
                 truth.append((d64 * q).float())
         worst = 0.0
-        for m, t in zip(impl.momentum(), truth):
+        for m, t in zip(impl.momentum(), truths[denominator]):
             den = float(t.double().square().sum().sqrt())
             num = float((m.detach().double() - t.double()).square().sum().sqrt())
             worst = max(worst, num / den if den > 0 else num)

@@ -32,10 +32,11 @@ HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, eta=1e-3, lmbda=1e-3, delay_s
 SGD_LR = 0.01
 
 # Implementation names in the order they are run and shown. "fused-*" are expanded per device.
-ALL = ("eager", "foreach", "compiled", "fused-cpu", "fused-torch", "fused-triton", "fused-triton-graph",
-       "fused-cuda", "sgd-foreach", "sgd-fused")
-FUSED_BACKENDS = {"cpu": ("fused-cpu", "fused-torch"),
-                  "cuda": ("fused-triton", "fused-triton-graph", "fused-cuda", "fused-torch")}
+# "-grad": the same backend with denominator="grad" (||g|| + wd*||w||: a third sum in pass 1).
+ALL = ("eager", "foreach", "compiled", "fused-cpu", "fused-cpu-grad", "fused-torch", "fused-triton",
+       "fused-triton-grad", "fused-triton-graph", "fused-cuda", "sgd-foreach", "sgd-fused")
+FUSED_BACKENDS = {"cpu": ("fused-cpu", "fused-cpu-grad", "fused-torch"),
+                  "cuda": ("fused-triton", "fused-triton-grad", "fused-triton-graph", "fused-cuda", "fused-torch")}
 
 
 class Unavailable(Exception):
@@ -212,16 +213,18 @@ def take_fast_path(opt, params: List[torch.Tensor]) -> None:
 
 
 class Fused(_TorchOptim):
-    def __init__(self, device, backend):
+    def __init__(self, device, backend, denominator="update"):
         super().__init__(device)
         self.backend = backend
-        self.name = f"fused-{backend}"
-        self.label = f"tvlars_fused.TVLARS(backend={backend!r})"
+        self.denominator = denominator
+        suffix = "" if denominator == "update" else f"-{denominator}"
+        self.name = f"fused-{backend}{suffix}"
+        self.label = f"tvlars_fused.TVLARS(backend={backend!r}, denominator={denominator!r})"
 
     def setup(self, params):
         self.params = params
         try:
-            self.opt = tvlars_fused.TVLARS(params, backend=self.backend, **HP)
+            self.opt = tvlars_fused.TVLARS(params, backend=self.backend, denominator=self.denominator, **HP)
             got = self.opt.backends          # builds the buckets: raises when it cannot run here
         except Exception as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
@@ -315,10 +318,10 @@ def make(name: str, device: torch.device) -> Impl:
             raise Unavailable("CUDA graphs need a CUDA device")
         return FusedGraph(device)
     if name.startswith("fused-"):
-        backend = name[len("fused-"):]
+        backend, _, denominator = name[len("fused-"):].partition("-")
         if backend in ("triton", "cuda") and device.type != "cuda":
             raise Unavailable(f"backend {backend!r} needs a CUDA device")
-        return Fused(device, backend)
+        return Fused(device, backend, denominator or "update")
     cls = {"eager": Eager, "foreach": Foreach, "compiled": Compiled, "sgd-foreach": SGDForeach,
            "sgd-fused": SGDFused}.get(name)
     if cls is None:

@@ -72,13 +72,11 @@ constexpr int64_t SMALL_BYTES = TVLARS_SMALL_BYTES;
 constexpr int64_t ITEM_ELEMS = TVLARS_ITEM_ELEMS;
 constexpr int64_t MIN_ELEMS_PER_THREAD = TVLARS_MIN_ELEMS_PER_THREAD;
 
-// Per-element values a chunk kernel needs, fixed for the whole segment.
+// What pass 1 needs per element, fixed for the whole segment (pass 2: UpdateParams, tvlars_math.h).
 template <typename A>
-struct SegParams {
-  A scale;         // grad_scale (when has_scale)
-  A weight_decay;  // group weight decay
-  A lr, momentum;
-  bool has_scale, decay, paper;
+struct Pass1Params {
+  A gmul;          // (maximize ? -1 : 1) / grad_scale
+  A weight_decay;  // 0 where the segment skips it
 };
 
 // ---- the kernels, once per instruction set ------------------------------------------------------
@@ -112,17 +110,14 @@ namespace isa_avx512 {
 
 struct KernelTable {
   const char* name;
-  void (*sums_f32)(const float*, const float*, int64_t, float, float, bool, bool, float*);
-  void (*sums_f64)(const double*, const double*, int64_t, double, double, bool, bool, double*);
-  void (*sums_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, float, float, bool, bool, float*);
-  void (*sums_f16)(const c10::Half*, const c10::Half*, int64_t, float, float, bool, bool, float*);
-  void (*update_f32)(float*, const float*, float*, int64_t, float, float, float, float, float, bool, bool, bool);
-  void (*update_f64)(double*, const double*, double*, int64_t, double, double, double, double, double, bool,
-                     bool, bool);
-  void (*update_bf16)(c10::BFloat16*, const c10::BFloat16*, float*, int64_t, float, float, float, float, float,
-                      bool, bool, bool);
-  void (*update_f16)(c10::Half*, const c10::Half*, float*, int64_t, float, float, float, float, float, bool,
-                     bool, bool);
+  void (*sums_f32)(const float*, const float*, int64_t, float, float, float*);
+  void (*sums_f64)(const double*, const double*, int64_t, double, double, double*);
+  void (*sums_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, float, float, float*);
+  void (*sums_f16)(const c10::Half*, const c10::Half*, int64_t, float, float, float*);
+  void (*update_f32)(float*, const float*, float*, int64_t, const UpdateParams<float>&);
+  void (*update_f64)(double*, const double*, double*, int64_t, const UpdateParams<double>&);
+  void (*update_bf16)(c10::BFloat16*, const c10::BFloat16*, float*, int64_t, const UpdateParams<float>&);
+  void (*update_f16)(c10::Half*, const c10::Half*, float*, int64_t, const UpdateParams<float>&);
 };
 
 #define TVLARS_TABLE(NS, NAME)                                                                      \
@@ -161,34 +156,19 @@ const KernelTable& kernel_table() {
 }
 #undef TVLARS_TABLE
 
-inline void chunk_sums(const KernelTable& kt, const float* w, const float* g, int64_t n,
-                       const SegParams<float>& sp, float* out) {
-  kt.sums_f32(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-inline void chunk_sums(const KernelTable& kt, const double* w, const double* g, int64_t n,
-                       const SegParams<double>& sp, double* out) {
-  kt.sums_f64(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-inline void chunk_sums(const KernelTable& kt, const c10::BFloat16* w, const c10::BFloat16* g, int64_t n,
-                       const SegParams<float>& sp, float* out) {
-  kt.sums_bf16(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-inline void chunk_sums(const KernelTable& kt, const c10::Half* w, const c10::Half* g, int64_t n,
-                       const SegParams<float>& sp, float* out) {
-  kt.sums_f16(w, g, n, sp.scale, sp.weight_decay, sp.has_scale, sp.decay, out);
-}
-
-#define TVLARS_UPDATE_OVERLOAD(FIELD, P, S, A)                                                     \
-  inline void chunk_update(const KernelTable& kt, P* w, const P* g, S* s, int64_t n, A q,          \
-                           const SegParams<A>& sp) {                                               \
-    kt.FIELD(w, g, s, n, sp.scale, sp.weight_decay, q, sp.lr, sp.momentum, sp.has_scale, sp.decay, \
-             sp.paper);                                                                            \
+#define TVLARS_KERNEL_OVERLOADS(SUMS, UPDATE, P, S, A)                                           \
+  inline void chunk_sums(const KernelTable& kt, const P* w, const P* g, int64_t n, const Pass1Params<A>& p1, \
+                         A* out) {                                                                  \
+    kt.SUMS(w, g, n, p1.gmul, p1.weight_decay, out);                                               \
+  }                                                                                                 \
+  inline void chunk_update(const KernelTable& kt, P* w, const P* g, S* s, int64_t n, const UpdateParams<A>& up) { \
+    kt.UPDATE(w, g, s, n, up);                                                                      \
   }
-TVLARS_UPDATE_OVERLOAD(update_f32, float, float, float)
-TVLARS_UPDATE_OVERLOAD(update_f64, double, double, double)
-TVLARS_UPDATE_OVERLOAD(update_bf16, c10::BFloat16, float, float)
-TVLARS_UPDATE_OVERLOAD(update_f16, c10::Half, float, float)
-#undef TVLARS_UPDATE_OVERLOAD
+TVLARS_KERNEL_OVERLOADS(sums_f32, update_f32, float, float, float)
+TVLARS_KERNEL_OVERLOADS(sums_f64, update_f64, double, double, double)
+TVLARS_KERNEL_OVERLOADS(sums_bf16, update_bf16, c10::BFloat16, float, float)
+TVLARS_KERNEL_OVERLOADS(sums_f16, update_f16, c10::Half, float, float)
+#undef TVLARS_KERNEL_OVERLOADS
 
 // ---- the bucket step -------------------------------------------------------------------------------
 template <typename P>
@@ -206,22 +186,17 @@ struct BucketStep {
   A* partials;
   A* stats;
   int64_t chunk_elems;
-  A scale;
-  bool has_scale;
+  A inv_scale;  // 1 / grad_scale (1 without AMP)
   float t;
 
-  SegParams<A> seg_params(int64_t sid) const {
-    const int64_t* row = seg + sid * SEG_COLS;
-    const A* grp = groups + row[SEG_GROUP] * GROUP_COLS;
-    SegParams<A> sp;
-    sp.scale = scale;
-    sp.has_scale = has_scale;
-    sp.weight_decay = grp[COL_WEIGHT_DECAY];
-    sp.decay = (row[SEG_FLAGS] & FLAG_SKIP_WEIGHT_DECAY) == 0;
-    sp.lr = grp[COL_LR];
-    sp.momentum = grp[COL_MOMENTUM];
-    sp.paper = grp[COL_PAPER_FORM] != A(0);
-    return sp;
+  const A* group_of(int64_t sid) const { return groups + seg[sid * SEG_COLS + SEG_GROUP] * GROUP_COLS; }
+
+  Pass1Params<A> pass1_params(int64_t sid) const {
+    const A* grp = group_of(sid);
+    Pass1Params<A> p1;
+    p1.gmul = mul(grp[COL_GRAD_SIGN], inv_scale);
+    p1.weight_decay = pass1_weight_decay(grp, seg[sid * SEG_COLS + SEG_FLAGS]);
+    return p1;
   }
 
   // Chunk c's elements of the parameter: [begin, end) in flat buffer indices (the padding past
@@ -235,10 +210,10 @@ struct BucketStep {
     return w[sid] + (start - row[SEG_OFFSET]);
   }
 
-  void pass1_chunk(int64_t c, const SegParams<A>& sp) const {
+  void pass1_chunk(int64_t c, const Pass1Params<A>& p1) const {
     int64_t b, e;
     const P* wc = chunk_range(c, &b, &e);
-    chunk_sums(*kt, wc, g + b, e - b, sp, partials + c * PART_COLS);
+    chunk_sums(*kt, wc, g + b, e - b, p1, partials + c * PART_COLS);
   }
 
   // Column col of the segment's chunk partials added in the order of docs/SPEC.md ("The segment
@@ -261,36 +236,36 @@ struct BucketStep {
     return total;
   }
 
-  // the segment's sums, stats written, returns q
-  A reduce(int64_t sid) const {
+  // the segment's sums -> its stats row; returns what pass 2 applies to it
+  UpdateParams<A> reduce(int64_t sid) const {
     const int64_t* row = seg + sid * SEG_COLS;
     const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
-    const A sw = segment_sum(first, count, PART_W2);
-    const A sd = segment_sum(first, count, PART_D2);
-    const SegmentStats<A> st =
-        segment_stats(sw, sd, groups + row[SEG_GROUP] * GROUP_COLS, row[SEG_FLAGS], t);
+    const SegmentStats<A> st = segment_stats(segment_sum(first, count, PART_W2), segment_sum(first, count, PART_D2),
+                                             segment_sum(first, count, PART_G2), group_of(sid), row[SEG_FLAGS], t);
     A* out = stats + sid * STAT_COLS;
     out[STAT_WEIGHT_NORM] = st.wn;
     out[STAT_UPDATE_NORM] = st.dn;
     out[STAT_TRUST_RATIO] = st.q;
     out[STAT_PHI] = st.phi;
-    return st.q;
+    out[STAT_GRAD_NORM] = st.gn;
+    out[STAT_WEIGHT_DECAY] = st.weight_decay;
+    return update_params(group_of(sid), row[SEG_FLAGS], out, inv_scale);
   }
 
-  void pass2_chunk(int64_t c, A q, const SegParams<A>& sp) const {
+  void pass2_chunk(int64_t c, const UpdateParams<A>& up) const {
     int64_t b, e;
     P* wc = chunk_range(c, &b, &e);
-    chunk_update(*kt, wc, g + b, s + b, e - b, q, sp);
+    chunk_update(*kt, wc, g + b, s + b, e - b, up);
   }
 
   // a whole segment by the calling thread
   void segment(int64_t sid) const {
     const int64_t* row = seg + sid * SEG_COLS;
     const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
-    const SegParams<A> sp = seg_params(sid);
-    for (int64_t c = first; c < first + count; ++c) pass1_chunk(c, sp);
-    const A q = reduce(sid);
-    for (int64_t c = first; c < first + count; ++c) pass2_chunk(c, q, sp);
+    const Pass1Params<A> p1 = pass1_params(sid);
+    for (int64_t c = first; c < first + count; ++c) pass1_chunk(c, p1);
+    const UpdateParams<A> up = reduce(sid);
+    for (int64_t c = first; c < first + count; ++c) pass2_chunk(c, up);
   }
 };
 
@@ -361,8 +336,8 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
   std::unique_ptr<Part[]> parts1(new Part[num_large * T]), parts2(new Part[num_large * T]);
   std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[num_large]);  // pass-1 chunks
   std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[num_large]);
-  std::vector<SegParams<A>> sp(num_large);
-  std::vector<A> q(num_large);
+  std::vector<Pass1Params<A>> p1(num_large);
+  std::vector<UpdateParams<A>> up(num_large);
   for (int64_t sid = 0; sid < S; ++sid) {
     claimed[sid].store(0, std::memory_order_relaxed);
     const int64_t slot = slot_of[sid];
@@ -375,7 +350,7 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
       parts1[slot * T + t].reset(lo, hi);
       parts2[slot * T + t].reset(lo, hi);
     }
-    sp[slot] = k.seg_params(sid);
+    p1[slot] = k.pass1_params(sid);
     remaining[slot].store(count, std::memory_order_relaxed);
     ready[slot].store(0, std::memory_order_relaxed);
   }
@@ -389,17 +364,17 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
   auto pass1_item = [&](int64_t sid, int64_t slot, int64_t item) {
     int64_t c0, c1;
     item_chunk_range(sid, item, &c0, &c1);
-    for (int64_t c = c0; c < c1; ++c) k.pass1_chunk(c, sp[slot]);
+    for (int64_t c = c0; c < c1; ++c) k.pass1_chunk(c, p1[slot]);
     // acq_rel: the thread that completes the segment sees every other thread's partials
     if (remaining[slot].fetch_sub(c1 - c0, std::memory_order_acq_rel) == c1 - c0) {
-      q[slot] = k.reduce(sid);
+      up[slot] = k.reduce(sid);
       ready[slot].store(1, std::memory_order_release);
     }
   };
   auto pass2_item = [&](int64_t sid, int64_t slot, int64_t item) {
     int64_t c0, c1;
     item_chunk_range(sid, item, &c0, &c1);
-    for (int64_t c = c0; c < c1; ++c) k.pass2_chunk(c, q[slot], sp[slot]);
+    for (int64_t c = c0; c < c1; ++c) k.pass2_chunk(c, up[slot]);
   };
   // own part from the front, then the others' parts from the back
   auto drain = [&](Part* segment_parts, int64_t me, auto&& run) {
@@ -511,8 +486,8 @@ void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS) {
     k.partials = partials.mutable_data_ptr<A>();
     k.stats = stats.mutable_data_ptr<A>();
     k.chunk_elems = chunk_elems;
-    k.has_scale = grad_scale.has_value();
-    k.scale = k.has_scale ? static_cast<A>(*grad_scale->const_data_ptr<float>()) : A(1);
+    // g/scale as g * (1/scale): the same bits for GradScaler's powers of two (and as Triton's)
+    k.inv_scale = grad_scale.has_value() ? div(A(1), static_cast<A>(*grad_scale->const_data_ptr<float>())) : A(1);
     k.t = *step.const_data_ptr<float>();
     run_bucket_step(k, S, seg_active.const_data_ptr<int32_t>());
   });

@@ -140,74 +140,78 @@ template <typename P>
 struct HasSimd<P, std::void_t<decltype(Simd<P>::N)>> : std::true_type {};
 #endif
 
-// ---- pass 1: sum(w^2), sum(d^2) of one chunk -----------------------------------------------------
+// ---- pass 1: sum(w^2), sum(d^2), sum(g'^2) of one chunk ---------------------------------------
 // Lane j of the partial sums accumulates elements j, j + L, j + 2L, ... (L = 16 floats / 8 doubles,
 // K native vectors of N lanes); the lanes are then folded pairwise. The same on every copy, and in
 // the scalar fallback.
-template <typename P, typename A, bool SCALE, bool DECAY>
-TVLARS_ALWAYS_INLINE void chunk_sums_impl(const P* __restrict w, const P* __restrict g, int64_t n, A scale,
-                                          A wd, A* __restrict out) {
+template <typename P, typename A, bool DECAY>
+TVLARS_ALWAYS_INLINE void chunk_sums_impl(const P* __restrict w, const P* __restrict g, int64_t n, A gmul, A wd,
+                                          A* __restrict out) {
   int64_t i = 0;
   constexpr int L = 64 / sizeof(A);
-  A sw[L], sd[L];
+  A sw[L], sd[L], sg[L];
 #if defined(TVLARS_VECTOR_EXT)
   if constexpr (HasSimd<P>::value) {
     using Sd = Simd<P>;
     using V = typename Sd::V;
     constexpr int K = L / Sd::N;
     static_assert(K * Sd::N == L, "the lanes are whole native vectors");
-    const V scale_v = broadcast<V>(scale), wd_v = broadcast<V>(wd);
-    V vw[K], vd[K];
-    for (int k = 0; k < K; ++k) vw[k] = vd[k] = V{};
+    const V gmul_v = broadcast<V>(gmul), wd_v = broadcast<V>(wd);
+    V vw[K], vd[K], vg[K];
+    for (int k = 0; k < K; ++k) vw[k] = vd[k] = vg[k] = V{};
     for (; i + L <= n; i += L) {
       for (int k = 0; k < K; ++k) {
         const V wv = Sd::load(w + i + k * Sd::N);
-        const V d = direction(Sd::load(g + i + k * Sd::N), wv, scale_v, wd_v, SCALE, DECAY);
+        const V gs = scaled_grad(Sd::load(g + i + k * Sd::N), gmul_v);
+        const V d = direction(gs, wv, wd_v, DECAY);
         vw[k] = add(vw[k], mul(wv, wv));
         vd[k] = add(vd[k], mul(d, d));
+        vg[k] = add(vg[k], mul(gs, gs));
       }
     }
     std::memcpy(sw, vw, sizeof sw);
     std::memcpy(sd, vd, sizeof sd);
+    std::memcpy(sg, vg, sizeof sg);
   } else
 #endif
   {
-    for (int j = 0; j < L; ++j) sw[j] = sd[j] = A(0);
+    for (int j = 0; j < L; ++j) sw[j] = sd[j] = sg[j] = A(0);
     for (; i + L <= n; i += L) {
       for (int j = 0; j < L; ++j) {
         const A wv = to_acc<A>(w[i + j]);
-        const A d = direction(to_acc<A>(g[i + j]), wv, scale, wd, SCALE, DECAY);
+        const A gs = scaled_grad(to_acc<A>(g[i + j]), gmul);
+        const A d = direction(gs, wv, wd, DECAY);
         sw[j] = add(sw[j], mul(wv, wv));
         sd[j] = add(sd[j], mul(d, d));
+        sg[j] = add(sg[j], mul(gs, gs));
       }
     }
   }
   for (int j = 0; i < n; ++i, ++j) {  // only when a chunk is not a multiple of L long
     const A wv = to_acc<A>(w[i]);
-    const A d = direction(to_acc<A>(g[i]), wv, scale, wd, SCALE, DECAY);
+    const A gs = scaled_grad(to_acc<A>(g[i]), gmul);
+    const A d = direction(gs, wv, wd, DECAY);
     sw[j] = add(sw[j], mul(wv, wv));
     sd[j] = add(sd[j], mul(d, d));
+    sg[j] = add(sg[j], mul(gs, gs));
   }
   for (int h = L / 2; h > 0; h /= 2) {
     for (int j = 0; j < h; ++j) {
       sw[j] = add(sw[j], sw[j + h]);
       sd[j] = add(sd[j], sd[j + h]);
+      sg[j] = add(sg[j], sg[j + h]);
     }
   }
   out[PART_W2] = sw[0];
   out[PART_D2] = sd[0];
+  out[PART_G2] = sg[0];
 }
 
 // Non-template entry points per dtype (the function table in tvlars_cpu.cpp points at these).
-#define TVLARS_DEFINE_SUMS(NAME, P, A)                                                              \
-  void NAME(const P* w, const P* g, int64_t n, A scale, A wd, bool has_scale, bool decay, A* out) { \
-    if (has_scale) {                                                                                \
-      if (decay) chunk_sums_impl<P, A, true, true>(w, g, n, scale, wd, out);                        \
-      else chunk_sums_impl<P, A, true, false>(w, g, n, scale, wd, out);                             \
-    } else {                                                                                        \
-      if (decay) chunk_sums_impl<P, A, false, true>(w, g, n, scale, wd, out);                       \
-      else chunk_sums_impl<P, A, false, false>(w, g, n, scale, wd, out);                            \
-    }                                                                                               \
+#define TVLARS_DEFINE_SUMS(NAME, P, A)                                      \
+  void NAME(const P* w, const P* g, int64_t n, A gmul, A wd, A* out) {     \
+    if (wd != A(0)) chunk_sums_impl<P, A, true>(w, g, n, gmul, wd, out);   \
+    else chunk_sums_impl<P, A, false>(w, g, n, gmul, wd, out);             \
   }
 TVLARS_DEFINE_SUMS(chunk_sums_f32, float, float)
 TVLARS_DEFINE_SUMS(chunk_sums_f64, double, double)
@@ -216,68 +220,52 @@ TVLARS_DEFINE_SUMS(chunk_sums_f16, c10::Half, float)
 #undef TVLARS_DEFINE_SUMS
 
 // ---- pass 2: the update of one chunk -------------------------------------------------------------
-template <typename P, typename S, typename A, bool SCALE, bool DECAY, bool PAPER>
-TVLARS_ALWAYS_INLINE void chunk_update_scalar(P* __restrict w, const P* __restrict g, S* __restrict s,
-                                              int64_t i, int64_t n, A scale, A wd, A q, A lr, A momentum) {
-  for (; i < n; ++i) {
-    A wv = to_acc<A>(w[i]);
-    A sv = static_cast<A>(s[i]);
-    const A u = mul(q, direction(to_acc<A>(g[i]), wv, scale, wd, SCALE, DECAY));
-    if (PAPER) {
-      paper_update(wv, sv, u, lr, momentum);
-    } else {
-      heavy_ball_update(wv, sv, u, lr, momentum);
-    }
-    w[i] = from_acc<P>(wv);
-    s[i] = static_cast<S>(sv);
-  }
-}
-
-template <typename P, typename S, typename A, bool SCALE, bool DECAY, bool PAPER>
+// FORM and DECAY are compile-time (they shape the arithmetic); nesterov and first are uniform
+// runtime flags the compiler hoists out of the loop.
+template <typename P, typename S, typename A, int FORM, bool DECAY>
 TVLARS_ALWAYS_INLINE void chunk_update_impl(P* __restrict w, const P* __restrict g, S* __restrict s, int64_t n,
-                                            A scale, A wd, A q, A lr, A momentum) {
+                                            const UpdateParams<A>& up) {
   int64_t i = 0;
 #if defined(TVLARS_VECTOR_EXT)
   if constexpr (HasSimd<P>::value) {
     using Sd = Simd<P>;
     using V = typename Sd::V;
-    const V scale_v = broadcast<V>(scale), wd_v = broadcast<V>(wd), q_v = broadcast<V>(q),
-            lr_v = broadcast<V>(lr), mom_v = broadcast<V>(momentum);
+    const V gmul = broadcast<V>(up.gmul), wd = broadcast<V>(up.weight_decay), q = broadcast<V>(up.q),
+            lr = broadcast<V>(up.lr), mom = broadcast<V>(up.momentum), und = broadcast<V>(up.undamped);
     for (; i + Sd::N <= n; i += Sd::N) {
       V wv = Sd::load(w + i);
       V sv = Sd::load_state(s + i);
-      const V u = mul(q_v, direction(Sd::load(g + i), wv, scale_v, wd_v, SCALE, DECAY));
-      if (PAPER) {
-        paper_update(wv, sv, u, lr_v, mom_v);
-      } else {
-        heavy_ball_update(wv, sv, u, lr_v, mom_v);
-      }
+      update(wv, sv, Sd::load(g + i), gmul, wd, DECAY, q, lr, mom, und, FORM, up.nesterov, up.first);
       Sd::store(w + i, wv);
       Sd::store_state(s + i, sv);
     }
   }
 #endif
-  chunk_update_scalar<P, S, A, SCALE, DECAY, PAPER>(w, g, s, i, n, scale, wd, q, lr, momentum);
+  for (; i < n; ++i) {
+    A wv = to_acc<A>(w[i]);
+    A sv = static_cast<A>(s[i]);
+    update(wv, sv, to_acc<A>(g[i]), up.gmul, up.weight_decay, DECAY, up.q, up.lr, up.momentum, up.undamped, FORM,
+           up.nesterov, up.first);
+    w[i] = from_acc<P>(wv);
+    s[i] = static_cast<S>(sv);
+  }
 }
 
-#define TVLARS_UPDATE_CASE(K, SC, DE, PA) \
-  case K: chunk_update_impl<P, S, A, SC, DE, PA>(w, g, s, n, scale, wd, q, lr, momentum); break;
-#define TVLARS_DEFINE_UPDATE(NAME, P_, S_, A_)                                                      \
-  void NAME(P_* w, const P_* g, S_* s, int64_t n, A_ scale, A_ wd, A_ q, A_ lr, A_ momentum,      \
-            bool has_scale, bool decay, bool paper) {                                               \
-    using P = P_;                                                                                   \
-    using S = S_;                                                                                   \
-    using A = A_;                                                                                   \
-    switch ((has_scale ? 4 : 0) | (decay ? 2 : 0) | (paper ? 1 : 0)) {                              \
-      TVLARS_UPDATE_CASE(0, false, false, false)                                                    \
-      TVLARS_UPDATE_CASE(1, false, false, true)                                                     \
-      TVLARS_UPDATE_CASE(2, false, true, false)                                                     \
-      TVLARS_UPDATE_CASE(3, false, true, true)                                                      \
-      TVLARS_UPDATE_CASE(4, true, false, false)                                                     \
-      TVLARS_UPDATE_CASE(5, true, false, true)                                                      \
-      TVLARS_UPDATE_CASE(6, true, true, false)                                                      \
-      default: chunk_update_impl<P, S, A, true, true, true>(w, g, s, n, scale, wd, q, lr, momentum); \
-    }                                                                                               \
+#define TVLARS_UPDATE_CASE(FORM)                                                               \
+  case FORM:                                                                                   \
+    if (up.weight_decay != A(0)) chunk_update_impl<P, S, A, FORM, true>(w, g, s, n, up);       \
+    else chunk_update_impl<P, S, A, FORM, false>(w, g, s, n, up);                              \
+    break;
+#define TVLARS_DEFINE_UPDATE(NAME, P_, S_, A_)                                      \
+  void NAME(P_* w, const P_* g, S_* s, int64_t n, const UpdateParams<A_>& up) {   \
+    using P = P_;                                                                   \
+    using S = S_;                                                                   \
+    using A = A_;                                                                   \
+    switch (up.form) {                                                              \
+      TVLARS_UPDATE_CASE(FORM_PAPER)                                                \
+      TVLARS_UPDATE_CASE(FORM_LR_SCALED)                                            \
+      default: TVLARS_UPDATE_CASE(FORM_HEAVY_BALL)                                  \
+    }                                                                               \
   }
 TVLARS_DEFINE_UPDATE(chunk_update_f32, float, float, float)
 TVLARS_DEFINE_UPDATE(chunk_update_f64, double, double, double)

@@ -67,25 +67,29 @@ __device__ __forceinline__ A warp_sum(A x) {
   return x;
 }
 
-// Sum of x over the block in a fixed order (result valid in thread 0).
+// Sums of x, y, z over the block in a fixed order (results valid in thread 0).
 template <typename A>
-__device__ __forceinline__ void block_sum2(A& x, A& y) {
-  __shared__ A sx[WARPS], sy[WARPS];
+__device__ __forceinline__ void block_sum3(A& x, A& y, A& z) {
+  __shared__ A sx[WARPS], sy[WARPS], sz[WARPS];
   x = warp_sum(x);
   y = warp_sum(y);
+  z = warp_sum(z);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     sx[warp] = x;
     sy[warp] = y;
+    sz[warp] = z;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     x = sx[0];
     y = sy[0];
+    z = sz[0];
 #pragma unroll
     for (int i = 1; i < WARPS; ++i) {
       x = add(x, sx[i]);
       y = add(y, sy[i]);
+      z = add(z, sz[i]);
     }
   }
 }
@@ -129,14 +133,23 @@ __device__ __forceinline__ A segment_sum(const A* partials, int64_t first, int64
 }
 
 template <typename A>
-__device__ __forceinline__ void write_stats(A* stats, int64_t sid, A sum_w2, A sum_d2, const A* group,
+__device__ __forceinline__ void write_stats(A* stats, int64_t sid, A sum_w2, A sum_d2, A sum_g2, const A* group,
                                             int64_t flags, float t) {
-  const SegmentStats<A> st = segment_stats(sum_w2, sum_d2, group, flags, t);
+  const SegmentStats<A> st = segment_stats(sum_w2, sum_d2, sum_g2, group, flags, t);
   A* out = stats + sid * STAT_COLS;
   out[STAT_WEIGHT_NORM] = st.wn;
   out[STAT_UPDATE_NORM] = st.dn;
   out[STAT_TRUST_RATIO] = st.q;
   out[STAT_PHI] = st.phi;
+  out[STAT_GRAD_NORM] = st.gn;
+  out[STAT_WEIGHT_DECAY] = st.weight_decay;
+}
+
+// 1 / grad_scale (one when there is no AMP scale): g/scale as g * (1/scale), the same bits for
+// GradScaler's powers of two, as the CPU and Triton kernels do
+template <typename A>
+__device__ __forceinline__ A inv_scale(const float* grad_scale, A one) {
+  return grad_scale != nullptr ? div(one, static_cast<A>(*grad_scale)) : one;
 }
 
 // Segment sid's parameter as a pointer indexed by flat buffer positions: wseg[i] is the
@@ -195,40 +208,39 @@ __global__ void __launch_bounds__(THREADS)
       const int64_t flags = row[SEG_FLAGS];
       const A* group = groups + row[SEG_GROUP] * GROUP_COLS;
       const int64_t stop = start + chunk_elems < end ? start + chunk_elems : end;
-      const bool has_scale = grad_scale != nullptr;
-      const A scale = has_scale ? static_cast<A>(*grad_scale) : A(1);
-      const bool decay = (flags & FLAG_SKIP_WEIGHT_DECAY) == 0;
-      const A wd = group[COL_WEIGHT_DECAY];
+      const A gmul = mul(group[COL_GRAD_SIGN], inv_scale(grad_scale, A(1)));
+      const A wd = pass1_weight_decay(group, flags);
+      const bool decay = wd != A(0);
       const P* w = segment_weights(w0, w_offsets, sid, row[SEG_OFFSET]);
 
-      A sw = A(0), sd = A(0);
+      A sw = A(0), sd = A(0), sg = A(0);
+      auto accumulate = [&](A wa, A ga) {
+        const A gs = scaled_grad(ga, gmul);
+        const A d = direction(gs, wa, wd, decay);
+        sw = add(sw, mul(wa, wa));
+        sd = add(sd, mul(d, d));
+        sg = add(sg, mul(gs, gs));
+      };
       if (((start | stop) % V) == 0) {  // always, for a bucket built by buckets.py
 #pragma unroll 4
         for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < stop; i += THREADS * V) {
           const Vec<P, V> wv = load_weights<P, V>(w, i, real_end);
           const Vec<P, V> gv = load_vec<P, V>(g + i);
 #pragma unroll
-          for (int j = 0; j < V; ++j) {
-            const A wa = to_acc<A>(wv.v[j]);
-            const A d = direction(to_acc<A>(gv.v[j]), wa, scale, wd, has_scale, decay);
-            sw = add(sw, mul(wa, wa));
-            sd = add(sd, mul(d, d));
-          }
+          for (int j = 0; j < V; ++j) accumulate(to_acc<A>(wv.v[j]), to_acc<A>(gv.v[j]));
         }
       } else {
         for (int64_t i = start + threadIdx.x; i < stop; i += THREADS) {
-          const A wa = i < real_end ? to_acc<A>(w[i]) : A(0);
-          const A d = direction(to_acc<A>(g[i]), wa, scale, wd, has_scale, decay);
-          sw = add(sw, mul(wa, wa));
-          sd = add(sd, mul(d, d));
+          accumulate(i < real_end ? to_acc<A>(w[i]) : A(0), to_acc<A>(g[i]));
         }
       }
-      block_sum2(sw, sd);
+      block_sum3(sw, sd, sg);
 
       __shared__ int32_t last;
       if (threadIdx.x == 0) {
         partials[c * PART_COLS + PART_W2] = sw;
         partials[c * PART_COLS + PART_D2] = sd;
+        partials[c * PART_COLS + PART_G2] = sg;
         __threadfence();  // the partial is visible device-wide before the count says so
         last = atomicAdd(counters + sid, 1) == row[SEG_NUM_CHUNKS] - 1;
       }
@@ -238,8 +250,9 @@ __global__ void __launch_bounds__(THREADS)
         const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
         const A tw = segment_sum(partials, first, count, PART_W2);
         const A td = segment_sum(partials, first, count, PART_D2);
+        const A tg = segment_sum(partials, first, count, PART_G2);
         if (threadIdx.x == 0) {
-          write_stats(stats, sid, tw, td, group, flags, *step);
+          write_stats(stats, sid, tw, td, tg, group, flags, *step);
           counters[sid] = 0;  // workspace is zero between launches
         }
       }
@@ -251,7 +264,7 @@ __global__ void __launch_bounds__(THREADS)
     for (int64_t sid = blockIdx.x; sid < num_segs; sid += gridDim.x) {
       const int64_t* row = seg + sid * SEG_COLS;
       if (row[SEG_NUM_CHUNKS] == 0 && active[sid] != 0)
-        write_stats(stats, sid, A(0), A(0), groups + row[SEG_GROUP] * GROUP_COLS, row[SEG_FLAGS], *step);
+        write_stats(stats, sid, A(0), A(0), A(0), groups + row[SEG_GROUP] * GROUP_COLS, row[SEG_FLAGS], *step);
     }
   }
 }
@@ -286,13 +299,12 @@ __global__ void __launch_bounds__(THREADS)
   P* w = segment_weights(w0, w_offsets, sid, row[SEG_OFFSET]);
   const A* group = groups + row[SEG_GROUP] * GROUP_COLS;
   const int64_t stop = start + chunk_elems < end ? start + chunk_elems : end;
-  const bool has_scale = grad_scale != nullptr;
-  const A scale = has_scale ? static_cast<A>(*grad_scale) : A(1);
-  const bool decay = (row[SEG_FLAGS] & FLAG_SKIP_WEIGHT_DECAY) == 0;
-  const A wd = group[COL_WEIGHT_DECAY];
-  const A lr = group[COL_LR], momentum = group[COL_MOMENTUM];
-  const bool paper = group[COL_PAPER_FORM] != A(0);
-  const A q = stats[sid * STAT_COLS + STAT_TRUST_RATIO];
+  const UpdateParams<A> up = update_params(group, row[SEG_FLAGS], stats + sid * STAT_COLS, inv_scale(grad_scale, A(1)));
+  const bool decay = up.weight_decay != A(0);
+  auto apply = [&](A& wa, A& sa, A ga) {
+    update(wa, sa, ga, up.gmul, up.weight_decay, decay, up.q, up.lr, up.momentum, up.undamped, up.form,
+           up.nesterov, up.first);
+  };
 
   if (((start | stop) % V) == 0) {
 #pragma unroll 2
@@ -304,8 +316,7 @@ __global__ void __launch_bounds__(THREADS)
       for (int j = 0; j < V; ++j) {
         A wa = to_acc<A>(wv.v[j]);
         A sa = static_cast<A>(sv.v[j]);
-        const A u = mul(q, direction(to_acc<A>(gv.v[j]), wa, scale, wd, has_scale, decay));
-        update(wa, sa, u, lr, momentum, paper);
+        apply(wa, sa, to_acc<A>(gv.v[j]));
         wv.v[j] = from_acc<P>(wa);
         sv.v[j] = static_cast<S>(sa);
       }
@@ -316,8 +327,7 @@ __global__ void __launch_bounds__(THREADS)
     for (int64_t i = start + threadIdx.x; i < real_end && i < stop; i += THREADS) {
       A wa = to_acc<A>(w[i]);
       A sa = static_cast<A>(s[i]);
-      const A u = mul(q, direction(to_acc<A>(g[i]), wa, scale, wd, has_scale, decay));
-      update(wa, sa, u, lr, momentum, paper);
+      apply(wa, sa, to_acc<A>(g[i]));
       w[i] = from_acc<P>(wa);
       s[i] = static_cast<S>(sa);
     }

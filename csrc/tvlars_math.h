@@ -100,18 +100,33 @@ template <typename P, typename A> TVLARS_HD P from_acc(A x) { return static_cast
 
 
 // ---- per element -------------------------------------------------------------------------------
-// g / grad_scale (when given), then + weight_decay * w (unless the segment skips weight decay).
+// g' = g * gmul, gmul = (maximize ? -1 : 1) / grad_scale: the gradient as the step uses it.
 template <typename A>
-TVLARS_HD A direction(A g, A w, A scale, A weight_decay, bool has_scale, bool decay) {
-  A d = has_scale ? div(g, scale) : g;
-  return decay ? add(d, mul(weight_decay, w)) : d;
+TVLARS_HD A scaled_grad(A g, A gmul) { return mul(g, gmul); }
+
+// d = g' + weight_decay * w; the term is left out where the segment's weight decay is 0 (so an
+// infinite weight without weight decay does not make d NaN).
+template <typename A>
+TVLARS_HD A direction(A gs, A w, A weight_decay, bool decay) {
+  return decay ? add(gs, mul(weight_decay, w)) : gs;
 }
 
-// heavy ball (the authors' code): s = momentum*s + u ; w = w - lr*s
+// heavy_ball, torch's SGD momentum (the authors' code, timm, LARC, Lightning):
+//   s = first ? u : momentum*s + (1 - dampening)*u ; step = nesterov ? u + momentum*s : s ;
+//   w = w - lr*step          (first: the parameter's first update, only flagged with dampening)
 template <typename A>
-TVLARS_HD void heavy_ball_update(A& w, A& s, A u, A lr, A momentum) {
-  s = add(mul(momentum, s), u);
-  w = sub(w, mul(lr, s));
+TVLARS_HD void heavy_ball_update(A& w, A& s, A u, A lr, A momentum, A undamped, bool nesterov, bool first) {
+  s = first ? u : add(mul(momentum, s), mul(undamped, u));
+  w = sub(w, mul(lr, nesterov ? add(u, mul(momentum, s)) : s));
+}
+
+// lr_scaled, TensorFlow's ApplyMomentum (the MLPerf LARS): the buffer accumulates lr-scaled steps
+//   s = momentum*s + lr*u ; w = w - (nesterov ? lr*u + momentum*s : s)
+template <typename A>
+TVLARS_HD void lr_scaled_update(A& w, A& s, A u, A lr, A momentum, bool nesterov) {
+  const A lu = mul(lr, u);
+  s = add(mul(momentum, s), lu);
+  w = sub(w, nesterov ? add(lu, mul(momentum, s)) : s);
 }
 
 // the paper's Algorithm 1: mn = w - lr*u ; w = mn + momentum*(mn - m) ; m = mn  (s holds m)
@@ -122,12 +137,26 @@ TVLARS_HD void paper_update(A& w, A& s, A u, A lr, A momentum) {
   s = mn;
 }
 
+// What pass 2 applies to every element of a segment (q and the weight decay from its stats).
 template <typename A>
-TVLARS_HD void update(A& w, A& s, A u, A lr, A momentum, bool paper) {
-  if (paper) {
+struct UpdateParams {
+  A gmul, weight_decay, q, lr, momentum, undamped;
+  int form;
+  bool nesterov, first;
+};
+
+// Pass 2 on one element (A) or one vector of elements (the CPU kernel's V: every V argument a
+// broadcast of the segment's value): u = q*d, then the momentum form.
+template <typename V>
+TVLARS_HD void update(V& w, V& s, V g, V gmul, V weight_decay, bool decay, V q, V lr, V momentum, V undamped,
+                      int form, bool nesterov, bool first) {
+  const V u = mul(q, direction(scaled_grad(g, gmul), w, weight_decay, decay));
+  if (form == FORM_PAPER) {
     paper_update(w, s, u, lr, momentum);
+  } else if (form == FORM_LR_SCALED) {
+    lr_scaled_update(w, s, u, lr, momentum, nesterov);
   } else {
-    heavy_ball_update(w, s, u, lr, momentum);
+    heavy_ball_update(w, s, u, lr, momentum, undamped, nesterov, first);
   }
 }
 
@@ -147,30 +176,73 @@ TVLARS_HD A phi(A t, A lmbda, A delay_steps, A alpha, A gamma_min) {
 template <typename A>
 TVLARS_HD A clip_norm(A norm, A clip) { return clip < norm ? clip : norm; }
 
-// q = eta*phi*wn/dn when the segment adapts and both norms are > 0, else 1
+// trust_clip (LARC's clip mode): min(q / lr, 1), a NaN staying NaN as with torch.clamp
 template <typename A>
-TVLARS_HD A trust_ratio(A wn, A dn, A eta, A ph, bool adapt) {
-  return (adapt && wn > A(0) && dn > A(0)) ? div(mul(mul(eta, ph), wn), dn) : A(1);
+TVLARS_HD A clip_ratio(A q, A lr) {
+  const A x = div(q, lr);
+  return x > A(1) ? A(1) : x;
 }
 
 template <typename A>
 struct SegmentStats {
-  A wn, dn, q, phi;
+  A wn, dn, q, phi, gn, weight_decay;
 };
 
-// From the segment's sums of w^2 and d^2 (the chunk partials added in chunk order), the group's
-// table row, the segment flags and t: (wn, dn, q, phi) as stored in stats.
+// From the segment's sums of w^2, d^2 and g'^2 (its chunk partials added as SPEC says), the
+// group's table row, the segment flags and t: the stats row (norms after norm_clip, the trust
+// ratio, phi(t), and the weight decay pass 2 applies).
 template <typename A>
-TVLARS_HD SegmentStats<A> segment_stats(A sum_w2, A sum_d2, const A* group, int64_t flags, float t) {
+TVLARS_HD SegmentStats<A> segment_stats(A sum_w2, A sum_d2, A sum_g2, const A* group, int64_t seg_flags, float t) {
   SegmentStats<A> r;
-  r.wn = clip_norm(sqrt_(sum_w2), group[COL_NORM_CLIP]);
-  r.dn = clip_norm(sqrt_(sum_d2), group[COL_NORM_CLIP]);
-  r.phi = group[COL_USE_PHI] != A(0)
-              ? phi(static_cast<A>(t), group[COL_LMBDA], group[COL_DELAY], group[COL_ALPHA],
-                    group[COL_GAMMA_MIN])
+  const A clip = group[COL_NORM_CLIP];
+  r.wn = clip_norm(sqrt_(sum_w2), clip);
+  r.dn = clip_norm(sqrt_(sum_d2), clip);
+  r.gn = clip_norm(sqrt_(sum_g2), clip);
+  const A tt = static_cast<A>(t);
+  r.phi = group[COL_USE_PHI] != A(0) && !(tt < group[COL_HOLD])
+              ? phi(tt, group[COL_LMBDA], group[COL_DELAY], group[COL_ALPHA], group[COL_GAMMA_MIN])
               : A(1);
-  r.q = trust_ratio(r.wn, r.dn, group[COL_ETA], r.phi, (flags & FLAG_SKIP_ADAPTATION) == 0);
+  const int64_t gflags = static_cast<int64_t>(group[COL_GFLAGS]);
+  const A wd = (seg_flags & FLAG_SKIP_WEIGHT_DECAY) != 0 ? A(0) : group[COL_WEIGHT_DECAY];
+  const bool trust_clip = (gflags & GF_TRUST_CLIP) != 0;
+  r.q = A(1);
+  r.weight_decay = wd;
+  if ((gflags & GF_NO_ADAPT) == 0 && (seg_flags & FLAG_SKIP_ADAPTATION) == 0) {
+    const bool grad_form = (gflags & GF_GRAD_DENOMINATOR) != 0;
+    if (r.wn > A(0) && (grad_form ? r.gn : r.dn) > A(0)) {
+      const A denom = grad_form ? add(add(r.gn, mul(wd, r.wn)), group[COL_EPS]) : add(r.dn, group[COL_EPS]);
+      r.q = div(mul(mul(group[COL_ETA], r.phi), r.wn), denom);
+      if (trust_clip) r.q = clip_ratio(r.q, group[COL_LR]);
+    } else if ((gflags & GF_PLAIN_ZERO) != 0) {
+      r.weight_decay = A(0);   // apex LARC / Lightning: a zero norm gives the plain gradient step
+    } else if (trust_clip) {
+      r.q = clip_ratio(A(1), group[COL_LR]);   // timm: the fallback ratio 1 is clipped too
+    }
+  }
   return r;
+}
+
+// The per-segment parameters of pass 2 from its group row, flags, stats and the grad scale.
+template <typename A>
+TVLARS_HD UpdateParams<A> update_params(const A* group, int64_t seg_flags, const A* stats_row, A inv_scale) {
+  UpdateParams<A> p;
+  p.gmul = mul(group[COL_GRAD_SIGN], inv_scale);
+  p.weight_decay = stats_row[STAT_WEIGHT_DECAY];
+  p.q = stats_row[STAT_TRUST_RATIO];
+  p.lr = group[COL_LR];
+  p.momentum = group[COL_MOMENTUM];
+  p.undamped = group[COL_UNDAMPED];
+  p.form = static_cast<int>(group[COL_FORM]);
+  p.nesterov = (static_cast<int64_t>(group[COL_GFLAGS]) & GF_NESTEROV) != 0;
+  p.first = (seg_flags & FLAG_FIRST_STEP) != 0;
+  return p;
+}
+
+// pass 1's weight decay for d (before the trust ratio decides anything): the group's, 0 where the
+// segment skips it
+template <typename A>
+TVLARS_HD A pass1_weight_decay(const A* group, int64_t seg_flags) {
+  return (seg_flags & FLAG_SKIP_WEIGHT_DECAY) != 0 ? A(0) : group[COL_WEIGHT_DECAY];
 }
 
 }  // namespace tvlars

@@ -46,16 +46,17 @@ def grads_for_step(shapes: Sequence[tuple], step: int, seed: int = 1, scale: flo
 
 def train(make_opt: Callable, init: Sequence[torch.Tensor], dtype: torch.dtype, steps: int,
           device="cpu", used: Optional[Callable[[int, int], bool]] = None, seed: int = 1,
-          grad_scale: float = 1.0, per_step: Optional[Callable] = None):
+          grad_scale: float = 1.0, per_step: Optional[Callable] = None, zero_grad: Sequence[int] = ()):
     """Run `steps` optimizer steps; `used(step, i)` False leaves parameter i out of the loss
-    (its .grad stays None after zero_grad, as for an unused branch)."""
+    (its .grad stays None after zero_grad, as for an unused branch); parameters listed in
+    `zero_grad` get a gradient of exact zeros every step."""
     params = [torch.nn.Parameter(x.clone().to(device=device, dtype=dtype)) for x in init]
     opt = make_opt(params)
     shapes = [tuple(x.shape) for x in init]
     for s in range(steps):
         opt.zero_grad()
         cs = grads_for_step(shapes, s, seed, grad_scale)
-        terms = [(p * c.to(device=device, dtype=dtype)).sum()
+        terms = [(p * (torch.zeros_like(c) if i in zero_grad else c).to(device=device, dtype=dtype)).sum()
                  for i, (p, c) in enumerate(zip(params, cs)) if used is None or used(s, i)]
         if terms:
             torch.stack([t.to(torch.float64) for t in terms]).sum().backward()

@@ -133,7 +133,7 @@ def test_layer_stats_dict_for_loggers(backend):
     opt.step()
     d = layer_stats_dict(opt, m.named_parameters(), prefix="opt/")
     assert set(d) == {f"opt/{n}/{s}" for n, _ in m.named_parameters()
-                      for s in ("weight_norm", "update_norm", "trust_ratio", "phi")}
+                      for s in ("weight_norm", "update_norm", "trust_ratio", "phi", "grad_norm", "weight_decay")}
     assert all(isinstance(v, float) for v in d.values())
     assert d["opt/0.weight/weight_norm"] == pytest.approx(float(w0.norm()), rel=1e-12)
     assert d["opt/0.weight/phi"] == pytest.approx(tvlars_fused.phi(0, 0.05, 2, 1.0, 0.0), rel=1e-6)

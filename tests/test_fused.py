@@ -224,8 +224,10 @@ def test_layer_stats(backend):
     st = opt.layer_stats()[ps[0]]
     d = g0 + HYPER["weight_decay"] * init[0]
     ph = tvlars_fused.phi(0, HYPER["lmbda"], HYPER["delay_steps"], 1.0, 0.0)
-    wn, dn = float(init[0].norm()), float(d.norm())
-    expected = torch.tensor([wn, dn, HYPER["eta"] * ph * wn / dn, ph], dtype=torch.float64)
+    wn, dn, gn = float(init[0].norm()), float(d.norm()), float(g0.norm())
+    # [weight_norm, update_norm, trust_ratio, phi, grad_norm, weight_decay applied]
+    expected = torch.tensor([wn, dn, HYPER["eta"] * ph * wn / dn, ph, gn, HYPER["weight_decay"]],
+                            dtype=torch.float64)
     assert torch.allclose(st, expected, rtol=1e-12)
 
 
@@ -387,3 +389,44 @@ def test_segment_sum_order_is_the_spec(backend, monkeypatch):
             assert np.sqrt(seq) != stats[s, 0]
             assert spec_segment_sum(partials[first:first + n, 0], 2 * tile) != sw or tile >= 1024
     assert int(b.counters.sum()) == 0   # counters are back to zero between launches
+
+
+# Every LARS option of docs/SPEC.md, alone or with the ones it is used with (issue: the LARS people
+# already run). Layer 4 starts at zero (||w|| = 0) and layer 5 always gets a zero gradient.
+OPTION_SETS = [
+    dict(denominator="grad"), dict(denominator="grad", eps=1e-3), dict(eps=1e-2), dict(trust_clip=True, lr=0.3),
+    dict(trust_clip=True, lr=2.0, denominator="grad"), dict(adapt=False), dict(always_adapt=False, weight_decay=0.0),
+    dict(plain_step_on_zero_norm=True, denominator="grad"), dict(plain_step_on_zero_norm=True, trust_clip=True, lr=2.0),
+    dict(nesterov=True), dict(dampening=0.3), dict(maximize=True), dict(momentum_form="lr_scaled"),
+    dict(momentum_form="lr_scaled", nesterov=True), dict(hold_steps=3),
+    dict(weight_decay_filter=True, lars_adaptation_filter=True, denominator="grad", norm_clip=3.0),
+]
+FAST_ON_TRITON = (0, 9)   # the interpreter is slow: the other sets run with `make test-all`
+
+
+def _options_cases():
+    out = []
+    for b in BACKENDS:
+        for k, opts in enumerate(OPTION_SETS):
+            marks = [pytest.mark.slow] if b == "triton" and k not in FAST_ON_TRITON else []
+            out.append(pytest.param(b, opts, marks=marks, id=f"{b}-" + ",".join(f"{n}={v}" for n, v in opts.items())))
+    return out
+
+
+@pytest.mark.parametrize("backend,opts", _options_cases())
+def test_options_match_reference_and_parity(backend, opts):
+    """float64: fused == reference within 1e-12; float32: the parity rule against float64."""
+    init = make_init(SHAPES)
+    init[4].zero_()
+
+    def run(cls, dtype):
+        def make_opt(ps):
+            if cls is reference.TVLARS:
+                return cls(ps, **{**HYPER, **opts})
+            return cls(ps, backend=backend, **{**HYPER, **opts})
+        ps, _ = train(make_opt, init, dtype, 6, used=lambda step, i: i != 2 or step % 3, zero_grad=(5,))
+        return ps
+
+    r64 = run(reference.TVLARS, torch.float64)
+    assert max_err(run(tvlars_fused.TVLARS, torch.float64), r64) <= 1e-12 * max(1.0, max(float(p.abs().max()) for p in r64))
+    assert_parity_fp32(run(tvlars_fused.TVLARS, torch.float32), run(reference.TVLARS, torch.float32), r64, str(opts))

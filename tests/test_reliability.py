@@ -277,8 +277,17 @@ BAD_HYPER = [
     ("momentum_form", "nesterov", r"Invalid momentum_form.*heavy_ball"),
     ("weight_decay_filter", 1, r"Invalid weight_decay_filter.*True or False"),
     ("lars_adaptation_filter", None, r"Invalid lars_adaptation_filter.*True or False"),
+    ("eps", -1e-8, r"Invalid eps.*>= 0"),
+    ("denominator", "sum", r"Invalid denominator: 'sum'.*'update'.*'grad'"),
+    ("dampening", 1.5, r"Invalid dampening.*\[0, 1\]"),
+    ("hold_steps", -1, r"Invalid hold_steps.*>= 0"),
+    ("trust_clip", "yes", r"Invalid trust_clip.*True or False"),
+    ("nesterov", 1, r"Invalid nesterov.*True or False"),
+    ("maximize", None, r"Invalid maximize.*True or False"),
     ("alpha", 0.0, r"Invalid lmbda/delay_steps/alpha.*overflows float32.*alpha > 0"),  # with the below
 ]
+LARS_OPTIONS = ("lr", "momentum", "weight_decay", "eta", "norm_clip", "momentum_form", "eps", "denominator",
+                "dampening", "trust_clip", "nesterov", "maximize")
 OVERFLOW = dict(lmbda=1.0, delay_steps=200)   # phi(0) = 1/(alpha + e^-200): overflows for alpha = 0
 _ids = [f"{n}={v!r}" if not isinstance(v, torch.Tensor) else f"{n}=tensor{tuple(v.shape)}" for n, v, _ in BAD_HYPER]
 
@@ -289,9 +298,40 @@ def test_invalid_hyperparameter_rejected_at_construction(backend, name, value, m
     extra = OVERFLOW if msg.startswith("Invalid lmbda/") else {}
     with pytest.raises(ValueError, match=msg):
         make(backend, **extra, **{name: value})(tiny_params())
-    if name in ("lr", "momentum", "weight_decay", "eta", "norm_clip", "momentum_form"):
+    if name in LARS_OPTIONS:
         with pytest.raises(ValueError, match=msg):   # LARS validates its own arguments the same way
             make(backend, cls="LARS", **{name: value})(tiny_params())
+
+
+CONTRADICTIONS = [
+    (dict(nesterov=True, dampening=0.1), r"nesterov=True.*requires momentum > 0 and dampening = 0"),
+    (dict(nesterov=True, momentum=0.0), r"nesterov=True.*requires momentum > 0"),
+    (dict(nesterov=True, momentum_form="paper"), r"nesterov/dampening with momentum_form='paper'"),
+    (dict(dampening=0.2, momentum_form="paper"), r"nesterov/dampening with momentum_form='paper'"),
+    (dict(dampening=0.2, momentum_form="lr_scaled"), r"dampening with momentum_form='lr_scaled'"),
+    (dict(trust_clip=True, adapt=False), r"trust_clip=True.*does not adapt"),
+    (dict(trust_clip=True, always_adapt=False, weight_decay=0.0), r"trust_clip=True.*does not adapt"),
+    (dict(trust_clip=True, lr=0.0), r"trust_clip=True with lr=0"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options,msg", CONTRADICTIONS, ids=[str(o) for o, _ in CONTRADICTIONS])
+def test_contradictory_options_rejected(backend, options, msg):
+    """Each option is valid alone; together they mean nothing: a clear error at construction, and
+    the same error (naming the group) when the combination is written into param_groups later."""
+    for cls in ("TVLARS", "LARS"):
+        with pytest.raises(ValueError, match=msg):
+            make(backend, cls=cls, **options)(tiny_params())
+    ps = tiny_params()
+    opt = make(backend)(ps)
+    opt.param_groups[0].update(options)
+    sum(p.sum() for p in ps).backward()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=msg) as exc:
+        opt.step()
+    assert "(in param_groups[0])" in str(exc.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -497,7 +497,7 @@ AOT_SCRIPT = textwrap.dedent(r'''
     TABLES = {"chunk_tab": "i64", "seg_tab": "i64", "seg_active": "i32", "counters": "i32", "w_offsets": "i64",
               "step_ptr": "fp32", "scale_ptr": "fp32", "inf_ptr": "fp32", "num_segs": "i32"}
 
-    def compile_one(kernel, dtype, arch, amp):
+    def compile_one(kernel, dtype, arch, amp, mixed):
         acc = "fp64" if dtype == "f64" else "fp32"
         types = dict(TABLES, w_ptr=PTR[dtype], g_ptr=PTR[dtype], s_ptr=acc, group_tab=acc,
                      partials=acc, stats=acc)
@@ -513,6 +513,9 @@ AOT_SCRIPT = textwrap.dedent(r'''
             consts["HAS_EMPTY"] = False   # the common case: no zero-size parameter in the bucket
         if "BF16" in sig:
             consts["BF16"] = dtype == "bf16"
+            # heavy ball only (the common case), or groups mixing every momentum option (the most code)
+            consts.update(FORM=-1, NESTEROV=True, DAMPED=True) if mixed else consts.update(FORM=0, NESTEROV=False,
+                                                                                           DAMPED=False)
         # every pointer is 16-byte aligned (what the JIT specialises on for torch allocations)
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n][0] == "*"}
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
@@ -530,7 +533,7 @@ AOT_SCRIPT = textwrap.dedent(r'''
         log = out.stdout + out.stderr
         regs = re.search(r"Used (\d+) registers", log)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        return dict(kernel=kernel.__name__, dtype=dtype, arch=arch, amp=amp, warps=warps,
+        return dict(kernel=kernel.__name__, dtype=dtype, arch=arch, amp=amp, mixed=mixed, warps=warps,
                     regs=int(regs.group(1)) if regs else None,
                     spill_stores=int(spill.group(1)) if spill else None,
                     spill_loads=int(spill.group(2)) if spill else None,
@@ -542,26 +545,29 @@ AOT_SCRIPT = textwrap.dedent(r'''
                     div_rn=len(re.findall(r"div\.rn\.", ptx)), ptxas_rc=out.returncode,
                     ptxas_log=log if out.returncode else "")
 
-    dtypes, archs, amps = json.loads(sys.argv[1])
+    dtypes, archs, amps, mixes = json.loads(sys.argv[1])
     for arch in archs:
         for dtype in dtypes:
             for amp in amps:
-                for kernel in T.KERNELS:
-                    print("AOT " + json.dumps(compile_one(kernel, dtype, arch, amp)), flush=True)
+                for mixed in mixes:
+                    for kernel in T.KERNELS:
+                        print("AOT " + json.dumps(compile_one(kernel, dtype, arch, amp, mixed)), flush=True)
 ''')
 
 
-def _aot(dtypes, archs, amps):
+def _aot(dtypes, archs, amps, mixes=(False,)):
+    """mixes: False compiles the update kernel for heavy-ball-only buckets, True for buckets whose
+    groups mix every momentum form with Nesterov and dampening."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps([dtypes, archs, amps])], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps([dtypes, archs, amps, list(mixes)])],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("AOT ")]
-    assert len(rows) == len(dtypes) * len(archs) * len(amps) * len(triton_lars.KERNELS)
+    assert len(rows) == len(dtypes) * len(archs) * len(amps) * len(mixes) * len(triton_lars.KERNELS)
     print()
     for r in rows:
-        print(f"sm_{r['arch']} {r['kernel']:<20} {r['dtype']:<4} amp={int(r['amp'])} warps={r['warps']}: "
+        print(f"sm_{r['arch']} {r['kernel']:<20} {r['dtype']:<4} amp={int(r['amp'])} mixed={int(r['mixed'])} warps={r['warps']}: "
               f"{r['regs']} registers, spill stores {r['spill_stores']} B, spill loads {r['spill_loads']} B, "
               f"ld.global.v4 x{r['ld_v4']}, ld.global.v2.b64 x{r['ld_v2_b64']}, st.global.v4 x{r['st_v4']}, "
               f"div.rn x{r['div_rn']}, approximate div x{r['div_approx']}")
@@ -580,11 +586,12 @@ def _aot(dtypes, archs, amps):
 
 
 def test_aot_compile_sm80_sm90():
-    """Both kernels compile for sm_80 and sm_90 (float32 and bfloat16 parameters, AMP on) with no
-    spills and 128-bit vector loads; no GPU needed (triton's own ptxas)."""
-    _aot(["f32", "bf16"], [90, 80], [True])
+    """Both kernels compile for sm_80 and sm_90 (float32 and bfloat16 parameters, AMP on; the
+    update kernel for heavy ball and for mixed momentum options) with no spills and 128-bit vector
+    loads; no GPU needed (triton's own ptxas)."""
+    _aot(["f32", "bf16"], [90, 80], [True], [False, True])
 
 
 @pytest.mark.slow
 def test_aot_compile_all_variants():
-    _aot(["f32", "bf16", "f16", "f64"], [90, 80], [True, False])
+    _aot(["f32", "bf16", "f16", "f64"], [90, 80], [True, False], [False, True])

@@ -5,7 +5,8 @@
 """
 from . import reference
 from .optimizer import LARS, TVLARS
+from .param_groups import lars_param_groups
 from .schedule import phi
 
-__all__ = ["TVLARS", "LARS", "phi", "reference"]
+__all__ = ["TVLARS", "LARS", "lars_param_groups", "phi", "reference"]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from .hyperparams import validate_group
+from .hyperparams import LARS_DEFAULTS, TVLARS_DEFAULTS, validate_group
 from .schedule import phi
 
 STEP = "step"                       # per-parameter state entry: t
@@ -150,8 +150,8 @@ class LayerwiseOptimizer(Optimizer):
                     check_grad(g, self._where(gi, i))
 
     def scale(self, group: Dict[str, Any], t: float) -> float:
-        """phi(t) for TVLARS, 1 for LARS."""
-        if not self.tvlars:
+        """phi(t) for TVLARS (1 while t < hold_steps), 1 for LARS."""
+        if not self.tvlars or t < group["hold_steps"]:
             return 1.0
         return phi(t, group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"])
 
@@ -219,10 +219,14 @@ class LayerwiseOptimizer(Optimizer):
                 state[p][key] = value
         t = max(steps) if steps else 0.0
 
+        option_defaults = TVLARS_DEFAULTS if self.tvlars else LARS_DEFAULTS
+
         def update_group(group, new_group):
             new_group["params"] = group["params"]
             if "param_names" in group and "param_names" not in new_group:
                 new_group["param_names"] = group["param_names"]
+            for key, value in option_defaults.items():   # options newer than the state_dict
+                new_group.setdefault(key, value)
             return new_group
 
         param_groups = [update_group(g, ng) for g, ng in zip(self.param_groups, saved_groups)]

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .abi import ALIGN, CHUNK_COLS, COL_LR, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS, STAT_TRUST_RATIO
+from .abi import (ALIGN, CHUNK_COLS, COL_FORM, COL_GFLAGS, COL_LR, COL_UNDAMPED, FLAG_FIRST_STEP, GF_NESTEROV, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
+                  STAT_TRUST_RATIO)
 from .base import STEP, accumulation_dtype, check_grad, state_key
 from .hyperparams import GROUP_COLS, group_row, segment_flags
 from .sharding import is_sharded, local, shard_groups
@@ -173,6 +174,10 @@ class Bucket:
         self._active: Optional[List[int]] = None
         self._rows: Optional[list] = None
         self._filters: Optional[list] = None
+        self._had_first = False
+        # what the bucket's groups use of the momentum options (from prepare): its only momentum
+        # form (-1: mixed), any Nesterov, any dampening; backends may compile for just that
+        self.momentum_variant = (-1, True, True)
 
         ref = weakref.ref(self)
         self._hooks = [] if self.sharded else [
@@ -278,6 +283,7 @@ class Bucket:
         writes whole state entries): the optimizer adopts t from them."""
         active = []
         replaced_steps = []
+        first = set()   # state created now in a group with dampening: torch's first-step buffer
         forms = [g["momentum_form"] for g in param_groups]
         keys = [state_key(f) for f in forms]
         for i, p in enumerate(self.params):
@@ -315,6 +321,8 @@ class Bucket:
                     self.state_views[i].copy_(local(p.detach()))
                 else:
                     self.state_views[i].zero_()
+                    if param_groups[gi]["dampening"] != 0:
+                        first.add(i)
                 st[key] = self._entries[i] = self._state_entry(i)
                 self._keys[i] = key
                 self.has_state[i] = True
@@ -328,16 +336,23 @@ class Bucket:
             self._active = active
 
         filters = [(g["weight_decay_filter"], g["lars_adaptation_filter"]) for g in param_groups]
-        if filters != self._filters:
+        if filters != self._filters or first or self._had_first:
             for i, row in enumerate(self._seg_rows):
-                row[SEG_FLAGS] = segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
+                row[SEG_FLAGS] = (segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
+                                  | (FLAG_FIRST_STEP if i in first else 0))
             upload(self.seg_table, self._seg_rows)
             self._filters = filters
+            self._had_first = bool(first)
 
         rows = [group_row(g, self.tvlars) for g in param_groups]
         if rows != self._rows:
             upload(self.group_table, rows)
             self._rows = rows
+            mine = [rows[gi] for gi in sorted(set(self.group_index))]
+            forms = {int(r[COL_FORM]) for r in mine}
+            self.momentum_variant = (forms.pop() if len(forms) == 1 else -1,
+                                     any(int(r[COL_GFLAGS]) & GF_NESTEROV for r in mine),
+                                     any(r[COL_UNDAMPED] != 1.0 for r in mine))
         for gi, g in enumerate(param_groups):
             if isinstance(g["lr"], torch.Tensor):  # a device lr: copied on the device, never read
                 self.group_table[gi, COL_LR].copy_(g["lr"].reshape(()), non_blocking=True)

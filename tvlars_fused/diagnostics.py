@@ -6,7 +6,7 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "phi")
+from .abi import STAT_NAMES
 
 
 def layer_stats_dict(optimizer, named_parameters: Iterable[Tuple[str, torch.Tensor]],

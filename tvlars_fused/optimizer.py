@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from .base import STEP, LayerwiseOptimizer
 from .buckets import Bucket
-from .hyperparams import LARS_DEFAULTS, TVLARS_DEFAULTS
+from .hyperparams import options
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
 
@@ -170,9 +170,11 @@ class FusedOptimizer(LayerwiseOptimizer):
             b.zero_grad(set_to_none)
 
     def layer_stats(self) -> Dict[torch.Tensor, torch.Tensor]:
-        """Per parameter, a device tensor [weight_norm, update_norm, trust_ratio, phi] from the
-        last step that updated it (norms after norm_clip; no sync until read). Live views:
-        clone them to keep a step's values."""
+        """Per parameter, a device tensor [weight_norm, update_norm, trust_ratio, phi, grad_norm,
+        weight_decay] (tvlars_fused.abi.STAT_NAMES) from the last step that updated it: ||w||,
+        ||g + wd*w||, the trust ratio q, phi(t), ||g|| (g as the step used it: unscaled, negated
+        with maximize), the weight decay applied (norms after norm_clip; no sync until read). Live
+        views: clone them to keep a step's values."""
         out = {}
         for b in self._ensure_buckets():
             for i, p in enumerate(b.params):
@@ -185,17 +187,15 @@ class TVLARS(FusedOptimizer):
     tvlars_fused.reference.TVLARS, plus backend: "auto" (triton for CUDA tensors, else the C++
     extension, else torch), "triton", "cuda", "cpu" or "torch"."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 5e-4,
                  eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
-                 gamma_min: float = 0.0, weight_decay_filter: bool = False,
+                 gamma_min: float = 0.0, hold_steps: float = 0, weight_decay_filter: bool = False,
                  lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
-                 momentum_form: str = "heavy_ball", backend: str = "auto"):
-        defaults = dict(TVLARS_DEFAULTS, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                        lmbda=lmbda, delay_steps=delay_steps, alpha=alpha, gamma_min=gamma_min,
-                        weight_decay_filter=weight_decay_filter,
-                        lars_adaptation_filter=lars_adaptation_filter, norm_clip=norm_clip,
-                        momentum_form=momentum_form)
-        super().__init__(params, defaults, backend)
+                 momentum_form: str = "heavy_ball", denominator: str = "update", eps: float = 0.0,
+                 trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
+                 plain_step_on_zero_norm: bool = False, nesterov: bool = False, dampening: float = 0.0,
+                 maximize: bool = False, backend: str = "auto"):
+        super().__init__(params, options(locals()), backend)
 
 
 class LARS(FusedOptimizer):
@@ -203,12 +203,10 @@ class LARS(FusedOptimizer):
     backend."""
     tvlars = False
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 1e-3, weight_decay_filter: bool = False,
-                 lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
-                 momentum_form: str = "heavy_ball", backend: str = "auto"):
-        defaults = dict(LARS_DEFAULTS, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                        weight_decay_filter=weight_decay_filter,
-                        lars_adaptation_filter=lars_adaptation_filter, norm_clip=norm_clip,
-                        momentum_form=momentum_form)
-        super().__init__(params, defaults, backend)
+    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 1e-3, weight_decay_filter: bool = False, lars_adaptation_filter: bool = False,
+                 norm_clip: Optional[float] = None, momentum_form: str = "heavy_ball", denominator: str = "update",
+                 eps: float = 0.0, trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
+                 plain_step_on_zero_norm: bool = False, nesterov: bool = False, dampening: float = 0.0,
+                 maximize: bool = False, backend: str = "auto"):
+        super().__init__(params, options(locals()), backend)

@@ -23,9 +23,10 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..abi import (ALIGN, CHUNK_SEG, CHUNK_START, COL_LR, COL_MOMENTUM, COL_PAPER_FORM, COL_WEIGHT_DECAY,
-                   FLAG_SKIP_WEIGHT_DECAY, SEG_END, SEG_FIRST_CHUNK, SEG_FLAGS, SEG_GROUP, SEG_NUMEL,
-                   SEG_OFFSET, STAT_TRUST_RATIO)
+from ..abi import (ALIGN, CHUNK_SEG, CHUNK_START, COL_FORM, COL_GFLAGS, COL_GRAD_SIGN, COL_LR, COL_MOMENTUM,
+                   COL_UNDAMPED, COL_WEIGHT_DECAY, FLAG_FIRST_STEP, FLAG_SKIP_WEIGHT_DECAY, FORM_HEAVY_BALL,
+                   FORM_LR_SCALED, FORM_PAPER, GF_NESTEROV, PART_COLS, SEG_END, SEG_FIRST_CHUNK, SEG_FLAGS,
+                   SEG_GROUP, SEG_NUMEL, SEG_OFFSET, STAT_TRUST_RATIO, STAT_WEIGHT_DECAY)
 from ..buckets import Bucket
 from ..stats import finalize_stats, keep_mask, segment_sums
 
@@ -91,21 +92,30 @@ def _slices(b: Bucket) -> List[_Slice]:
 
 class _Step:
     """What one step needs besides the buffers: host lists and 0-dim device scalars per segment,
-    and the scratch rows t, d, w (the weights gathered in acc; gaps zero), s (vetoable s)."""
+    and the scratch rows: 0 w^2 (then g'^2), 1 d, 2 w (the weights gathered in acc; gaps zero),
+    3 g', 4 s (vetoable steps only)."""
 
     def __init__(self, b: Bucket, grad_scale: Optional[torch.Tensor], vetoable: bool):
         group = [row[SEG_GROUP] for row in b._seg_rows]
+        rows = [b._rows[g] for g in group]
         self.active = [a != 0 for a in b._active]
-        self.decay = [(row[SEG_FLAGS] & FLAG_SKIP_WEIGHT_DECAY) == 0 for row in b._seg_rows]
-        self.paper = [b._rows[g][COL_PAPER_FORM] != 0 for g in group]
+        # pass 1's weight decay: the group's unless the segment skips it (host knowledge)
+        self.decay = [(row[SEG_FLAGS] & FLAG_SKIP_WEIGHT_DECAY) == 0 and r[COL_WEIGHT_DECAY] != 0
+                      for row, r in zip(b._seg_rows, rows)]
+        self.form = [int(r[COL_FORM]) for r in rows]
+        self.nesterov = [(int(r[COL_GFLAGS]) & GF_NESTEROV) != 0 for r in rows]
+        self.first = [(row[SEG_FLAGS] & FLAG_FIRST_STEP) != 0 for row in b._seg_rows]
         per_group = [row.unbind(0) for row in b.group_table.unbind(0)]
-        self.lr, self.mom, self.wd = ([per_group[g][col] for g in group]
-                                      for col in (COL_LR, COL_MOMENTUM, COL_WEIGHT_DECAY))
-        self.scale = None if grad_scale is None else grad_scale.reshape(()).to(b.acc_dtype)
+        self.lr, self.mom, self.wd, self.undamped, sign = (
+            [per_group[g][col] for g in group]
+            for col in (COL_LR, COL_MOMENTUM, COL_WEIGHT_DECAY, COL_UNDAMPED, COL_GRAD_SIGN))
+        # g' = g * gmul, gmul = sign / scale (one division per step, as the kernels' 1/scale)
+        inv = None if grad_scale is None else 1.0 / grad_scale.reshape(()).to(b.acc_dtype)
+        self.gmul = sign if inv is None else torch._foreach_mul(sign, inv)
         # found_inf may veto the step: then w and s are updated in scratch and kept or not at the end
         self.vetoable = vetoable
         longest = max([sl.n for sl in _slices(b)] + [0])
-        self.work = torch.empty(3 + vetoable, longest, dtype=b.acc_dtype, device=b.device)
+        self.work = torch.empty(4 + vetoable, longest, dtype=b.acc_dtype, device=b.device)
 
     def weights(self, b: Bucket, sl: _Slice) -> torch.Tensor:
         """w over the slice in acc, gathered from the parameters into scratch (gaps zero)."""
@@ -113,16 +123,20 @@ class _Step:
         torch._foreach_copy_(sl.views(w), sl.weight_parts(b))
         return w
 
-    def direction(self, b: Bucket, sl: _Slice, w: torch.Tensor) -> torch.Tensor:
-        """d = g/scale + wd*w over the slice, in acc (no wd*w where the segment skips weight decay)."""
-        d = self.work[1, :sl.n].copy_(b.grad_buf[sl.lo:sl.hi])
-        if self.scale is not None:
-            d.div_(self.scale)
-        ks = [k for k, i in enumerate(sl.segs) if self.decay[i]]
+    def scaled_grad(self, b: Bucket, sl: _Slice) -> torch.Tensor:
+        """g' = g * gmul over the slice, in acc (gaps zero)."""
+        gs = self.work[3, :sl.n].copy_(b.grad_buf[sl.lo:sl.hi])
+        torch._foreach_mul_(sl.views(gs), [self.gmul[i] for i in sl.segs])
+        return gs
+
+    def direction(self, sl: _Slice, gs: torch.Tensor, w: torch.Tensor, wd: List[torch.Tensor],
+                  decay: List[bool]) -> torch.Tensor:
+        """d = g' + wd*w over the slice, in acc (no wd*w where `decay` says the segment has none)."""
+        d = self.work[1, :sl.n].copy_(gs)
+        ks = [k for k, i in enumerate(sl.segs) if decay[i]]
         if ks:
             D, W = sl.views(d), sl.views(w)
-            torch._foreach_add_([D[k] for k in ks],
-                                torch._foreach_mul([W[k] for k in ks], [self.wd[sl.segs[k]] for k in ks]))
+            torch._foreach_add_([D[k] for k in ks], torch._foreach_mul([W[k] for k in ks], [wd[sl.segs[k]] for k in ks]))
         return d
 
 
@@ -134,28 +148,36 @@ def _chunk_blocks(b: Bucket) -> torch.Tensor:
 
 
 def pass1(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
-    """Chunk partials of w^2 and d^2 (of the slices with an active segment), then the stats, of
-    every segment (a zero-size one gets norms 0, q = 1 and phi(t))."""
+    """Chunk partials of w^2, d^2 and g'^2 (of the slices with an active segment), then the stats
+    of every segment (a zero-size one gets norms 0, q = 1 and phi(t))."""
     blocks = _chunk_blocks(b) if b.num_chunks else None
     for sl in _slices(b):
         if not any(st.active[i] for i in sl.segs):
             continue
         w = st.weights(b, sl)
-        d = st.direction(b, sl, w)
-        torch.mul(w, w, out=st.work[0, :sl.n])
+        gs = st.scaled_grad(b, sl)
+        d = st.direction(sl, gs, w, st.wd, st.decay)
+        sq = st.work[:2, :sl.n]
+        torch.mul(w, w, out=sq[0])
         d.mul_(d)
-        sums = st.work[:2, :sl.n].reshape(2, -1, ALIGN).sum(2)      # [2, blocks]: w^2, d^2
-        lengths = blocks[sl.c0:sl.c1].expand(2, -1)
+        sums_wd = sq.reshape(2, -1, ALIGN).sum(2)                      # [2, blocks]: w^2, d^2
+        torch.mul(gs, gs, out=sq[0])
+        sums_g = sq[0].reshape(1, -1, ALIGN).sum(2)                    # [1, blocks]: g'^2
+        sums = torch.cat([sums_wd, sums_g])                            # PART_W2, PART_D2, PART_G2
+        lengths = blocks[sl.c0:sl.c1].expand(PART_COLS, -1)
         partials = torch.segment_reduce(sums, "sum", lengths=lengths, unsafe=True, axis=1)
         b.partials[sl.c0:sl.c1].copy_(partials.t())
     finalize_stats(b, segment_sums(b), keep)
 
 
 def pass2(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
-    """u = q*d; heavy ball s = mom*s + u, w = w - lr*s; paper mn = w - lr*u,
-    w = mn + mom*(mn - s), s = mn. Only the active segments' parts of the buffers are written;
-    a low-precision w is rounded once."""
+    """u = q*d with d = g' + wd*w (wd: the stats' weight decay), then the momentum form of
+    docs/SPEC.md: heavy_ball s = first ? u : mom*s + (1 - dampening)*u, w -= lr*(nesterov ?
+    u + mom*s : s); lr_scaled s = mom*s + lr*u, w -= nesterov ? lr*u + mom*s : s; paper
+    mn = w - lr*u, w = mn + mom*(mn - s), s = mn. Only the active segments' parameters and state
+    are written; a low-precision w is rounded once."""
     q = b.stats[:, STAT_TRUST_RATIO].unbind(0)
+    wd = b.stats[:, STAT_WEIGHT_DECAY].unbind(0)
     for sl in _slices(b):
         act = [k for k, i in enumerate(sl.segs) if st.active[i]]
         if not act:
@@ -163,26 +185,14 @@ def pass2(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
         s_buf = b.state_buf[sl.lo:sl.hi]
         w = st.weights(b, sl)
         s = st.work[-1, :sl.n].copy_(s_buf) if st.vetoable else s_buf
-        d = st.direction(b, sl, w)
+        d = st.direction(sl, st.scaled_grad(b, sl), w, wd, st.decay)   # (the stats' wd is 0 or the group's)
         W, S, D = sl.views(w), sl.views(s), sl.views(d)
         torch._foreach_mul_([D[k] for k in act], [q[sl.segs[k]] for k in act])    # u = q*d
-        for paper in (False, True):
-            ks = [k for k in act if st.paper[sl.segs[k]] == paper]
-            if not ks:
-                continue
-            w_, s_, u_ = [W[k] for k in ks], [S[k] for k in ks], [D[k] for k in ks]
-            lr, mom = [st.lr[sl.segs[k]] for k in ks], [st.mom[sl.segs[k]] for k in ks]
-            if not paper:
-                torch._foreach_mul_(s_, mom)
-                torch._foreach_add_(s_, u_)                                        # s = mom*s + u
-                torch._foreach_sub_(w_, torch._foreach_mul(s_, lr))                # w = w - lr*s
-            else:
-                mn = torch._foreach_sub(w_, torch._foreach_mul(u_, lr))            # mn = w - lr*u
-                t = torch._foreach_sub(mn, s_)
-                torch._foreach_mul_(t, mom)
-                torch._foreach_add_(t, mn)                                         # mom*(mn - s) + mn
-                torch._foreach_copy_(w_, t)
-                torch._foreach_copy_(s_, mn)
+        for form in (FORM_HEAVY_BALL, FORM_PAPER, FORM_LR_SCALED):
+            ks = [k for k in act if st.form[sl.segs[k]] == form]
+            if ks:
+                _momentum(st, form, [sl.segs[k] for k in ks], [W[k] for k in ks], [S[k] for k in ks],
+                          [D[k] for k in ks])
         # back to the parameters (rounded to their dtype), unless vetoed
         parts, N = sl.weight_parts(b), sl.views(w.to(b.dtype))
         if st.vetoable:
@@ -192,6 +202,48 @@ def pass2(b: Bucket, st: _Step, keep: torch.Tensor) -> None:
             torch.where(keep, s, s_buf, out=s)
             S_buf = sl.views(s_buf)
             torch._foreach_copy_([S_buf[k] for k in act], [S[k] for k in act])
+
+
+def _momentum(st: _Step, form: int, segs: List[int], w_: List[torch.Tensor], s_: List[torch.Tensor],
+              u_: List[torch.Tensor]) -> None:
+    """The momentum form on per-segment views (one IEEE operation per op, as the kernels)."""
+    lr, mom = [st.lr[i] for i in segs], [st.mom[i] for i in segs]
+    if form == FORM_PAPER:
+        mn = torch._foreach_sub(w_, torch._foreach_mul(u_, lr))            # mn = w - lr*u
+        t = torch._foreach_sub(mn, s_)
+        torch._foreach_mul_(t, mom)
+        torch._foreach_add_(t, mn)                                         # mom*(mn - s) + mn
+        torch._foreach_copy_(w_, t)
+        torch._foreach_copy_(s_, mn)
+        return
+    nest = [k for k, i in enumerate(segs) if st.nesterov[i]]
+    if form == FORM_LR_SCALED:
+        lu = torch._foreach_mul(u_, lr)                                    # lr*u
+        torch._foreach_mul_(s_, mom)
+        torch._foreach_add_(s_, lu)                                        # s = mom*s + lr*u
+        step = list(s_)
+        if nest:
+            look = torch._foreach_mul([s_[k] for k in nest], [mom[k] for k in nest])
+            torch._foreach_add_(look, [lu[k] for k in nest])               # lr*u + mom*s
+            for k, v in zip(nest, look):
+                step[k] = v
+        torch._foreach_sub_(w_, step)
+        return
+    first = [k for k, i in enumerate(segs) if st.first[i]]
+    rest = [k for k in range(len(segs)) if k not in first]
+    if rest:
+        torch._foreach_mul_([s_[k] for k in rest], [mom[k] for k in rest])
+        torch._foreach_add_([s_[k] for k in rest],
+                            torch._foreach_mul([u_[k] for k in rest], [st.undamped[segs[k]] for k in rest]))
+    if first:   # torch's SGD: the first buffer is u itself
+        torch._foreach_copy_([s_[k] for k in first], [u_[k] for k in first])
+    step = list(s_)
+    if nest:
+        look = torch._foreach_mul([s_[k] for k in nest], [mom[k] for k in nest])
+        torch._foreach_add_(look, [u_[k] for k in nest])                   # u + mom*s
+        for k, v in zip(nest, look):
+            step[k] = v
+    torch._foreach_sub_(w_, torch._foreach_mul(step, lr))                  # w = w - lr*step
 
 
 def bucket_step(b: Bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],

@@ -60,13 +60,19 @@ SEG_COLS, SEG_OFFSET, SEG_END, SEG_NUMEL = _C(B.SEG_COLS), _C(B.SEG_OFFSET), _C(
 SEG_GROUP, SEG_FLAGS = _C(B.SEG_GROUP), _C(B.SEG_FLAGS)
 SEG_FIRST_CHUNK, SEG_NUM_CHUNKS = _C(B.SEG_FIRST_CHUNK), _C(B.SEG_NUM_CHUNKS)
 PART_COLS, PART_W2, PART_D2 = _C(B.PART_COLS), _C(B.PART_W2), _C(B.PART_D2)
+PART_G2 = _C(B.PART_G2)
 STAT_COLS, STAT_WN, STAT_DN, STAT_Q, STAT_PHI = (_C(B.STAT_COLS), _C(B.STAT_WEIGHT_NORM), _C(B.STAT_UPDATE_NORM),
                                                  _C(B.STAT_TRUST_RATIO), _C(B.STAT_PHI))
+STAT_GN, STAT_WD = _C(B.STAT_GRAD_NORM), _C(B.STAT_WEIGHT_DECAY)
 G_COLS, G_LR, G_MOMENTUM, G_WD, G_ETA = (_C(B.GROUP_COLS), _C(B.COL_LR), _C(B.COL_MOMENTUM),
                                          _C(B.COL_WEIGHT_DECAY), _C(B.COL_ETA))
 G_LMBDA, G_DELAY, G_ALPHA, G_GAMMA_MIN = _C(B.COL_LMBDA), _C(B.COL_DELAY), _C(B.COL_ALPHA), _C(B.COL_GAMMA_MIN)
-G_NORM_CLIP, G_USE_PHI, G_PAPER = _C(B.COL_NORM_CLIP), _C(B.COL_USE_PHI), _C(B.COL_PAPER_FORM)
-F_SKIP_WD, F_SKIP_ADAPT = _C(B.FLAG_SKIP_WEIGHT_DECAY), _C(B.FLAG_SKIP_ADAPTATION)
+G_NORM_CLIP, G_USE_PHI, G_FORM, G_HOLD = _C(B.COL_NORM_CLIP), _C(B.COL_USE_PHI), _C(B.COL_FORM), _C(B.COL_HOLD)
+G_EPS, G_UNDAMPED, G_GRAD_SIGN, G_FLAGS = _C(B.COL_EPS), _C(B.COL_UNDAMPED), _C(B.COL_GRAD_SIGN), _C(B.COL_GFLAGS)
+FORM_HEAVY_BALL, FORM_PAPER, FORM_LR_SCALED = _C(B.FORM_HEAVY_BALL), _C(B.FORM_PAPER), _C(B.FORM_LR_SCALED)
+GF_GRAD_DENOM, GF_TRUST_CLIP, GF_NO_ADAPT = _C(B.GF_GRAD_DENOMINATOR), _C(B.GF_TRUST_CLIP), _C(B.GF_NO_ADAPT)
+GF_PLAIN_ZERO, GF_NESTEROV = _C(B.GF_PLAIN_ZERO), _C(B.GF_NESTEROV)
+F_SKIP_WD, F_SKIP_ADAPT, F_FIRST = _C(B.FLAG_SKIP_WEIGHT_DECAY), _C(B.FLAG_SKIP_ADAPTATION), _C(B.FLAG_FIRST_STEP)
 
 
 @triton.jit
@@ -89,16 +95,31 @@ def _div(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC: tl.constexpr, IEEE: tl.constexpr):
-    """A segment's sums of w^2 and d^2 -> stats[seg] = (wn, dn, q, phi(t))."""
+def _sqrt(x, ACC: tl.constexpr):
+    return tl.sqrt_rn(x) if ACC == tl.float32 else tl.sqrt(x)
+
+
+@triton.jit
+def _clip_ratio(q, lr, IEEE: tl.constexpr):
+    """trust_clip: min(q / lr, 1), NaN staying NaN (torch.clamp)."""
+    x = _div(q, lr, IEEE)
+    return tl.where(x > 1.0, 1.0, x)
+
+
+@triton.jit
+def _write_stats(stats, seg, sw, sd, sg, grow, flags, step_ptr, ACC: tl.constexpr, IEEE: tl.constexpr):
+    """A segment's sums of w^2, d^2, g'^2 -> its stats row (docs/SPEC.md, "The trust ratio"):
+    norms after norm_clip, q, phi(t), ||g'||, the weight decay pass 2 applies."""
     clip = tl.load(grow + G_NORM_CLIP)
-    wn = tl.sqrt_rn(sw) if ACC == tl.float32 else tl.sqrt(sw)
-    dn = tl.sqrt_rn(sd) if ACC == tl.float32 else tl.sqrt(sd)
+    wn = _sqrt(sw, ACC)
+    dn = _sqrt(sd, ACC)
+    gn = _sqrt(sg, ACC)
     wn = tl.where(wn > clip, clip, wn)   # NaN stays NaN (torch.clamp semantics)
     dn = tl.where(dn > clip, clip, dn)
+    gn = tl.where(gn > clip, clip, gn)
 
-    # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1 (in ACC; on the
-    # GPU tl.exp is ex2.approx: phi within a few 1e-7 relative of the exact value)
+    # phi(t), overflow-safe: x = lmbda*(t - delay), e = exp(-|x|) <= 1 (in ACC; on the GPU
+    # tl.exp is ex2.approx of a rounded product: relative error about |x|*6e-8); 1 while t < hold
     t = tl.load(step_ptr).to(ACC)
     lmbda = tl.load(grow + G_LMBDA)
     delay = tl.load(grow + G_DELAY)
@@ -109,16 +130,42 @@ def _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC: tl.constexpr, I
     # (IEEE round-to-nearest divisions: the plain float32 `/` is approximate on the GPU)
     ph = tl.where(x > 0, _div(e, 1.0 + alpha * e, IEEE),
                   _div(tl.full((), 1.0, ACC), alpha + e, IEEE))
-    ph = tl.where(tl.load(grow + G_USE_PHI) != 0, ph + gamma_min, 1.0).to(ACC)
+    ph = tl.where((tl.load(grow + G_USE_PHI) != 0) & ~(t < tl.load(grow + G_HOLD)), ph + gamma_min, 1.0).to(ACC)
 
-    eta = tl.load(grow + G_ETA)
-    adapt = ((flags & F_SKIP_ADAPT) == 0) & (wn > 0) & (dn > 0)
-    q = tl.where(adapt, _div(eta * ph * wn, dn, IEEE), 1.0).to(ACC)
+    gflags = tl.load(grow + G_FLAGS).to(tl.int32)
+    lr = tl.load(grow + G_LR)
+    wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, tl.load(grow + G_WD)).to(ACC)
+    grad_form = (gflags & GF_GRAD_DENOM) != 0
+    trust_clip = (gflags & GF_TRUST_CLIP) != 0
+    adapt = ((gflags & GF_NO_ADAPT) == 0) & ((flags & F_SKIP_ADAPT) == 0)
+    nonzero = (wn > 0) & (tl.where(grad_form, gn, dn) > 0)
+    eps = tl.load(grow + G_EPS)
+    denom = tl.where(grad_form, (gn + wd * wn) + eps, dn + eps)
+    ratio = _div(tl.load(grow + G_ETA) * ph * wn, denom, IEEE)
+    ratio = tl.where(trust_clip, _clip_ratio(ratio, lr, IEEE), ratio)
+    plain = (gflags & GF_PLAIN_ZERO) != 0
+    one = tl.full((), 1.0, ACC)
+    fallback = tl.where(trust_clip & ~plain, _clip_ratio(one, lr, IEEE), one)
+    q = tl.where(adapt, tl.where(nonzero, ratio, fallback), one).to(ACC)
+    wd = tl.where(adapt & ~nonzero & plain, 0.0, wd).to(ACC)
     srow = stats + seg * STAT_COLS
     tl.store(srow + STAT_WN, wn)
     tl.store(srow + STAT_DN, dn)
     tl.store(srow + STAT_Q, q)
     tl.store(srow + STAT_PHI, ph)
+    tl.store(srow + STAT_GN, gn)
+    tl.store(srow + STAT_WD, wd)
+
+
+@triton.jit
+def _grad_multiplier(grow, scale_ptr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr):
+    """g' = g * gmul: gmul = (maximize ? -1 : 1) * (1/grad_scale), the same bits as g/scale for
+    GradScaler's powers of two."""
+    sign = tl.load(grow + G_GRAD_SIGN).to(ACC)
+    if HAS_SCALE:
+        return sign * _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE)
+    else:
+        return sign
 
 
 @triton.jit
@@ -132,38 +179,88 @@ def _segment_weights(w_ptr, w_offsets, seg, seg_start, W_ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _squares_block(wp, g_ptr, offs, mask, wd, inv_scale, HAS_SCALE: tl.constexpr, ACC: tl.constexpr):
-    """Pass 1 on the elements offs[mask]: w^2 and d^2 (d = g/scale + wd*w), 0 elsewhere."""
+def _squares_block(wp, g_ptr, offs, mask, wd, gmul, ACC: tl.constexpr):
+    """Pass 1 on the elements offs[mask]: w^2, d^2, g'^2 (g' = g*gmul, d = g' + wd*w, no wd*w
+    where wd is 0), 0 elsewhere."""
     w = tl.load(wp + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if HAS_SCALE:
-        g = g * inv_scale
-    d = g + wd * w
-    return w * w, d * d
+    gs = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC) * gmul
+    d = tl.where(wd != 0, gs + wd * w, gs)
+    return w * w, d * d, gs * gs
 
 
 @triton.jit
-def _update_block(wp, g_ptr, s_ptr, offs, mask, q, wd, lr, mom, paper, inv_scale, HAS_SCALE: tl.constexpr,
-                  BF16: tl.constexpr, ACC: tl.constexpr):
-    """Pass 2 on the elements offs[mask]: u = q*d, the momentum update, w (rounded to nearest even
-    for bfloat16) and the state stored."""
-    w = tl.load(wp + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if HAS_SCALE:
-        g = g * inv_scale
-    u = q * (g + wd * w)
-    if paper:   # mn = w - lr*u; w = mn + momentum*(mn - s); s = mn
-        s_new = w - lr * u
-        w_new = s_new + mom * (s_new - s)
-    else:       # s = momentum*s + u; w = w - lr*s
+def _heavy_ball(w, s, u, lr, mom, undamped, nesterov, first, NESTEROV: tl.constexpr, DAMPED: tl.constexpr):
+    """torch's SGD momentum: s = first ? u : momentum*s + (1 - dampening)*u; w -= lr*(nesterov ?
+    u + momentum*s : s). (Without dampening in the bucket, (1 - 0)*u == u: the product is left out.)"""
+    if DAMPED:
+        s_new = tl.where(first, u, mom * s + undamped * u)
+    else:
         s_new = mom * s + u
-        w_new = w - lr * s_new
+    if NESTEROV:
+        return s_new, w - lr * tl.where(nesterov, u + mom * s_new, s_new)
+    else:
+        return s_new, w - lr * s_new
+
+
+@triton.jit
+def _lr_scaled(w, s, u, lr, mom, nesterov, NESTEROV: tl.constexpr):
+    """TensorFlow's ApplyMomentum: s = momentum*s + lr*u; w -= nesterov ? lr*u + momentum*s : s."""
+    lu = lr * u
+    s_new = mom * s + lu
+    if NESTEROV:
+        return s_new, w - tl.where(nesterov, lu + mom * s_new, s_new)
+    else:
+        return s_new, w - s_new
+
+
+@triton.jit
+def _paper(w, s, u, lr, mom):
+    """The paper's Algorithm 1: mn = w - lr*u; w = mn + momentum*(mn - s); s = mn."""
+    s_new = w - lr * u
+    return s_new, s_new + mom * (s_new - s)
+
+
+@triton.jit
+def _update_block(wp, g_ptr, s_ptr, offs, mask, q, wd, lr, mom, undamped, gmul, nesterov, first,
+                  FORM: tl.constexpr, NESTEROV: tl.constexpr, DAMPED: tl.constexpr, BF16: tl.constexpr,
+                  ACC: tl.constexpr):
+    """Pass 2 on the elements offs[mask]: u = q*d, the momentum form FORM (docs/SPEC.md), w
+    (rounded to nearest even for bfloat16) and the state stored. NESTEROV / DAMPED: whether any
+    group of the bucket uses Nesterov / dampening (compiled out otherwise)."""
+    w = tl.load(wp + offs, mask=mask, other=0.0).to(ACC)
+    gs = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC) * gmul
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
+    u = q * tl.where(wd != 0, gs + wd * w, gs)
+    if FORM == FORM_PAPER:
+        s_new, w_new = _paper(w, s, u, lr, mom)
+    elif FORM == FORM_LR_SCALED:
+        s_new, w_new = _lr_scaled(w, s, u, lr, mom, nesterov, NESTEROV)
+    else:
+        s_new, w_new = _heavy_ball(w, s, u, lr, mom, undamped, nesterov, first, NESTEROV, DAMPED)
     if BF16:
         tl.store(wp.to(tl.pointer_type(tl.uint16)) + offs, _bf16_rne_bits(w_new.to(tl.float32)), mask=mask)
     else:
         tl.store(wp + offs, w_new.to(wp.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs, s_new.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_chunk(wp, g_ptr, s_ptr, start, full_end, real_end, q, wd, lr, mom, undamped, gmul, nesterov, first,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_TAIL: tl.constexpr, FORM: tl.constexpr,
+                  NESTEROV: tl.constexpr, DAMPED: tl.constexpr, BF16: tl.constexpr, ACC: tl.constexpr):
+    """Pass 2 of the chunk at `start`: the parameter's whole 16-element blocks, BLOCK elements a
+    step, 128-bit accesses (every mask ends at a multiple of 16); then its last numel % 16
+    elements, if in this chunk. Nothing past the parameter's end is read from it or written."""
+    for sub in range(start, tl.minimum(start + CHUNK, full_end), BLOCK):
+        offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(offs, 16), BLOCK)
+        _update_block(wp, g_ptr, s_ptr, offs, offs < full_end, q, wd, lr, mom, undamped, gmul, nesterov, first,
+                      FORM, NESTEROV, DAMPED, BF16, ACC)
+    if HAS_TAIL:
+        if (full_end < real_end) & (start <= full_end) & (full_end < start + CHUNK):
+            offs = full_end + tl.arange(0, ALIGN)
+            _update_block(wp, g_ptr, s_ptr, offs, offs < real_end, q, wd, lr, mom, undamped, gmul, nesterov,
+                          first, FORM, NESTEROV, DAMPED, BF16, ACC)
 
 
 @triton.jit
@@ -215,31 +312,34 @@ def _lars_norms_kernel(
             group = tl.load(row + SEG_GROUP)
             flags = tl.load(row + SEG_FLAGS)
             grow = group_tab + group * G_COLS
-            wd = tl.load(grow + G_WD)
-            wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
+            wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, tl.load(grow + G_WD)).to(ACC)
+            gmul = _grad_multiplier(grow, scale_ptr, HAS_SCALE, ACC, IEEE)
             wp = _segment_weights(w_ptr, w_offsets, seg, seg_start, W_ALIGNED)
 
-            # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
-            inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE) if HAS_SCALE else 1.0
             acc_w = tl.zeros((BLOCK,), dtype=ACC)
             acc_d = tl.zeros((BLOCK,), dtype=ACC)
+            acc_g = tl.zeros((BLOCK,), dtype=ACC)
             # the parameter's whole 16-element blocks of [start, start + CHUNK), BLOCK elements a
             # step (small segments: one step), 128-bit loads (every mask ends at a multiple of 16)
             for sub in range(start, tl.minimum(start + CHUNK, full_end), BLOCK):
                 offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
-                w2, d2 = _squares_block(wp, g_ptr, offs, offs < full_end, wd, inv_scale, HAS_SCALE, ACC)
+                w2, d2, g2 = _squares_block(wp, g_ptr, offs, offs < full_end, wd, gmul, ACC)
                 acc_w += w2
                 acc_d += d2
+                acc_g += g2
             sum_w = tl.sum(acc_w, axis=0)
             sum_d = tl.sum(acc_d, axis=0)
+            sum_g = tl.sum(acc_g, axis=0)
             if HAS_TAIL:   # the parameter's last numel % 16 elements, if they fall in this chunk
                 if (full_end < real_end) & (start <= full_end) & (full_end < start + CHUNK):
                     offs = full_end + tl.arange(0, ALIGN)
-                    w2, d2 = _squares_block(wp, g_ptr, offs, offs < real_end, wd, inv_scale, HAS_SCALE, ACC)
+                    w2, d2, g2 = _squares_block(wp, g_ptr, offs, offs < real_end, wd, gmul, ACC)
                     sum_w += tl.sum(w2, axis=0)
                     sum_d += tl.sum(d2, axis=0)
+                    sum_g += tl.sum(g2, axis=0)
             tl.store(partials + PART_COLS * pid + PART_W2, sum_w)
             tl.store(partials + PART_COLS * pid + PART_D2, sum_d)
+            tl.store(partials + PART_COLS * pid + PART_G2, sum_g)
 
             # Last-block pattern: every thread's partial store happens before the release of the
             # counter increment (barrier + acq_rel at GPU scope); the last program acquires it
@@ -252,7 +352,8 @@ def _lars_norms_kernel(
                 first = tl.load(row + SEG_FIRST_CHUNK)
                 sw = _segment_sum(partials, first, first + n, PART_W2, ACC, TILE, LOG2_TILE)
                 sd = _segment_sum(partials, first, first + n, PART_D2, ACC, TILE, LOG2_TILE)
-                _write_stats(stats, seg, sw, sd, grow, flags, step_ptr, ACC, IEEE)
+                sg = _segment_sum(partials, first, first + n, PART_G2, ACC, TILE, LOG2_TILE)
+                _write_stats(stats, seg, sw, sd, sg, grow, flags, step_ptr, ACC, IEEE)
                 tl.store(counters + seg, 0)   # zero between launches (the ABI)
 
     # Active segments without chunks (zero-size parameters) have no program above: program i
@@ -266,7 +367,7 @@ def _lars_norms_kernel(
                 empty = empty & (tl.load(inf_ptr) == 0)
             if empty:
                 zero = tl.zeros((), dtype=ACC)
-                _write_stats(stats, sid, zero, zero, group_tab + tl.load(srow + SEG_GROUP) * G_COLS,
+                _write_stats(stats, sid, zero, zero, zero, group_tab + tl.load(srow + SEG_GROUP) * G_COLS,
                              tl.load(srow + SEG_FLAGS), step_ptr, ACC, IEEE)
 
 
@@ -276,6 +377,7 @@ def _lars_update_kernel(
     counters, scale_ptr, inf_ptr,
     CHUNK: tl.constexpr, HAS_CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
     BLOCK: tl.constexpr, BF16: tl.constexpr, W_ALIGNED: tl.constexpr, HAS_TAIL: tl.constexpr,
+    FORM: tl.constexpr, NESTEROV: tl.constexpr, DAMPED: tl.constexpr,
 ):
     ACC: tl.constexpr = stats.dtype.element_ty
     IEEE: tl.constexpr = ACC == tl.float32
@@ -302,27 +404,32 @@ def _lars_update_kernel(
             grow = group_tab + group * G_COLS
             lr = tl.load(grow + G_LR)
             mom = tl.load(grow + G_MOMENTUM)
-            wd = tl.load(grow + G_WD)
-            wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, wd).to(ACC)
-            paper = tl.load(grow + G_PAPER) != 0
+            undamped = tl.load(grow + G_UNDAMPED)
+            nesterov = (tl.load(grow + G_FLAGS).to(tl.int32) & GF_NESTEROV) != 0
+            first = (flags & F_FIRST) != 0
             q = tl.load(stats + seg * STAT_COLS + STAT_Q)
+            wd = tl.load(stats + seg * STAT_COLS + STAT_WD)
+            gmul = _grad_multiplier(grow, scale_ptr, HAS_SCALE, ACC, IEEE)
             wp = _segment_weights(w_ptr, w_offsets, seg, seg_start, W_ALIGNED)
 
-            # g/scale as g * (1/scale): the same bits for GradScaler's powers of two
-            inv_scale = _div(tl.full((), 1.0, ACC), tl.load(scale_ptr).to(ACC), IEEE) if HAS_SCALE else 1.0
-            # the parameter's whole 16-element blocks, BLOCK elements a step, 128-bit accesses (every
-            # mask ends at a multiple of 16); then its last numel % 16 elements, if in this chunk.
-            # Nothing past the parameter's end is read from it or written anywhere.
-            for sub in range(start, tl.minimum(start + CHUNK, full_end), BLOCK):
-                offs = tl.multiple_of(sub, 16) + tl.arange(0, BLOCK)
-                offs = tl.max_contiguous(tl.multiple_of(offs, 16), BLOCK)
-                _update_block(wp, g_ptr, s_ptr, offs, offs < full_end, q, wd, lr, mom, paper, inv_scale,
-                              HAS_SCALE, BF16, ACC)
-            if HAS_TAIL:
-                if (full_end < real_end) & (start <= full_end) & (full_end < start + CHUNK):
-                    offs = full_end + tl.arange(0, ALIGN)
-                    _update_block(wp, g_ptr, s_ptr, offs, offs < real_end, q, wd, lr, mom, paper, inv_scale,
-                                  HAS_SCALE, BF16, ACC)
+            # one loop per momentum form: FORM is the bucket's only one, or -1 when its groups mix
+            # forms (then the segment's picks one of three loops, uniform over the program)
+            if FORM == -1:
+                form = tl.load(grow + G_FORM).to(tl.int32)
+                if form == FORM_PAPER:
+                    _update_chunk(wp, g_ptr, s_ptr, start, full_end, real_end, q, wd, lr, mom, undamped, gmul,
+                                  nesterov, first, CHUNK, BLOCK, HAS_TAIL, FORM_PAPER, NESTEROV, DAMPED, BF16, ACC)
+                elif form == FORM_LR_SCALED:
+                    _update_chunk(wp, g_ptr, s_ptr, start, full_end, real_end, q, wd, lr, mom, undamped, gmul,
+                                  nesterov, first, CHUNK, BLOCK, HAS_TAIL, FORM_LR_SCALED, NESTEROV, DAMPED, BF16,
+                                  ACC)
+                else:
+                    _update_chunk(wp, g_ptr, s_ptr, start, full_end, real_end, q, wd, lr, mom, undamped, gmul,
+                                  nesterov, first, CHUNK, BLOCK, HAS_TAIL, FORM_HEAVY_BALL, NESTEROV, DAMPED, BF16,
+                                  ACC)
+            else:
+                _update_chunk(wp, g_ptr, s_ptr, start, full_end, real_end, q, wd, lr, mom, undamped, gmul,
+                              nesterov, first, CHUNK, BLOCK, HAS_TAIL, FORM, NESTEROV, DAMPED, BF16, ACC)
     if pid == 0:
         if HAS_INF:
             if tl.load(inf_ptr) == 0:
@@ -437,7 +544,9 @@ def bucket_step(bucket: Bucket, grad_scale: Optional[torch.Tensor], found_inf: O
                                      HAS_EMPTY=cfg.has_empty, num_warps=cfg.warps, enable_fp_fusion=False)
     if between is not None:
         between(bucket)
+    form, nesterov, damped = bucket.momentum_variant
     with _on_device(bucket.device):
         _lars_update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, HAS_SCALE=has_scale,
-                                      HAS_INF=has_inf, BF16=bucket.dtype == torch.bfloat16,
-                                      num_warps=cfg.warps, enable_fp_fusion=False)
+                                      HAS_INF=has_inf, BF16=bucket.dtype == torch.bfloat16, FORM=form,
+                                      NESTEROV=nesterov, DAMPED=damped, num_warps=cfg.warps,
+                                      enable_fp_fusion=False)

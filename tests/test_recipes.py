@@ -1,0 +1,330 @@
+"""The README's "Coming from" recipes, each checked against an independent implementation of that
+LARS, written here from its published formulas (not from anyone's code): float64, 50 steps on a
+model with biases, a BatchNorm layer and a parameter whose gradient is always zero, an LR that
+changes every step. Each recipe must match to 1e-12 (relative to the parameters' size), on the
+reference and every fused backend here (the Triton interpreter's runs are marked slow).
+
+  timm Lars             q = c*||w|| / (||g|| + wd*||w|| + eps) (1 if a norm is 0), optional clip
+                        min(q/lr, 1), adapted only with weight decay unless always_adapt; then d =
+                        q*(g + wd*w) and torch's SGD momentum (first buffer = d, dampening, Nesterov)
+  apex LARC             as timm when both norms are > 0 (c = 0.02, eps 1e-8, clip or scale mode),
+                        else the plain gradient (no weight decay); SGD momentum of the wrapped SGD
+  Lightning Bolts LARS  as LARC (no clip) but only when weight_decay != 0; SGD momentum
+  SGD-Nesterov LARS     Barlow Twins' trust ratio with torch's Nesterov momentum
+  MLPerf ResNet-50      q as timm (eps 0), biases and BatchNorm excluded from weight decay and
+                        adaptation by name; TensorFlow momentum v = m*v + lr*q*d, w -= v
+  Barlow Twins          q = eta*||w||/||g + wd*w|| with the ndim == 1 filters; mu = m*mu + q*d,
+                        w -= lr*mu
+  TVLARS (authors)      Barlow Twins' LARS times phi(t) = 1/(0.1 + exp(lmbda*(t + 1))), norms
+                        clamped at 10, both filters; the earlier release (10bcfd2) holds phi = 1
+                        for the first epochs
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+import tvlars_fused
+from tvlars_fused import lars_param_groups, reference
+from tvlars_fused.param_groups import BIAS, NORM, ONE_DIM
+from tvlars_fused.kernels import available_backends
+
+F64 = torch.float64
+STEPS = 50
+BACKENDS = ["reference"] + [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
+                            for b in available_backends("cpu", ("cpu", "torch", "triton"))]
+
+
+class Net(nn.Module):
+    """Conv with bias, BatchNorm, Linear with bias, and `dead`: a parameter whose gradient is
+    always exactly zero (it enters the loss multiplied by 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.dead = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)) + 0.0 * self.dead.sum()
+
+
+def make_net() -> Net:
+    torch.manual_seed(11)
+    return Net().to(F64)
+
+
+def batches():
+    g = torch.Generator().manual_seed(12)
+    return [(torch.randn(6, 3, 6, 6, generator=g, dtype=F64), torch.randn(6, 5, generator=g, dtype=F64))
+            for _ in range(STEPS)]
+
+
+def lr_at(step: int, base: float) -> float:
+    """A schedule that changes every step (warm-up then polynomial decay, as MLPerf's)."""
+    warm = 5
+    return base * (step + 1) / warm if step < warm else base * (1 - (step - warm) / STEPS) ** 2
+
+
+def run_ours(make_opt: Callable, base_lr: float) -> List[torch.Tensor]:
+    model = make_net()
+    opt = make_opt(model)
+    for step, (x, y) in enumerate(batches()):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, base_lr)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def run_independent(update: Callable, base_lr: float) -> List[torch.Tensor]:
+    """Train the same model with `update(named_params, state, lr, t)`, a plain loop over params."""
+    model = make_net()
+    named = list(model.named_parameters())
+    state: Dict[str, dict] = {n: {} for n, _ in named}
+    for step, (x, y) in enumerate(batches()):
+        for _, p in named:
+            p.grad = None
+        nn.functional.mse_loss(model(x), y).backward()
+        with torch.no_grad():
+            update(named, state, lr_at(step, base_lr), step)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+WD, LR = 5e-3, 0.8
+
+
+def check_recipe(backend: str, independent: Callable, ours: Callable, what: str, cls: str = "LARS") -> None:
+    """Train with the independent implementation and with ours(optimizer_class, model): equal."""
+    theirs = run_independent(independent, LR)
+    assert_match(run_ours(lambda model: ours(make(backend, cls), model), LR), theirs, what)
+
+
+def assert_match(ours, theirs, what):
+    for a, b in zip(ours, theirs):
+        scale = max(1.0, float(b.abs().max()))
+        err = float((a - b).abs().max()) / scale
+        assert err <= 1e-12, f"{what}: {err:.3e}"
+    moved = max(float((a - b).abs().max()) for a, b in zip(theirs, [p.detach() for p in make_net().parameters()]))
+    assert moved > 1e-3, f"{what}: the run must move the parameters"
+
+
+def torch_sgd_momentum(buf_state: dict, d: torch.Tensor, momentum: float, dampening: float,
+                       nesterov: bool) -> torch.Tensor:
+    """torch.optim.SGD's momentum on the (already adapted) gradient d: the direction to step along."""
+    if "buf" not in buf_state:
+        buf_state["buf"] = d.clone()
+    else:
+        buf_state["buf"] = momentum * buf_state["buf"] + (1 - dampening) * d
+    return d + momentum * buf_state["buf"] if nesterov else buf_state["buf"]
+
+
+def make(backend: str, cls: str = "LARS"):
+    """The class under test: the eager reference or a fused backend."""
+    if backend == "reference":
+        return getattr(reference, cls)
+    return lambda *a, **k: getattr(tvlars_fused, cls)(*a, backend=backend, **k)
+
+
+# -- timm ------------------------------------------------------------------------------------------
+
+def timm_update(wd, c=0.001, eps=1e-8, trust_clip=False, always_adapt=False, momentum=0.9, dampening=0.0,
+                nesterov=False, no_decay=()):
+    def update(named, state, lr, t):
+        for name, p in named:
+            g = p.grad
+            w_decay = 0.0 if name in no_decay else wd
+            if w_decay != 0 or always_adapt:
+                wn, gn = p.norm(), g.norm()
+                ratio = c * wn / (gn + w_decay * wn + eps)
+                ratio = torch.where((wn > 0) & (gn > 0), ratio, torch.ones_like(ratio))
+                if trust_clip:
+                    ratio = torch.clamp(ratio / lr, max=1.0)
+                g = (g + w_decay * p) * ratio
+            p.sub_(lr * torch_sgd_momentum(state[name], g, momentum, dampening, nesterov))
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["plain", "trust_clip", "nesterov", "dampening", "bias_bn_groups"])
+def test_timm_lars(backend, variant):
+    kw = dict(trust_clip=variant == "trust_clip", nesterov=variant == "nesterov",
+              dampening=0.3 if variant == "dampening" else 0.0)
+    # timm's optimizer factory (filter_bias_and_bn): 1-D parameters in a group without weight decay
+    no_decay = ("conv.bias", "bn.weight", "bn.bias", "fc.bias") if variant == "bias_bn_groups" else ()
+
+    def ours(LARS, model):
+        params = (lars_param_groups(model, exclude_from_weight_decay=[ONE_DIM], exclude_from_adaptation=[])
+                  if no_decay else model.parameters())
+        return LARS(params, lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, denominator="grad", eps=1e-8,
+                    always_adapt=False, **kw)
+    check_recipe(backend, timm_update(WD, no_decay=no_decay, **kw), ours, f"timm {variant}")
+
+
+# -- apex LARC -------------------------------------------------------------------------------------
+
+def larc_update(wd, clip, c=0.02, eps=1e-8, momentum=0.9):
+    def update(named, state, lr, t):
+        for name, p in named:
+            g = p.grad
+            pn, gn = float(p.norm()), float(g.norm())
+            if pn != 0 and gn != 0:
+                adaptive = c * pn / (gn + pn * wd + eps)
+                if clip:
+                    adaptive = min(adaptive / lr, 1.0)
+                g = (g + wd * p) * adaptive
+            p.sub_(lr * torch_sgd_momentum(state[name], g, momentum, 0.0, False))   # the wrapped SGD, wd 0
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["scale", "clip"])
+def test_apex_larc(backend, mode):
+    check_recipe(backend, larc_update(WD, clip=mode == "clip"),
+                 lambda LARS, m: LARS(m.parameters(), lr=LR, momentum=0.9, weight_decay=WD, eta=0.02,
+                                      denominator="grad", eps=1e-8, plain_step_on_zero_norm=True,
+                                      trust_clip=mode == "clip"), f"LARC {mode}")
+
+
+# -- Lightning Bolts / Flash LARS -------------------------------------------------------------------
+
+def lightning_update(wd, c=0.001, eps=1e-8, momentum=0.9, nesterov=False, dampening=0.0, no_decay=()):
+    def update(named, state, lr, t):
+        for name, p in named:
+            g = p.grad
+            w_decay = 0.0 if name in no_decay else wd
+            pn, gn = float(p.norm()), float(g.norm())
+            if w_decay != 0 and pn != 0 and gn != 0:
+                g = (g + w_decay * p) * (c * pn / (gn + pn * w_decay + eps))
+            p.sub_(lr * torch_sgd_momentum(state[name], g, momentum, dampening, nesterov))
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["plain", "nesterov", "no_decay_group"])
+def test_lightning_lars(backend, variant):
+    no_decay = ("conv.bias", "fc.bias", "bn.weight", "bn.bias") if variant == "no_decay_group" else ()
+
+    def ours(LARS, model):
+        params = (lars_param_groups(model, exclude_from_weight_decay=[BIAS, NORM], exclude_from_adaptation=[])
+                  if no_decay else model.parameters())
+        return LARS(params, lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, denominator="grad", eps=1e-8,
+                    always_adapt=False, plain_step_on_zero_norm=True, nesterov=variant == "nesterov")
+    check_recipe(backend, lightning_update(WD, nesterov=variant == "nesterov", no_decay=no_decay), ours,
+                 f"Lightning {variant}")
+
+
+# -- LARS with torch's Nesterov momentum ------------------------------------------------------------
+
+def sgd_nesterov_lars_update(wd, eta=1e-3, momentum=0.9):
+    def update(named, state, lr, t):
+        for name, p in named:
+            d = p.grad + wd * p
+            wn, dn = p.norm(), d.norm()
+            q = torch.where((wn > 0) & (dn > 0), eta * wn / dn, torch.ones_like(wn))
+            p.sub_(lr * torch_sgd_momentum(state[name], q * d, momentum, 0.0, True))
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_nesterov_style_lars(backend):
+    check_recipe(backend, sgd_nesterov_lars_update(WD),
+                 lambda LARS, m: LARS(m.parameters(), lr=LR, momentum=0.9, weight_decay=WD, nesterov=True),
+                 "SGD-Nesterov LARS")
+
+
+# -- MLPerf ResNet-50 (TensorFlow LARS) ----------------------------------------------------------------
+
+def mlperf_update(wd, eta=1e-3, momentum=0.9, skip=("bias", "bn")):
+    def update(named, state, lr, t):
+        for name, p in named:
+            g = p.grad
+            scaled_lr = lr
+            if not any(s in name for s in skip):
+                wn, gn = p.norm(), g.norm()
+                ratio = torch.where((wn > 0) & (gn > 0), eta * wn / (gn + wd * wn), torch.ones_like(wn))
+                scaled_lr = lr * ratio
+                g = g + wd * p
+            v = state[name].get("v", torch.zeros_like(p))
+            state[name]["v"] = momentum * v + scaled_lr * g
+            p.sub_(state[name]["v"])
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlperf_resnet50_lars(backend):
+    check_recipe(backend, mlperf_update(WD),
+                 lambda LARS, m: LARS(lars_param_groups(m, exclude_from_weight_decay=[BIAS, NORM],
+                                                        exclude_from_adaptation=[BIAS, NORM]),
+                                      lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, denominator="grad",
+                                      momentum_form="lr_scaled"), "MLPerf")
+
+
+# -- Barlow Twins ------------------------------------------------------------------------------------
+
+def barlow_twins_update(wd, eta=1e-3, momentum=0.9, phi=lambda t: 1.0, clamp=None):
+    def update(named, state, lr, t):
+        for name, p in named:
+            d = p.grad
+            if p.ndim != 1:                       # weight_decay_filter / lars_adaptation_filter: ndim == 1
+                d = d + wd * p
+                wn, dn = p.norm(), d.norm()
+                if clamp is not None:
+                    wn, dn = wn.clamp(0, clamp), dn.clamp(0, clamp)
+                q = torch.where((wn > 0) & (dn > 0), eta * phi(t) * wn / dn, torch.ones_like(wn))
+                d = q * d
+            mu = state[name].get("mu", torch.zeros_like(p))
+            state[name]["mu"] = momentum * mu + d
+            p.sub_(lr * state[name]["mu"])
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_barlow_twins_lars(backend):
+    check_recipe(backend, barlow_twins_update(WD),
+                 lambda LARS, m: LARS(m.parameters(), lr=LR, momentum=0.9, weight_decay=WD, eta=0.001,
+                                      weight_decay_filter=True, lars_adaptation_filter=True), "Barlow Twins")
+
+
+# -- the authors' TVLARS ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("release", ["current", "10bcfd2"])
+def test_authors_tvlars(backend, release):
+    lmbda = 0.02
+    hold = 10 * 2 if release == "10bcfd2" else 0     # epoch_delay_cnt=10 epochs of 2 steps
+
+    def phi(t):
+        return 1.0 if t < hold else 1.0 / (0.1 + math.exp(lmbda * (t + 1)))
+    check_recipe(backend, barlow_twins_update(WD, phi=phi, clamp=10.0),
+                 lambda TVLARS, m: TVLARS(m.parameters(), lr=LR, momentum=0.9, weight_decay=WD, eta=0.001,
+                                          lmbda=lmbda, alpha=0.1, delay_steps=-1, gamma_min=0.0, norm_clip=10.0,
+                                          hold_steps=hold, weight_decay_filter=True, lars_adaptation_filter=True),
+                 f"authors' TVLARS {release}", cls="TVLARS")
+
+
+# -- the group helper -------------------------------------------------------------------------------------
+
+def test_lars_param_groups_rules():
+    model = make_net()
+    emb = nn.Embedding(4, 3)
+    model.add_module("emb", emb)
+    groups = lars_param_groups(model, exclude_from_weight_decay=[BIAS, NORM, nn.Embedding],
+                               exclude_from_adaptation=[r"^bn\.", lambda n, p, m: p.ndim == 0], lr=0.5)
+    names = [[n for n, _ in g["params"]] for g in groups]
+    assert names == [["dead", "conv.weight", "fc.weight"], ["conv.bias", "fc.bias", "emb.weight"],
+                     ["bn.weight", "bn.bias"]]
+    assert [(g.get("weight_decay"), g.get("adapt"), g["lr"]) for g in groups] == \
+        [(None, None, 0.5), (0.0, None, 0.5), (0.0, False, 0.5)]
+    opt = tvlars_fused.LARS(groups, lr=0.1, weight_decay=1e-3)
+    assert opt.state_dict()["param_groups"][2]["param_names"] == ["bn.weight", "bn.bias"]
+    with pytest.raises(TypeError, match="exclude_from_adaptation must be a list of rules"):
+        lars_param_groups(model, exclude_from_adaptation="bias")
+    with pytest.raises(TypeError, match="a parameter-group rule must be"):
+        lars_param_groups(model, exclude_from_adaptation=[3])
