@@ -1,6 +1,7 @@
 # make test / make bench work on a fresh machine: they create .venv (system site-packages visible,
 # so an installed torch, e.g. a CUDA build, is reused), install torch only when it cannot be
-# imported (TORCH_SPEC, overridable), install the package without build isolation, then run.
+# imported (TORCH_SPEC, overridable), install the test and example dependencies pinned to that
+# torch (so none of them can replace it), install the package without build isolation, then run.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -13,11 +14,13 @@ STAMP := $(VENV)/.tvlars_fused_installed
 
 install: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): Makefile setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
-	$(PIP) install "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib scikit-learn tqdm pytorch-optimizer safetensors
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PIP) install -c $(VENV)/torch-pin.txt "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib \
+		scikit-learn tqdm pytorch-optimizer safetensors lightning==2.6.6
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 

@@ -64,3 +64,35 @@ def test_compiled_training_step_fullgraph_matches_eager(backend):
     assert err < 1e-6, err
     assert float(o_c.step_count) == 4
     assert not torch.equal(m_c[0].weight, _net()[0].weight), "the compiled step must update the weights"
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+                    reason=f"torch {torch.__version__}: Dynamo cannot trace backward")
+def test_readme_recipe_with_globals_does_not_recompile():
+    """The README's compiled training step, written as it is there (model and optimizer as
+    globals, a backward whose gradients take the copy path): after the first steps no recompile
+    (grad_copies is not counted while tracing: a counter changing every step would fail a guard
+    every step, and fullgraph=True hard-fails at the recompile limit)."""
+    torch._dynamo.reset()
+    model = _net()
+    opt = tvlars_fused.TVLARS(model.parameters(), lr=torch.tensor(0.1), backend=_cpu_backends()[0])
+    g = globals()
+    g["_README_MODEL"], g["_README_OPT"] = model, opt
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def train_step(x):
+        loss = _README_MODEL(x).square().mean()   # noqa: F821 (module globals, as in the README)
+        loss.backward()
+        _README_OPT.step()                        # noqa: F821
+        return loss.detach()
+
+    gen = torch.Generator().manual_seed(2)
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            for step in range(10):
+                opt.zero_grad()
+                with torch._dynamo.config.patch(error_on_recompile=step >= 3):
+                    train_step(torch.randn(16, 6, generator=gen))
+    finally:
+        del g["_README_MODEL"], g["_README_OPT"]
+    assert float(opt.step_count) == 10

@@ -296,7 +296,9 @@ class Bucket:
                 g = local(g)
                 check_grad(g, self.where[i])
                 view.copy_(g.detach())
-                self.grad_copies += not self.sharded
+                # (not counted while torch.compile traces: a counter changing every step would be
+                # a guard failing every step)
+                self.grad_copies += not (self.sharded or torch.compiler.is_compiling())
             self.clean[i] = False
             active.append(1)
             gi = self.group_index[i]
