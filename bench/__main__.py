@@ -2,8 +2,11 @@
 step, torch.compile, and torch's SGD as the floor) on real parameter shapes.
 
     python -m bench                 quick subset (~2 min on a 2-core CPU): ResNet-50 and 2000 tiny
-                                    tensors in float32, ResNet-50 in bfloat16, torch.compile once
-    python -m bench --full          every set x float32/bfloat16 x every implementation
+                                    tensors in float32, ResNet-50 in bfloat16, torch.compile once,
+                                    and step() host overhead (161 / 2000 tensors of 16 elements:
+                                    fused against torch's fused and foreach SGD)
+    python -m bench --full          every set x float32/bfloat16 x every implementation, and the
+                                    host-overhead rows
     python -m bench --sets resnet18,big64m --dtypes bfloat16 --impls eager,fused-cpu --steps 20
 
 Per (parameter set, dtype) all implementations are built over identical copies of the same weights
@@ -36,6 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
 DTYPES = ("float32", "bfloat16")
+HOST_SETS = ("host161", "host2000")   # step() host overhead (tensors too small to matter)
 
 T0 = time.perf_counter()
 # the first step's momentum against the float64 spec, worst tensor: ok below CHECK_OK, warn below
@@ -100,10 +104,13 @@ def plan(args, all_sets: Sequence[str], all_impls: Sequence[str]) -> Tuple[str, 
     for i in impls or ():
         if i not in ALL:
             raise SystemExit(f"unknown implementation {i!r}; choose from {', '.join(ALL)}")
+    # step() host overhead: tensors too small to matter, the fused step against torch's fused SGD
+    host = [i for i in all_impls if i.startswith("fused-") and i != "fused-torch" or i in ("sgd-fused", "sgd-foreach")]
+    host_configs = [(s, "float32", host) for s in HOST_SETS]
     if args.full:
-        sets, dtypes = sets or list(all_sets), dtypes or list(DTYPES)
+        sets, dtypes = sets or [s for s in all_sets if s not in HOST_SETS], dtypes or list(DTYPES)
         impls = [i for i in all_impls if i in (impls or all_impls)]
-        return "full", [(s, d, impls) for s in sets for d in dtypes]
+        return "full", [(s, d, impls) for s in sets for d in dtypes] + (host_configs if args.sets is None else [])
     if sets is None and impls is None and dtypes is None:
         # torch.compile once (it takes ~1-2 min on a 2-core CPU); the slow portable fused-torch path
         # only where it is cheap (tiny tensors)
@@ -111,7 +118,7 @@ def plan(args, all_sets: Sequence[str], all_impls: Sequence[str]) -> Tuple[str, 
         big = [i for i in all_impls if i != "fused-torch"]
         return "quick", [("resnet50", "float32", big),
                          ("tiny2000", "float32", no_compile),
-                         ("resnet50", "bfloat16", [i for i in big if i != "compiled"])]
+                         ("resnet50", "bfloat16", [i for i in big if i != "compiled"])] + host_configs
     sets, dtypes = sets or ["resnet50", "tiny2000"], dtypes or ["float32"]
     impls = [i for i in all_impls if i in (impls or all_impls)]
     return "custom", [(s, d, impls) for s in sets for d in dtypes]

@@ -76,6 +76,8 @@ SETS: Dict[str, List[Shape]] = {
     "gpt2s": gpt2_small(),
     "tiny2000": tiny(),
     "big64m": big(),
+    "host161": tiny(161, 16),
+    "host2000": tiny(2000, 16),
 }
 
 DESCRIPTIONS = {
@@ -84,6 +86,8 @@ DESCRIPTIONS = {
     "gpt2s": "GPT-2 small (wte 50257x768, wpe 1024x768, 12 blocks, ln_f; lm_head tied)",
     "tiny2000": "2000 tensors of shape (64,)",
     "big64m": "one 8192x8192 tensor (64M elements)",
+    "host161": "161 tensors of 16 elements (ResNet-50's count): step() host overhead",
+    "host2000": "2000 tensors of 16 elements: step() host overhead",
 }
 
 # (tensors, parameters): the published counts
@@ -93,6 +97,8 @@ EXPECTED = {
     "gpt2s": (148, 124_439_808),
     "tiny2000": (2000, 128_000),
     "big64m": (1, 67_108_864),
+    "host161": (161, 2_576),
+    "host2000": (2000, 32_000),
 }
 
 

@@ -1,11 +1,12 @@
-// Registers the custom op tvlars_fused::bucket_step (docs/SPEC.md, "The bucket ABI") with its CPU,
-// CUDA (when built with TVLARS_WITH_CUDA) and Meta implementations, and defines the Python module
-// tvlars_fused._C whose import loads this library (it has no functions of its own: call the op
-// as torch.ops.tvlars_fused.bucket_step).
+// Registers the custom ops tvlars_fused::bucket_step and ::bucket_step_at (docs/SPEC.md, "The bucket
+// ABI"; tvlars_ops.h says how they differ) with their CPU, CUDA (when built with TVLARS_WITH_CUDA)
+// and Meta implementations, and defines the Python module tvlars_fused._C whose import loads this
+// library (it has no functions of its own: call the ops as torch.ops.tvlars_fused.*).
 #include <Python.h>
 
 #include <torch/library.h>
 
+#include "host_checks.h"
 #include "tvlars_math.h"
 #include "tvlars_ops.h"
 
@@ -47,21 +48,26 @@ void check_scalar(const std::optional<at::Tensor>& t, const char* name, const at
 
 }  // namespace
 
-void check_bucket_args(TVLARS_BUCKET_STEP_PARAMS) {
+void check_params_list(at::TensorList params, const at::Tensor& seg_table) {
   TORCH_CHECK(!params.empty(), kOp, ": params must list one tensor per segment (got none)");
   const at::ScalarType P = params[0].scalar_type();
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == P && params[i].device() == dev, kOp, ": params[", i, "] is ",
+                params[i].scalar_type(), " on ", params[i].device(), " but params[0] is ", P, " on ", dev);
+  }
+  TORCH_SYM_CHECK(seg_table.sym_size(0).sym_eq(static_cast<int64_t>(params.size())), kOp,
+                  ": params must list one tensor per segment (", seg_table.sym_size(0), "), got ", params.size());
+}
+
+void check_bucket_args(at::ScalarType P, const at::Device& dev, TVLARS_BUCKET_TABLES_PARAMS) {
   TORCH_CHECK(P == at::kFloat || P == at::kDouble || P == at::kBFloat16 || P == at::kHalf, kOp,
               ": params must be float32, float64, bfloat16 or float16, got ", P);
   const bool low = P == at::kBFloat16 || P == at::kHalf;
   const at::ScalarType S = low ? at::kFloat : P;
   const at::ScalarType A = P == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Device dev = params[0].device();
   TORCH_CHECK(chunk_elems > 0 && chunk_elems % ALIGN == 0, kOp, ": chunk_elems must be a positive multiple of ",
               ALIGN, ", got ", chunk_elems);
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].scalar_type() == P && params[i].device() == dev, kOp, ": params[", i, "] is ",
-                params[i].scalar_type(), " on ", params[i].device(), " but params[0] is ", P, " on ", dev);
-  }
   const c10::SymInt n = grads.sym_numel();
   check_vector(grads, "grads", P, n, dev);
   check_vector(state, "state", S, n, dev);
@@ -69,8 +75,6 @@ void check_bucket_args(TVLARS_BUCKET_STEP_PARAMS) {
   check_table(chunk_table, "chunk_table", at::kLong, CHUNK_COLS, dev);
   check_table(group_table, "group_table", A, GROUP_COLS, dev);
   const c10::SymInt segs = seg_table.sym_size(0), chunks = chunk_table.sym_size(0);
-  TORCH_SYM_CHECK(segs.sym_eq(static_cast<int64_t>(params.size())), kOp, ": params must list one tensor per "
-                  "segment (", segs, "), got ", params.size());
   check_vector(param_offsets, "param_offsets", at::kLong, segs, dev);
   check_vector(seg_active, "seg_active", at::kInt, segs, dev);
   check_vector(counters, "counters", at::kInt, segs, dev);
@@ -89,23 +93,27 @@ void check_bucket_args(TVLARS_BUCKET_STEP_PARAMS) {
 
 namespace {
 
-void bucket_step_meta(TVLARS_BUCKET_STEP_PARAMS) {
-  check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
+void bucket_step_meta(at::TensorList params, TVLARS_BUCKET_TABLES_PARAMS) {
+  check_params_list(params, seg_table);
+  check_bucket_args(params[0].scalar_type(), params[0].device(), TVLARS_BUCKET_TABLES_ARGS);
 }
 
 }  // namespace
 }  // namespace tvlars
 
+#define TVLARS_TABLES_SCHEMA                                                                          \
+  "Tensor param_offsets, Tensor grads, Tensor(b!) state, Tensor seg_table, Tensor seg_active, "       \
+  "Tensor chunk_table, Tensor group_table, Tensor(c!) step, Tensor(d!) partials, Tensor(e!) counters, " \
+  "Tensor(f!) stats, Tensor? grad_scale, Tensor? found_inf, int chunk_elems) -> ()"
+
 TORCH_LIBRARY(tvlars_fused, m) {
-  m.def(
-      "bucket_step(Tensor(a!)[] params, Tensor param_offsets, Tensor grads, Tensor(b!) state, Tensor seg_table, "
-      "Tensor seg_active, Tensor chunk_table, Tensor group_table, Tensor(c!) step, "
-      "Tensor(d!) partials, Tensor(e!) counters, Tensor(f!) stats, Tensor? grad_scale, "
-      "Tensor? found_inf, int chunk_elems) -> ()");
+  m.def("bucket_step(Tensor(a!)[] params, " TVLARS_TABLES_SCHEMA);
+  m.def("bucket_step_at(int params_address, " TVLARS_TABLES_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(tvlars_fused, CPU, m) {
   m.impl("bucket_step", TORCH_FN(tvlars::bucket_step_cpu));
+  m.impl("bucket_step_at", TORCH_FN(tvlars::bucket_step_at_cpu));
 }
 
 TORCH_LIBRARY_IMPL(tvlars_fused, Meta, m) {
@@ -115,6 +123,7 @@ TORCH_LIBRARY_IMPL(tvlars_fused, Meta, m) {
 #ifdef TVLARS_WITH_CUDA
 TORCH_LIBRARY_IMPL(tvlars_fused, CUDA, m) {
   m.impl("bucket_step", TORCH_FN(tvlars::bucket_step_cuda));
+  m.impl("bucket_step_at", TORCH_FN(tvlars::bucket_step_at_cuda));
 }
 #endif
 
@@ -125,9 +134,13 @@ TORCH_LIBRARY_IMPL(tvlars_fused, CUDA, m) {
 #define TVLARS_STR(a) TVLARS_STR_(a)
 
 extern "C" PyMODINIT_FUNC TVLARS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyMethodDef methods[] = {
+      {"step_signature", tvlars::step_signature, METH_O,
+       "step_signature(params) -> bytes: data pointers, .grad identities, sizes and strides"},
+      {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, TVLARS_STR(TORCH_EXTENSION_NAME),
                             "tvlars_fused C++/CUDA kernels: registers torch.ops.tvlars_fused.bucket_step",
-                            -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+                            -1, methods, nullptr, nullptr, nullptr, nullptr};
   PyObject* mod = PyModule_Create(&def);
   if (mod == nullptr) return nullptr;
 #ifdef TVLARS_WITH_CUDA

@@ -422,14 +422,11 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
 
 // Table contents are on the host here, so check them once per step (cheap: O(S + C)) before any
 // pointer arithmetic relies on them.
-void check_tables_cpu(at::TensorList params, const int64_t* seg, int64_t S, const int64_t* chunks, int64_t C,
-                      int64_t G, int64_t numel, int64_t chunk_elems) {
+void check_tables_cpu(const int64_t* seg, int64_t S, const int64_t* chunks, int64_t C, int64_t G, int64_t numel,
+                      int64_t chunk_elems) {
   int64_t prev_end = 0;
   for (int64_t sid = 0; sid < S; ++sid) {
     const int64_t* row = seg + sid * SEG_COLS;
-    TORCH_CHECK(params[sid].numel() == row[SEG_NUMEL] && params[sid].is_non_overlapping_and_dense(),
-                "tvlars_fused::bucket_step: params[", sid, "] (", params[sid].numel(),
-                " elements) must be dense in memory with seg_table's numel ", row[SEG_NUMEL]);
     const int64_t off = row[SEG_OFFSET], end = row[SEG_END], first = row[SEG_FIRST_CHUNK],
                   count = row[SEG_NUM_CHUNKS];
     TORCH_CHECK(0 <= off && off <= end && end <= numel && row[SEG_NUMEL] >= 0 &&
@@ -460,12 +457,13 @@ void check_tables_cpu(at::TensorList params, const int64_t* seg, int64_t S, cons
 
 }  // namespace
 
-void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS) {
-  check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;  // AMP: skip all
+namespace {
 
+// The step over the segments' parameters at weights[sid] (from the list or from the address).
+void step_cpu(const std::vector<void*>& weights, TVLARS_BUCKET_TABLES_PARAMS) {
+  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;  // AMP: skip all
   const int64_t S = seg_table.size(0), C = chunk_table.size(0);
-  check_tables_cpu(params, seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
+  check_tables_cpu(seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
                    group_table.size(0), grads.numel(), chunk_elems);
 
   const KernelTable& kt = kernel_table();
@@ -473,11 +471,9 @@ void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS) {
     using P = scalar_t;
     using A = typename Types<P>::acc;
     using St = typename Types<P>::state;
-    std::vector<P*> weights(S);
-    for (int64_t sid = 0; sid < S; ++sid) weights[sid] = static_cast<P*>(params[sid].data_ptr());
     BucketStep<P> k;
     k.kt = &kt;
-    k.w = weights.data();
+    k.w = reinterpret_cast<P* const*>(weights.data());
     k.g = grads.const_data_ptr<P>();
     k.s = state.mutable_data_ptr<St>();
     k.seg = seg_table.const_data_ptr<int64_t>();
@@ -492,6 +488,35 @@ void bucket_step_cpu(TVLARS_BUCKET_STEP_PARAMS) {
     run_bucket_step(k, S, seg_active.const_data_ptr<int32_t>());
   });
   *step.mutable_data_ptr<float>() += 1.0f;  // not reached when found_inf is set
+}
+
+}  // namespace
+
+void bucket_step_cpu(at::TensorList params, TVLARS_BUCKET_TABLES_PARAMS) {
+  check_params_list(params, seg_table);
+  check_bucket_args(params[0].scalar_type(), params[0].device(), TVLARS_BUCKET_TABLES_ARGS);
+  const int64_t* seg = seg_table.const_data_ptr<int64_t>();
+  std::vector<void*> weights(params.size());
+  for (size_t sid = 0; sid < params.size(); ++sid) {
+    // the list is public: each entry must be the dense memory its segment says (threads write it)
+    TORCH_CHECK(params[sid].numel() == seg[sid * SEG_COLS + SEG_NUMEL] && params[sid].is_non_overlapping_and_dense(),
+                "tvlars_fused::bucket_step: params[", sid, "] (", params[sid].numel(),
+                " elements) must be dense in memory with seg_table's numel ", seg[sid * SEG_COLS + SEG_NUMEL]);
+    weights[sid] = params[sid].data_ptr();
+  }
+  step_cpu(weights, TVLARS_BUCKET_TABLES_ARGS);
+}
+
+void bucket_step_at_cpu(int64_t params_address, TVLARS_BUCKET_TABLES_PARAMS) {
+  check_bucket_args(grads.scalar_type(), grads.device(), TVLARS_BUCKET_TABLES_ARGS);
+  const int64_t S = seg_table.size(0);
+  const int64_t* offsets = param_offsets.const_data_ptr<int64_t>();
+  const int64_t size = static_cast<int64_t>(grads.element_size());
+  std::vector<void*> weights(S);
+  for (int64_t sid = 0; sid < S; ++sid) {
+    weights[sid] = reinterpret_cast<void*>(params_address + offsets[sid] * size);
+  }
+  step_cpu(weights, TVLARS_BUCKET_TABLES_ARGS);
 }
 
 }  // namespace tvlars

@@ -338,8 +338,10 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
-void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS) {
-  check_bucket_args(TVLARS_BUCKET_STEP_ARGS);
+namespace {
+
+// The two launches over the segments' parameters at base + param_offsets (elements).
+void step_cuda(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
   TORCH_CHECK(aligned16(grads.const_data_ptr()) && aligned16(state.const_data_ptr()),
               "tvlars_fused::bucket_step: grads and state must be 16-byte aligned (128-bit access)");
   const int64_t num_segs = seg_table.size(0), num_chunks = chunk_table.size(0);
@@ -355,7 +357,7 @@ void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS) {
     using P = scalar_t;
     using A = typename Types<P>::acc;
     using St = typename Types<P>::state;
-    P* w0 = static_cast<P*>(params[0].data_ptr());
+    P* w0 = static_cast<P*>(base);
     const int64_t* w_offsets = param_offsets.const_data_ptr<int64_t>();
     if (num_segs > 0) {
       pass1_kernel<P><<<grid, THREADS, 0, stream>>>(
@@ -374,6 +376,19 @@ void bucket_step_cuda(TVLARS_BUCKET_STEP_PARAMS) {
         chunk_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+void bucket_step_cuda(at::TensorList params, TVLARS_BUCKET_TABLES_PARAMS) {
+  check_params_list(params, seg_table);
+  check_bucket_args(params[0].scalar_type(), params[0].device(), TVLARS_BUCKET_TABLES_ARGS);
+  step_cuda(params[0].data_ptr(), TVLARS_BUCKET_TABLES_ARGS);
+}
+
+void bucket_step_at_cuda(int64_t params_address, TVLARS_BUCKET_TABLES_PARAMS) {
+  check_bucket_args(grads.scalar_type(), grads.device(), TVLARS_BUCKET_TABLES_ARGS);
+  step_cuda(reinterpret_cast<void*>(params_address), TVLARS_BUCKET_TABLES_ARGS);
 }
 
 }  // namespace tvlars

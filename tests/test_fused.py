@@ -430,3 +430,68 @@ def test_options_match_reference_and_parity(backend, opts):
     r64 = run(reference.TVLARS, torch.float64)
     assert max_err(run(tvlars_fused.TVLARS, torch.float64), r64) <= 1e-12 * max(1.0, max(float(p.abs().max()) for p in r64))
     assert_parity_fp32(run(tvlars_fused.TVLARS, torch.float32), run(reference.TVLARS, torch.float32), r64, str(opts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_engages_and_notices_every_change(backend, monkeypatch):
+    """In a steady loop (same parameters, gradients in the optimizer's views, state untouched) a
+    step does no per-parameter Python work; a parameter moved (p.data = ...) is followed through
+    the offsets table; any other change behind its back takes the full path that step: a gradient
+    assigned by hand, a gradient left None, a state entry replaced (momentum and step), the
+    momentum form changed. Every step equals the reference's."""
+    from tvlars_fused.buckets import Bucket
+    slow = []
+    orig = Bucket._prepare_params
+    monkeypatch.setattr(Bucket, "_prepare_params", lambda self, *a: slow.append(1) or orig(self, *a))
+    init = make_init([(6, 5), (5,), (4, 4), (7,)])
+    runs = []
+    for make_opt in (fused("TVLARS", backend, **HYPER), ref("TVLARS", **HYPER)):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        runs.append((ps, make_opt(ps)))
+    (ps, opt), (ps_r, opt_r) = runs
+    gen = torch.Generator().manual_seed(4)
+
+    def step(change=None, use=(0, 1, 2, 3)):
+        cs = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init]
+        for params, o in runs:
+            o.zero_grad()
+            sum((params[i] * cs[i]).sum() for i in use).backward()
+            if change is not None:
+                change(params, o)
+            o.step()
+        assert max_err(ps, ps_r) < 1e-12
+        return len(slow)
+
+    for _ in range(3):
+        step()
+    slow.clear()
+    assert step() == 0, "a steady step must take the fast path"
+
+    def move(params, o):
+        params[2].data = params[2].data.clone()
+
+    def hand_grad(params, o):
+        params[1].grad = params[1].grad.clone()
+
+    def new_momentum(params, o):
+        o.state[params[0]]["momentum_buffer"] = torch.full_like(params[0], 0.01)
+
+    def new_step(params, o):
+        o.state[params[3]] = {"momentum_buffer": o.state[params[3]]["momentum_buffer"].clone(),
+                              "step": torch.tensor(40.0)}
+
+    def paper(params, o):
+        o.param_groups[0]["momentum_form"] = "paper"
+
+    slow.clear()
+    step(move)   # followed without per-parameter work: only the offsets table changes
+    assert opt._buckets[0].weights[2].data_ptr() == ps[2].data_ptr() and not slow
+    for change, use in ((hand_grad, (0, 1, 2, 3)), (None, (0, 1, 3)), (new_momentum, (0, 1, 2, 3)),
+                        (new_step, (0, 1, 2, 3)), (paper, (0, 1, 2, 3))):
+        before = len(slow)
+        assert step(change, use) > before, getattr(change, "__name__", "a None gradient")
+    assert float(opt.step_count) == float(opt_r.step_count) == 42   # t set to 40, then two steps
+    for _ in range(2):
+        step()
+    slow.clear()
+    assert step() == 0, "back to the fast path"

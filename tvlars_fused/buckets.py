@@ -25,18 +25,35 @@ from __future__ import annotations
 
 import math
 import weakref
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .abi import (ALIGN, CHUNK_COLS, COL_FORM, COL_GFLAGS, COL_LR, COL_UNDAMPED, FLAG_FIRST_STEP, GF_NESTEROV, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
                   STAT_TRUST_RATIO)
-from .base import STEP, accumulation_dtype, check_grad, state_key
+from .base import STEP, accumulation_dtype, check_grad, grad_ok, state_key
 from .hyperparams import GROUP_COLS, group_row, segment_flags
 from .sharding import is_sharded, local, shard_groups
 from .stats import ReducePlan
 
 Layout = Tuple[Tuple[int, ...], Tuple[int, ...], torch.dtype, torch.device]
+_GRAD, _SHAPE = attrgetter("grad"), attrgetter("shape")
+
+
+def _load_step_signature():
+    """The extension's step_signature (csrc/host_checks.cpp): per parameter its data pointer, the
+    identity of its .grad, sizes and strides in one C++ pass. None without the extension (the
+    same checks then run as Python-level passes)."""
+    try:
+        from ._C import step_signature
+        return step_signature
+    except (ImportError, AttributeError):
+        return None
+
+
+_step_signature = _load_step_signature()
 
 
 def _dense_strides(p: torch.Tensor) -> Tuple[int, ...]:
@@ -172,6 +189,10 @@ class Bucket:
         self.stats = torch.zeros(self.num_segments, STAT_COLS, dtype=self.acc_dtype, device=dev)
         self.stats[:, STAT_TRUST_RATIO] = 1.0
         self._active: Optional[List[int]] = None
+        self._expected_grads: List[Optional[torch.Tensor]] = [object()] * len(self.params)   # no fast path yet
+        self._state_ref = None
+        self._sig: Optional[bytes] = None   # step_signature after the last prepare
+        self._fast = False                  # set by sync_params for the gather_grads right after it
         self._rows: Optional[list] = None
         self._filters: Optional[list] = None
         self._had_first = False
@@ -199,7 +220,10 @@ class Bucket:
         """Point the kernels at the parameters' current memory: the weights list and the offsets
         table (elements from weights[0]; aligned when every weight is 16-element aligned)."""
         self.weights = [self.staging.get(i, t) for i, t in enumerate(targets)]
+        self._sig = None
         self._ptrs = [t.data_ptr() for t in targets]
+        self._strides = [layout[1] for layout in self._layouts]
+        self._shapes = [layout[0] for layout in self._layouts]
         size = self.weights[0].element_size()
         ptrs = [w.data_ptr() for w in self.weights]
         base = ptrs[0]
@@ -209,7 +233,17 @@ class Bucket:
 
     def sync_params(self) -> bool:
         """Called before each step: False when a parameter changed shape, strides, dtype or device
-        (the buckets must be rebuilt); a parameter that only moved to other memory is followed."""
+        (the buckets must be rebuilt); a parameter that only moved to other memory is followed.
+        The common case (nothing moved) is three C-level passes over the parameters."""
+        self._fast = False
+        if not self.sharded:
+            ps = self.params
+            if self._sig is not None and _step_signature(ps) == self._sig:
+                self._fast = True   # nothing moved, and every .grad is last step's (gather_grads)
+                return True
+            if (list(map(torch.Tensor.data_ptr, ps)) == self._ptrs and list(map(torch.Tensor.stride, ps)) == self._strides
+                    and list(map(_SHAPE, ps)) == self._shapes):
+                return True
         moved = False
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -252,6 +286,7 @@ class Bucket:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad: None, or every existing .grad zeroed in place (the same tensors).
         The bucket's own gradient buffer is zeroed with one fill."""
+        self._fast = False
         if not self.sharded:
             self.grad_buf.zero_()
             self.clean = [True] * len(self.params)
@@ -276,33 +311,70 @@ class Bucket:
         self._hooks = []
 
     # -- per-step host bookkeeping (no device sync) -------------------------------------------
-    def prepare(self, param_groups: List[dict], state: Dict) -> List[torch.Tensor]:
+    def gather_grads(self) -> Tuple[List[Optional[torch.Tensor]], bool]:
+        """Each parameter's .grad, and whether they are exactly last step's (the bucket's views
+        where a gradient was, None elsewhere: the fast path, one C-level pass). A .grad that is not
+        the view is checked here, before anything changes, so a rejected step changes nothing."""
+        if torch.compiler.is_compiling():   # Dynamo traces plain loops (not C-level map passes)
+            return [p.grad for p in self.params], False
+        if self._fast:   # sync_params saw the signature unchanged
+            self._fast = False
+            return self._expected_grads, True
+        grads = list(map(_GRAD, self.params))
+        if all(map(is_, grads, self._expected_grads)):
+            return grads, True
+        for i, g in enumerate(grads):
+            if g is not None and g is not self.grad_views[i]:
+                g = local(g)
+                if not grad_ok(g):
+                    check_grad(g, self.where[i])
+        return grads, False
+
+    def _state_intact(self, state: Dict, keys: List[str]) -> bool:
+        """No state entry of the active parameters was reset, replaced or reassigned since the last
+        step (ZeroRedundancyOptimizer's load_state_dict writes whole entries): C-level passes over
+        the entries cached by the last slow path."""
+        return (state is self._state_ref and keys == self._keys_seen
+                and all(map(is_, map(state.get, self._act_params), self._act_state))
+                and all(map(is_, map(dict.get, self._act_state, self._act_keys), self._act_entries))
+                and all(map(is_, map(dict.get, self._act_state, repeat(STEP)), repeat(self.step_entry))))
+
+    def prepare(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
+                same_grads: bool) -> List[torch.Tensor]:
         """Collect which parameters have a gradient, copy in gradients that are not the bucket's
         views, create state entries on first use, and upload the tables that changed. Returns the
         "step" entries that were replaced from outside (ZeroRedundancyOptimizer.load_state_dict
-        writes whole state entries): the optimizer adopts t from them."""
+        writes whole state entries): the optimizer adopts t from them. When the gradients are last
+        step's and no state entry changed, nothing is done per parameter."""
+        keys = [state_key(g["momentum_form"]) for g in param_groups]
+        if same_grads and self._state_intact(state, keys):
+            replaced_steps, first = [], set()
+        else:
+            replaced_steps, first = self._prepare_params(param_groups, state, grads, keys)
+        self._upload_tables(param_groups, first)
+        return replaced_steps
+
+    def _prepare_params(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
+                        keys: List[str]):
+        """prepare()'s per-parameter work; caches what the next step's fast check compares."""
         active = []
         replaced_steps = []
         first = set()   # state created now in a group with dampening: torch's first-step buffer
-        forms = [g["momentum_form"] for g in param_groups]
-        keys = [state_key(f) for f in forms]
         for i, p in enumerate(self.params):
-            g = p.grad
+            g = grads[i]
             if g is None:
                 active.append(0)
                 continue
             view = self.grad_views[i]
             if g is not view:   # (FSDP2's gradients always take this path)
-                g = local(g)
-                check_grad(g, self.where[i])
-                view.copy_(g.detach())
+                view.copy_(local(g).detach())
                 # (not counted while torch.compile traces: a counter changing every step would be
                 # a guard failing every step)
                 self.grad_copies += not (self.sharded or torch.compiler.is_compiling())
             self.clean[i] = False
             active.append(1)
             gi = self.group_index[i]
-            form, key = forms[gi], keys[gi]
+            form, key = param_groups[gi]["momentum_form"], keys[gi]
             st = state.get(p)
             if self.has_state[i]:
                 cur = None if st is None else st.get(key)
@@ -336,7 +408,23 @@ class Bucket:
         if active != self._active:
             upload(self.seg_active, active)
             self._active = active
+        # what the next step's fast check compares against
+        self._expected_grads = [v if a else None for v, a in zip(self.grad_views, active)]
+        live = [i for i, a in enumerate(active) if a]
+        self._act_params = [self.params[i] for i in live]
+        self._act_state = [state.get(p) for p in self._act_params]
+        self._act_keys = [self._keys[i] for i in live]
+        self._act_entries = [self._entries[i] for i in live]
+        self._state_ref, self._keys_seen = state, keys
+        # the signature the next step's sync_params compares (only when every gradient is the
+        # bucket's view: a foreign .grad, even the same tensor again, must be copied every step)
+        self._sig = (_step_signature(self.params) if not torch.compiler.is_compiling() and not self.sharded
+                     and _step_signature is not None and all(map(is_, grads, self._expected_grads))
+                     else None)
+        return replaced_steps, first
 
+    def _upload_tables(self, param_groups: List[dict], first: set) -> None:
+        """The segment flags, group rows and device lr's, where they changed (asynchronously)."""
         filters = [(g["weight_decay_filter"], g["lars_adaptation_filter"]) for g in param_groups]
         if filters != self._filters or first or self._had_first:
             for i, row in enumerate(self._seg_rows):
@@ -358,7 +446,6 @@ class Bucket:
         for gi, g in enumerate(param_groups):
             if isinstance(g["lr"], torch.Tensor):  # a device lr: copied on the device, never read
                 self.group_table[gi, COL_LR].copy_(g["lr"].reshape(()), non_blocking=True)
-        return replaced_steps
 
 
 def _make_attach_hook(bucket_ref, i):

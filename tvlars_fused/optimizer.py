@@ -12,7 +12,7 @@ import torch
 
 from .base import STEP, LayerwiseOptimizer
 from .buckets import Bucket
-from .hyperparams import options
+from .hyperparams import options, validate_group
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
 
@@ -134,15 +134,23 @@ class FusedOptimizer(LayerwiseOptimizer):
         return [b.backend.NAME for b in self._ensure_buckets()]
 
     # -- torch.optim API ------------------------------------------------------------------------
+    def validate_step(self) -> None:
+        """The groups here; each gradient that is not the optimizer's own view is checked by its
+        bucket (gather_grads), all before anything changes."""
+        for gi, group in enumerate(self.param_groups):
+            validate_group(group, self.tvlars, where=f"param_groups[{gi}]")
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = self.begin_step(closure)
         # Under torch.compile the graph's guards stand in for the staleness check (data_ptr is
         # not traceable); buckets always exist after __init__.
         buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()
+        gathered = [b.gather_grads() for b in buckets]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        replaced = [t for b in buckets for t in b.prepare(self.param_groups, self.state)]
+        replaced = [t for b, (grads, same) in zip(buckets, gathered)
+                    for t in b.prepare(self.param_groups, self.state, grads, same)]
         if replaced:   # "step" entries written from outside (ZeRO's load_state_dict): adopt t
             t = max(float(v) for v in replaced)
             for b in buckets:

@@ -1,9 +1,9 @@
 """backend="cpu" / backend="cuda": the C++/CUDA extension tvlars_fused._C (csrc/).
 
 Importing this module imports tvlars_fused._C, which registers torch.ops.tvlars_fused.bucket_step
-(CPU always; CUDA when the extension was compiled with nvcc against a CUDA build of torch). Each
-bucket step is one op call: on the CPU a fused, multithreaded, cache-aware kernel; on CUDA two
-kernel launches on the current stream, no host sync. backend(name) returns the object that
+and bucket_step_at (CPU always; CUDA when the extension was compiled with nvcc against a CUDA build
+of torch). Each bucket step is one op call: on the CPU a fused, multithreaded, cache-aware kernel;
+on CUDA two kernel launches on the current stream, no host sync. backend(name) returns the object that
 tvlars_fused.kernels expects (NAME, CHUNK_ELEMS, requirement, available, bucket_step).
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ except ImportError as exc:  # not built: the caller falls back to another backen
 __all__ = ["backend", "WITH_CUDA", "bucket_step_op", "CPUBackend", "CUDABackend"]
 
 OP_NAME = "tvlars_fused::bucket_step"
-bucket_step_op = torch.ops.tvlars_fused.bucket_step.default
+bucket_step_op = torch.ops.tvlars_fused.bucket_step.default       # params as a list: traceable
+bucket_step_at_op = torch.ops.tvlars_fused.bucket_step_at.default  # params by address: eager
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -36,11 +37,14 @@ WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0)) and _has_kernel("CUDA")
 
 def _call(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     b = bucket
-    bucket_step_op(b.weights, b.w_offsets, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table,
-                   b.group_table, b.step, b.partials, b.counters, b.stats,
-                   None if grad_scale is None else grad_scale.reshape(1),
-                   None if found_inf is None else found_inf.reshape(1),
-                   b.chunk_elems)
+    # Eager: the first parameter's address (the others by b.w_offsets, which sync_params keeps
+    # true before every step) instead of a list of every parameter tensor to convert per call.
+    # Traced: the list, so that torch.compile sees which tensors the op writes.
+    params = b.weights if torch.compiler.is_compiling() else b.weights[0].data_ptr()
+    op = bucket_step_op if torch.compiler.is_compiling() else bucket_step_at_op
+    op(params, b.w_offsets, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table, b.group_table, b.step,
+       b.partials, b.counters, b.stats, None if grad_scale is None else grad_scale.reshape(1),
+       None if found_inf is None else found_inf.reshape(1), b.chunk_elems)
 
 
 class CPUBackend:
