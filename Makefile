@@ -20,7 +20,7 @@ $(STAMP): Makefile setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	$(PIP) install -c $(VENV)/torch-pin.txt "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib \
-		scikit-learn tqdm pytorch-optimizer safetensors lightning==2.6.6
+		scikit-learn==1.9.1 tqdm pytorch-optimizer==4.1.0 safetensors lightning==2.6.6
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 

@@ -1,56 +1,86 @@
-"""Large-batch training on the scikit-learn digits: WA-LARS vs TVLARS vs LAMB, no download needed.
+"""Large-batch training on the scikit-learn digits: WA-LARS vs TVLARS vs LAMB over seeds, no download.
 
 A small CNN on the 8x8 digits of sklearn.datasets.load_digits (1797 images, 10 classes; a fixed
-stratified 80/20 split: 1437 train / 360 test), trained with batches of 512 (3 steps per epoch,
-60 epochs = 180 steps by default) by
+stratified 80/20 split chosen by --split-seed, independent of the training seeds: 1437 train / 360
+test), trained with batches of 512 (3 steps per epoch, 60 epochs = 180 steps by default) by
 
   (a) WA-LARS: fused tvlars_fused.LARS with linear warm-up + cosine decay
       (SequentialLR of LinearLR + CosineAnnealingLR), the paper's baseline;
   (b) TVLARS: fused tvlars_fused.TVLARS, no warm-up: phi(t) starts near 1 and decays (a sigmoid
       centred at delay_steps = 1/3 of the run);
-  (c) LAMB from pytorch-optimizer (skipped with a message when it is not installed), with the
-      same warm-up + cosine schedule as (a).
+  (c) LAMB (examples/lamb_choice.py: tvlars_fused.LAMB when the package has it, else
+      pytorch-optimizer's Lamb at the version pinned in examples/requirements.txt), with the same
+      warm-up + cosine schedule as (a);
 
-It prints train loss / test accuracy per epoch and writes a PNG: test accuracy and train loss per
-epoch, phi(t) next to WA-LARS's LR multiplier, and per layer the weight norm, gradient norm
-||g + wd*w|| and trust ratio of TVLARS at every step (from layer_stats(): the view of the paper's
-Figure 3).
+each from the same initial weights and batch order for a given training seed, over 10 training
+seeds (--seeds). Each optimizer runs at its own base learning rate (5 for the LARS pair, 0.02 for
+LAMB) times a scale, by default the scale --grid chose (below): lr 30 for WA-LARS, 40 for TVLARS,
+0.02 for LAMB. It prints, and writes as Markdown + CSV next to the figure: final test accuracy
+mean +- std over the seeds, the accuracy at an early epoch (--early-epoch), the total learning
+rate of each run (sum over steps of lr(t) * phi(t), in units of the base lr), and the per-seed
+paired differences TVLARS - WA-LARS, TVLARS - LAMB and WA-LARS - LAMB (mean +- std, 95% t
+interval, how many seeds higher / tied / lower). The figure: mean +- std curves of test accuracy
+and train loss, phi(t) next to WA-LARS's LR multiplier, and per layer the weight norm, gradient
+norm ||g + wd*w|| and trust ratio of TVLARS at every step of the first seed (from layer_stats():
+the view of the paper's Figure 3).
 
-It also checks the fused TVLARS against the eager reference (tvlars_fused.reference.TVLARS):
-  - at every float32 step of run (b), a reference step from the same state and gradients (its
-    state_dict loaded into the reference) gives the same parameters within 1e-5 relative;
+--grid tunes every optimizer over the same grid of lr scales (--grid-scales, default 0.25 0.5 1
+1.5 2 3 4 6 8 12 times its base lr: steps of x1.33 to x2, with pairs of TVLARS and WA-LARS runs
+of the same total learning rate, e.g. TVLARS x1.5 and WA-LARS x1). Each (optimizer, scale, seed)
+is trained once on the training set minus a stratified 20% validation split and evaluated on that
+split (selection), and once on the whole training set and evaluated on the test set (reported
+for every grid point). Each optimizer's scale is the one with the best mean validation accuracy;
+the final table is then rerun at those scales (and checked to be identical to the grid's test
+runs). DEFAULT_SCALES are what that selection gave in the run recorded in examples/README.md, so
+the default command reproduces its final table without the grid. The grid's tables go to
+<figure stem>_grid.md / _grid.csv.
+
+It also checks the fused TVLARS against the eager reference (tvlars_fused.reference.TVLARS) on
+the first seed:
+  - at every float32 step of the TVLARS run, a reference step from the same state and gradients
+    (its state_dict loaded into the reference) gives the same parameters within 1e-5 relative
+    (they agree to ~1e-7, about one float32 ulp);
   - the whole run, repeated in float64 with the fused and with the reference optimizer (same seed
-    and data order), gives the same test-accuracy curve and final parameters within 1e-5 relative.
+    and data order), gives the same test-accuracy curve and final parameters within 1e-5 relative
+    (~1e-15 at lr 5; ~1e-7 at the tuned lr 40, where the run amplifies rounding more).
 The whole float32 run is also repeated with the reference and compared, for information only: the
 per-step differences (~1 ulp) flip an occasional ReLU / max-pool decision in float32, after which
-the two runs are different, equally valid trajectories (parameters ~1e-2 apart, accuracy curves
-differing by a test image here and there), so that comparison cannot be an exact check.
+the two runs are different, equally valid trajectories (at lr 40: parameters far apart, accuracy
+curves differing by up to a few percent at some epochs), so that comparison cannot be a check.
 
-    pip install scikit-learn matplotlib pytorch-optimizer tqdm
-    PYTHONPATH=. python examples/large_batch_digits.py            # ~35 s of CPU time, 1 core
-    PYTHONPATH=. python examples/large_batch_digits.py --quick    # 4 epochs (for tests)
+    pip install -r examples/requirements.txt      # torch installed first, separately
+    PYTHONPATH=. python examples/large_batch_digits.py            # 10 seeds, ~1.5 min on 1 core
+    PYTHONPATH=. python examples/large_batch_digits.py --grid     # the lr grid too, ~25 min
+    PYTHONPATH=. python examples/large_batch_digits.py --quick    # 2 seeds x 4 epochs (tests)
 
 Exit status 1 when the fused-vs-reference check fails.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
+import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 try:  # run from anywhere in the checkout without installing the package
     import tvlars_fused
 except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.path.insert(0, os.path.join(HERE, ".."))
     import tvlars_fused
 from tvlars_fused import reference
+
+sys.path.insert(0, HERE)
+from lamb_choice import lamb_source, lamb_warning, make_lamb  # noqa: E402
+from pins import version_report  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -58,24 +88,51 @@ except ImportError:  # optional
     tqdm = None
 
 CHECK_RTOL = 1e-5   # final parameters of fused vs reference TVLARS: max |diff| / max |p| per tensor
+OPTIMIZERS = ("WA-LARS", "TVLARS", "LAMB")
+DEFAULT_SEEDS = tuple(range(10))
+GRID_SCALES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+# The scales --grid selected (best mean validation accuracy over seeds 0-9, split seed 0, 60
+# epochs, batch 512) in the run recorded in examples/README.md.
+DEFAULT_SCALES = {"WA-LARS": 6.0, "TVLARS": 8.0, "LAMB": 1.0}
+# two-sided 95% quantiles of Student's t, by degrees of freedom (1.96 beyond 30)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+       10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+       18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
+       26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 
 # -- data and model ------------------------------------------------------------------------------
-def load_data(seed: int):
-    """The digits as float32 tensors (N, 1, 8, 8), standardised with the training mean/std."""
+def split_indices(split_seed: int, val_fraction: float = 0.0):
+    """(train indices, evaluation indices) into load_digits()'s 1797 images.
+
+    The stratified 80/20 train/test split is drawn with split_seed only (the training seeds never
+    change it). With val_fraction > 0, the *training* part is split again (stratified, same seed)
+    and (train minus validation, validation) is returned instead: the test set is not touched."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
         raise SystemExit(f"this example needs scikit-learn (pip install scikit-learn): {exc}")
+    target = load_digits().target
+    idx = list(range(len(target)))
+    tr, ev = train_test_split(idx, test_size=0.2, random_state=split_seed, stratify=target)
+    if val_fraction > 0:
+        tr, ev = train_test_split(tr, test_size=val_fraction, random_state=split_seed,
+                                  stratify=target[tr])
+    return tr, ev
+
+
+def load_data(split_seed: int, val_fraction: float = 0.0):
+    """The digits of split_indices() as float32 tensors (N, 1, 8, 8), standardised with the
+    training part's mean/std: (x_train, y_train, x_eval, y_eval)."""
+    from sklearn.datasets import load_digits
     digits = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(digits.images, digits.target, test_size=0.2,
-                                              random_state=seed, stratify=digits.target)
-    x_tr = torch.tensor(x_tr, dtype=torch.float32).unsqueeze(1)
-    x_te = torch.tensor(x_te, dtype=torch.float32).unsqueeze(1)
+    tr, ev = split_indices(split_seed, val_fraction)
+    x_tr = torch.tensor(digits.images[tr], dtype=torch.float32).unsqueeze(1)
+    x_ev = torch.tensor(digits.images[ev], dtype=torch.float32).unsqueeze(1)
     mean, std = x_tr.mean(), x_tr.std()
-    return ((x_tr - mean) / std, torch.tensor(y_tr, dtype=torch.long),
-            (x_te - mean) / std, torch.tensor(y_te, dtype=torch.long))
+    return ((x_tr - mean) / std, torch.tensor(digits.target[tr], dtype=torch.long),
+            (x_ev - mean) / std, torch.tensor(digits.target[ev], dtype=torch.long))
 
 
 class SmallCNN(nn.Module):
@@ -104,19 +161,21 @@ def warmup_cosine(opt, warmup_steps: int, total_steps: int):
 
 
 # -- training ------------------------------------------------------------------------------------
-def train(name: str, make_opt: Callable, data, args, steps_per_epoch: int,
+def train(name: str, make_opt: Callable, data, args, steps_per_epoch: int, seed: int,
           record_stats: bool = False, shadow: Optional[Callable] = None,
-          dtype: torch.dtype = torch.float32, quiet: bool = False, log=print) -> Dict:
-    """Train a fresh SmallCNN (same init and data order for every optimizer: both come from
-    args.seed). Returns the per-epoch curves, the final parameters and, with record_stats, the
-    per-step layer_stats() of the optimizer.
+          dtype: torch.dtype = torch.float32, quiet: bool = False, log=print,
+          bar: bool = True) -> Dict:
+    """Train a fresh SmallCNN from the training seed `seed` (initial weights: torch.manual_seed(seed);
+    batch order: a generator seeded with seed + 1; the same for every optimizer). Returns the
+    per-epoch curves (accuracy on data's evaluation set), the per-step lr, the final parameters
+    and, with record_stats, the per-step layer_stats() of the optimizer.
 
     shadow(params) -> optimizer: before every step, load this optimizer's state_dict into the
     shadow optimizer over copies of the parameters (same values, same gradients), step both and
     record the largest relative difference of the results: a one-step parity check at every point
     of the real training trajectory."""
     x_tr, y_tr, x_te, y_te = (t.to(dtype) if t.is_floating_point() else t for t in data)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = SmallCNN().to(dtype)
     names = [n for n, _ in model.named_parameters()]
     opt, sched = make_opt(model)
@@ -124,14 +183,14 @@ def train(name: str, make_opt: Callable, data, args, steps_per_epoch: int,
     if shadow is not None:
         shadow_params = [nn.Parameter(p.detach().clone()) for p in params]
         shadow_opt = shadow(shadow_params)
-    order = torch.Generator().manual_seed(args.seed + 1)
-    hist = {"name": name, "loss": [], "acc": [], "correct": [], "lr": [], "stats": [],
+    order = torch.Generator().manual_seed(seed + 1)
+    hist = {"name": name, "seed": seed, "loss": [], "acc": [], "correct": [], "lr": [], "stats": [],
             "shadow_rel": 0.0}
     n = len(x_tr)
-    bar = None
-    if tqdm is not None:
-        bar = tqdm(total=args.epochs, desc=f"{name:>14}", unit="ep", leave=False, file=sys.stderr,
-                   dynamic_ncols=True)
+    pbar = None
+    if tqdm is not None and bar:
+        pbar = tqdm(total=args.epochs, desc=f"{name:>14} s{seed}", unit="ep", leave=False,
+                    file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -166,15 +225,15 @@ def train(name: str, make_opt: Callable, data, args, steps_per_epoch: int,
         hist["loss"].append(loss_sum / n)
         hist["correct"].append(correct)
         hist["acc"].append(correct / len(y_te))
-        line = (f"{name:>14} epoch {epoch:3d}/{args.epochs}  train loss {hist['loss'][-1]:.4g}  "
-                f"test acc {hist['acc'][-1]:.4f}")
-        if bar is not None:
-            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", acc=f"{hist['acc'][-1]:.3f}")
-            bar.update(1)
+        line = (f"{name:>14} seed {seed} epoch {epoch:3d}/{args.epochs}  train loss "
+                f"{hist['loss'][-1]:.4g}  acc {hist['acc'][-1]:.4f}")
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", acc=f"{hist['acc'][-1]:.3f}")
+            pbar.update(1)
         if not quiet and (epoch % args.log_every == 0 or epoch == args.epochs):
             log(line)
-    if bar is not None:
-        bar.close()
+    if pbar is not None:
+        pbar.close()
     hist["seconds"] = time.perf_counter() - t0
     hist["n_test"], hist["steps"] = len(y_te), args.epochs * steps_per_epoch
     hist["params"] = [p.detach().clone() for p in params]
@@ -182,9 +241,10 @@ def train(name: str, make_opt: Callable, data, args, steps_per_epoch: int,
     if record_stats:
         hist["stats"] = torch.stack(hist["stats"])   # [steps, params, 4]
     backend = getattr(opt, "backends", None)   # the fused classes: which kernel ran the step
-    log(f"{name:>14} done in {hist['seconds']:.1f} s: final test acc {hist['acc'][-1]:.4f}, "
-        f"best {max(hist['acc']):.4f}, final train loss {hist['loss'][-1]:.4g}"
-        + (f" (fused backend: {', '.join(sorted(set(backend)))})" if backend else ""))
+    if not quiet:
+        log(f"{name:>14} seed {seed} done in {hist['seconds']:.1f} s: final acc {hist['acc'][-1]:.4f}, "
+            f"best {max(hist['acc']):.4f}, final train loss {hist['loss'][-1]:.4g}"
+            + (f" (fused backend: {', '.join(sorted(set(backend)))})" if backend else ""))
     return hist
 
 
@@ -231,9 +291,198 @@ def compare(fused: Dict, ref: Dict, shadow_rel: float) -> bool:
     return ok
 
 
+# -- the optimizers ------------------------------------------------------------------------------
+class Setup:
+    """Everything the runs share: the schedule lengths and each optimizer's base lr."""
+
+    def __init__(self, args, steps_per_epoch: int):
+        self.args = args
+        self.steps_per_epoch = steps_per_epoch
+        self.total = steps_per_epoch * args.epochs
+        self.warmup = max(1, round((args.warmup_epochs if args.warmup_epochs is not None
+                                    else args.epochs / 6) * steps_per_epoch))
+        self.lmbda = args.tv_lmbda if args.tv_lmbda is not None else 9.0 / self.total
+        self.delay = args.tv_delay if args.tv_delay is not None else self.total / 3.0
+        self.common = dict(momentum=0.9, weight_decay=args.weight_decay, eta=args.eta)
+        self.phi = [float(tvlars_fused.phi(s, self.lmbda, self.delay, 1.0, 0.0))
+                    for s in range(self.total)]
+
+    def base_lr(self, opt_name: str) -> float:
+        return self.args.lamb_lr if opt_name == "LAMB" else self.args.lr
+
+    def lr(self, opt_name: str, scale: float) -> float:
+        return self.base_lr(opt_name) * scale
+
+    def factory(self, opt_name: str, scale: float, tv_cls=None) -> Callable:
+        """make_opt(model) -> (optimizer, scheduler or None) for train()."""
+        lr = self.lr(opt_name, scale)
+        if opt_name == "WA-LARS":
+            def make(model):
+                opt = tvlars_fused.LARS(model.parameters(), lr=lr, **self.common)
+                return opt, warmup_cosine(opt, self.warmup, self.total)
+        elif opt_name == "TVLARS":
+            cls = tv_cls or tvlars_fused.TVLARS
+
+            def make(model):
+                return cls(model.parameters(), lr=lr, lmbda=self.lmbda, delay_steps=self.delay,
+                           **self.common), None
+        elif opt_name == "LAMB":
+            def make(model):
+                opt = make_lamb(model.parameters(), lr=lr, weight_decay=self.args.weight_decay)
+                return opt, warmup_cosine(opt, self.warmup, self.total)
+        else:  # pragma: no cover
+            raise ValueError(opt_name)
+        return make
+
+    def reference_tvlars(self, scale: float) -> Callable:
+        lr = self.lr("TVLARS", scale)
+        return lambda params: reference.TVLARS(params, lr=lr, lmbda=self.lmbda,
+                                               delay_steps=self.delay, **self.common)
+
+    def total_lr(self, hist: Dict) -> float:
+        """sum over steps of lr(t) * phi(t) (phi = 1 but for TVLARS), in units of the
+        optimizer's base lr: how much learning rate the run had in all."""
+        phi = self.phi if hist["name"].startswith("TVLARS") else [1.0] * len(hist["lr"])
+        return sum(lr * p for lr, p in zip(hist["lr"], phi)) / self.base_lr(hist["name"].split()[0])
+
+
+# -- statistics and tables -----------------------------------------------------------------------
+def mean_std(xs: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pm(xs: Sequence[float], digits: int = 2) -> str:
+    m, s = mean_std(xs)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Dict:
+    """Per-seed differences a - b (points): mean, sd, 95% t interval, higher / tied / lower."""
+    d = [x - y for x, y in zip(a, b)]
+    m, s = mean_std(d)
+    half = T95.get(len(d) - 1, 1.96) * s / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"diffs": d, "mean": m, "sd": s, "lo": m - half, "hi": m + half,
+            "higher": sum(x > 1e-9 for x in d), "tied": sum(abs(x) <= 1e-9 for x in d),
+            "lower": sum(x < -1e-9 for x in d)}
+
+
+def final_pct(h: Dict) -> float:
+    return 100.0 * h["acc"][-1]
+
+
+def early_pct(h: Dict, epoch: int) -> float:
+    return 100.0 * h["acc"][min(epoch, len(h["acc"])) - 1]
+
+
+def summary_tables(runs: Dict[str, List[Dict]], scales: Dict[str, float], setup: Setup,
+                   early_epoch: int) -> List[str]:
+    """The final table (Markdown lines): per optimizer, and the paired differences."""
+    args = setup.args
+    seeds = [h["seed"] for h in next(iter(runs.values()))]
+    n_test = next(iter(runs.values()))[0]["n_test"]
+    e = min(early_epoch, args.epochs)
+    out = [f"Test accuracy (%) over {len(seeds)} training seeds ({', '.join(map(str, seeds))}; "
+           f"the seed sets the initial weights and the batch order), split seed {args.split_seed} "
+           f"({n_test} test images: one image = {100 / n_test:.2f} points), batch "
+           f"{args.batch_size}, {args.epochs} epochs = {setup.total} steps; mean ± sample std:", "",
+           f"| optimizer | lr (scale × base) | final | min – max | epoch {e} | best epoch "
+           f"| total lr Σ lr(t)·φ(t) / base lr |",
+           "|---|---|---|---|---|---|---|"]
+    for name, hs in runs.items():
+        fin = [final_pct(h) for h in hs]
+        out.append(f"| {name} | {setup.lr(name, scales[name]):g} ({scales[name]:g} × "
+                   f"{setup.base_lr(name):g}) | {pm(fin)} | {min(fin):.2f} – {max(fin):.2f} | "
+                   f"{pm([early_pct(h, e) for h in hs], 1)} | "
+                   f"{pm([100 * max(h['acc']) for h in hs])} | {setup.total_lr(hs[0]):.1f} |")
+    pairs = [(a, b) for a, b in (("TVLARS", "WA-LARS"), ("TVLARS", "LAMB"), ("WA-LARS", "LAMB"))
+             if a in runs and b in runs]
+    if pairs:
+        out += ["", "Paired differences per training seed (points; same initial weights and batch "
+                "order for both):", "",
+                "| difference | " + " | ".join(f"s{s}" for s in seeds)
+                + " | mean ± std | 95% t interval | higher / tied / lower |",
+                "|---|" + "---|" * len(seeds) + "---|---|---|"]
+        picks = [("final", final_pct)]
+        if e < args.epochs:
+            picks.append((f"epoch {e}", lambda h: early_pct(h, e)))
+        for label, pick in picks:
+            for a, b in pairs:
+                p = paired([pick(h) for h in runs[a]], [pick(h) for h in runs[b]])
+                out.append(f"| {a} − {b}, {label} | " + " | ".join(f"{x:+.2f}" for x in p["diffs"])
+                           + f" | {p['mean']:+.2f} ± {p['sd']:.2f} | [{p['lo']:+.2f}, {p['hi']:+.2f}]"
+                           f" | {p['higher']} / {p['tied']} / {p['lower']} |")
+    return out
+
+
+def grid_table(val: Dict, test: Dict, chosen: Dict[str, float], setup: Setup,
+               early_epoch: int) -> List[str]:
+    """val/test: {(opt, scale): [hist per seed]} -> Markdown lines, one row per grid point."""
+    e = min(early_epoch, setup.args.epochs)
+    out = ["| optimizer | scale | lr | total lr / base | validation, final | test, final "
+           f"| test, epoch {e} |", "|---|---|---|---|---|---|---|"]
+    for (name, scale), hs in test.items():
+        mark = " **(chosen)**" if chosen.get(name) == scale else ""
+        out.append(f"| {name} | {scale:g}{mark} | {setup.lr(name, scale):g} | "
+                   f"{setup.total_lr(hs[0]):.1f} | {pm([final_pct(h) for h in val[(name, scale)]])} | "
+                   f"{pm([final_pct(h) for h in hs])} | {pm([early_pct(h, e) for h in hs], 1)} |")
+    return out
+
+
+def equal_total_lr_lines(test: Dict, setup: Setup) -> List[str]:
+    """TVLARS vs WA-LARS at (about) the same total learning rate, where the grid has such pairs
+    (TVLARS's phi(t) integrates to ~2/3 of WA-LARS's warm-up + cosine: scale 1.5 vs 1, 3 vs 2)."""
+    out = []
+    wa = {s: hs for (n, s), hs in test.items() if n == "WA-LARS"}
+    tv = {s: hs for (n, s), hs in test.items() if n == "TVLARS"}
+    for s_wa, h_wa in wa.items():
+        tot_wa = setup.total_lr(h_wa[0])
+        best = min(tv, key=lambda s: abs(setup.total_lr(tv[s][0]) - tot_wa), default=None)
+        if best is None or abs(setup.total_lr(tv[best][0]) - tot_wa) > 0.05 * tot_wa:
+            continue
+        p = paired([final_pct(h) for h in tv[best]], [final_pct(h) for h in h_wa])
+        out.append(f"| TVLARS ×{best:g} ({setup.total_lr(tv[best][0]):.1f}) − WA-LARS ×{s_wa:g} "
+                   f"({tot_wa:.1f}) | {pm([final_pct(h) for h in tv[best]])} | "
+                   f"{pm([final_pct(h) for h in h_wa])} | {p['mean']:+.2f} ± {p['sd']:.2f} "
+                   f"[{p['lo']:+.2f}, {p['hi']:+.2f}] | {p['higher']} / {p['tied']} / {p['lower']} |")
+    if out:
+        out = ["| at equal total lr (total lr / base) | TVLARS test | WA-LARS test | paired "
+               "difference, mean ± std [95% t] | higher / tied / lower |",
+               "|---|---|---|---|---|"] + out
+    return out
+
+
+def write_csv(path: str, rows: List[Dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def csv_rows(phase: str, runs: Dict[Tuple[str, float], List[Dict]], setup: Setup,
+             eval_set: str, early_epoch: int) -> List[Dict]:
+    rows = []
+    for (name, scale), hs in runs.items():
+        for h in hs:
+            rows.append({"phase": phase, "optimizer": name, "scale": scale,
+                         "lr": setup.lr(name, scale), "seed": h["seed"],
+                         "split_seed": setup.args.split_seed, "eval_set": eval_set,
+                         "n_eval": h["n_test"], "epochs": setup.args.epochs,
+                         "batch_size": setup.args.batch_size,
+                         "final_acc": round(final_pct(h), 4),
+                         f"acc_epoch{min(early_epoch, setup.args.epochs)}":
+                             round(early_pct(h, early_epoch), 4),
+                         "best_acc": round(100 * max(h["acc"]), 4),
+                         "final_train_loss": h["loss"][-1],
+                         "total_lr_over_base": round(setup.total_lr(h), 3)})
+    return rows
+
+
 # -- figure --------------------------------------------------------------------------------------
-def plot(runs: List[Dict], tv: Dict, tv_phi: List[float], lars_lr_mult: List[float],
-         steps_per_epoch: int, args, out: str) -> Optional[str]:
+def plot(runs: Dict[str, List[Dict]], tv: Dict, tv_phi: List[float], lars_lr_mult: List[float],
+         setup: Setup, out: str) -> Optional[str]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -241,20 +490,38 @@ def plot(runs: List[Dict], tv: Dict, tv_phi: List[float], lars_lr_mult: List[flo
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no figure written")
         return None
+    args = setup.args
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.2))
     colors = {"WA-LARS": "tab:blue", "TVLARS": "tab:red", "LAMB": "tab:green"}
-    epochs = range(1, args.epochs + 1)
+    epochs = list(range(1, args.epochs + 1))
+    n_seeds = len(next(iter(runs.values())))
+
+    def band(ax, name, key, scale=1.0, label=None, log=False):
+        """mean +- std over the seeds (log: geometric mean x/÷ geometric std)"""
+        ys = torch.tensor([h[key] for h in runs[name]], dtype=torch.float64) * scale
+        if log:
+            ys = ys.clamp_min(1e-30).log()
+        m = ys.mean(0)
+        s = ys.std(0) if len(ys) > 1 else torch.zeros_like(m)
+        lo, mid, hi = m - s, m, m + s
+        if log:
+            lo, mid, hi = lo.exp(), mid.exp(), hi.exp()
+        ax.plot(epochs, mid.numpy(), color=colors.get(name), label=label or name)
+        ax.fill_between(epochs, lo.numpy(), hi.numpy(), color=colors.get(name), alpha=0.2, lw=0)
+
     ax = axes[0, 0]
-    for r in runs:
-        ax.plot(epochs, [100 * a for a in r["acc"]], label=f"{r['name']} ({100 * r['acc'][-1]:.1f}%)",
-                color=colors.get(r["name"]))
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    for name, hs in runs.items():
+        band(ax, name, "acc", 100.0,
+             f"{name} ({pm([final_pct(h) for h in hs], 1)}%)")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title=f"Test accuracy, mean ± std over {n_seeds} seeds")
     ax.set_ylim(0, 100)
     ax.legend(loc="lower right", fontsize=8)
     ax = axes[0, 1]
-    for r in runs:
-        ax.plot(epochs, r["loss"], label=r["name"], color=colors.get(r["name"]))
-    ax.set(xlabel="epoch", ylabel="train loss", title="Train loss (cross-entropy)", yscale="log")
+    for name in runs:
+        band(ax, name, "loss", log=True)
+    ax.set(xlabel="epoch", ylabel="train loss", title="Train loss (geometric mean x/÷ std)",
+           yscale="log")
     ax.legend(fontsize=8)
     ax = axes[0, 2]
     steps = range(len(tv_phi))
@@ -265,7 +532,7 @@ def plot(runs: List[Dict], tv: Dict, tv_phi: List[float], lars_lr_mult: List[flo
     ax.legend(fontsize=8)
 
     # Figure-3 view: per layer (weight tensors; biases left out for readability), from TVLARS's
-    # layer_stats() after every step.
+    # layer_stats() after every step of the first seed.
     stats = tv["stats"]                       # [steps, params, 4]
     t = range(stats.shape[0])
     layer_idx = [i for i, k in enumerate(tv["param_names"]) if k.endswith("weight")]
@@ -276,15 +543,17 @@ def plot(runs: List[Dict], tv: Dict, tv_phi: List[float], lars_lr_mult: List[flo
         for i in layer_idx:
             ax.plot(t, stats[:, i, col].numpy(), label=tv["param_names"][i].replace(".weight", ""),
                     lw=1.2)
-        ax.set(xlabel="step t", ylabel=ylabel, title=title + " (weight tensors)", yscale=yscale)
+        ax.set(xlabel="step t", ylabel=ylabel, title=title + f" (weights, seed {tv['seed']})",
+               yscale=yscale)
         ax.legend(fontsize=8)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         for spine in ("top", "right"):
             ax.spines[spine].set_visible(False)
         ax.title.set_fontsize(10)
-    fig.suptitle(f"SmallCNN on sklearn digits, batch {args.batch_size} ({steps_per_epoch} steps/epoch), "
-                 f"{args.epochs} epochs, seed {args.seed}", fontsize=11)
+    fig.suptitle(f"SmallCNN on sklearn digits, batch {args.batch_size} ({setup.steps_per_epoch} "
+                 f"steps/epoch), {args.epochs} epochs, {n_seeds} training seeds, split seed "
+                 f"{args.split_seed}", fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:   # a palette PNG: about 3x smaller than matplotlib's RGBA one, same look
@@ -302,108 +571,208 @@ def plot(runs: List[Dict], tv: Dict, tv_phi: List[float], lars_lr_mult: List[flo
 
 
 # -- main ----------------------------------------------------------------------------------------
+def run_grid(setup: Setup, names: List[str], data_val, data_test, log) -> Tuple[Dict, Dict, Dict]:
+    """Every (optimizer, scale, seed): a validation run and a test run. Returns (val, test, chosen
+    scale per optimizer: best mean validation accuracy; ties go to the smaller scale)."""
+    args = setup.args
+    steps_val = math.ceil(len(data_val[0]) / args.batch_size)
+    setup_val = Setup(args, steps_val)
+    if setup_val.total != setup.total:
+        raise SystemExit(f"the validation split changes the steps per epoch ({steps_val} vs "
+                         f"{setup.steps_per_epoch}): pick another --val-fraction")
+    val: Dict = {}
+    test: Dict = {}
+    n_runs = 2 * len(names) * len(args.grid_scales) * len(args.seeds)
+    t0 = time.perf_counter()
+    done = 0
+    for name in names:
+        for scale in args.grid_scales:
+            for phase, store, data in (("val", val, data_val), ("test", test, data_test)):
+                store[(name, scale)] = [
+                    train(name, setup.factory(name, scale), data, args, setup.steps_per_epoch,
+                          seed, quiet=True, bar=False, log=log) for seed in args.seeds]
+                done += len(args.seeds)
+            log(f"grid: {name} x{scale:g} (lr {setup.lr(name, scale):g}): validation "
+                f"{pm([final_pct(h) for h in val[(name, scale)]])}%, test "
+                f"{pm([final_pct(h) for h in test[(name, scale)]])}% over {len(args.seeds)} seeds "
+                f"[{done}/{n_runs} runs, {time.perf_counter() - t0:.0f} s]")
+    chosen = {}
+    for name in names:
+        means = [(statistics.fmean(final_pct(h) for h in val[(name, s)]), -s) for s in args.grid_scales]
+        chosen[name] = -max(means)[1]
+    return val, test, chosen
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=None, help="default 60 (4 with --quick)")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--out", default=os.path.join("examples", "large_batch_digits.png"),
-                    help="PNG path")
-    ap.add_argument("--quick", action="store_true", help="a very short run (for tests)")
-    ap.add_argument("--seed", type=int, default=0)
+                    help="PNG path; the tables go next to it (.md, .csv; _grid.md, _grid.csv)")
+    ap.add_argument("--quick", action="store_true", help="2 seeds x 4 epochs (for tests)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="training seeds (default 0..9; 0 1 with --quick)")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="seed of the train/test (and validation) split, fixed across training seeds")
     ap.add_argument("--lr", type=float, default=5.0, help="LARS/TVLARS base lr (eta=1e-3)")
+    ap.add_argument("--lamb-lr", type=float, default=2e-2, help="LAMB base lr")
+    ap.add_argument("--scales", type=float, nargs=3, metavar=("WA_LARS", "TVLARS", "LAMB"),
+                    default=None, help="lr scale of each optimizer without --grid (default: the "
+                    "scales the recorded --grid run chose: "
+                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_SCALES.items()) + ")")
+    ap.add_argument("--grid", action="store_true",
+                    help="tune each optimizer's lr scale over --grid-scales on a validation split")
+    ap.add_argument("--grid-scales", type=float, nargs="+", default=list(GRID_SCALES))
+    ap.add_argument("--val-fraction", type=float, default=0.2,
+                    help="--grid: validation share of the training split")
+    ap.add_argument("--early-epoch", type=int, default=10, help="the early accuracy reported")
     ap.add_argument("--eta", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
-    ap.add_argument("--lamb-lr", type=float, default=2e-2)
     ap.add_argument("--warmup-epochs", type=float, default=None,
                     help="WA-LARS/LAMB warm-up (default: 1/6 of the run)")
     ap.add_argument("--tv-lmbda", type=float, default=None,
                     help="TVLARS lmbda (default: 9/total_steps, phi at the end ~ 0.0025)")
     ap.add_argument("--tv-delay", type=float, default=None,
                     help="TVLARS delay_steps (default: total_steps/3, where phi = 1/2)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the fused-vs-reference check runs")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: tiny model, and fastest on a shared machine)")
     ap.add_argument("--log-every", type=int, default=None,
-                    help="print a line every N epochs (default: ~10 lines per run)")
+                    help="print a line every N epochs of each run (default: only the last)")
     args = ap.parse_args(argv)
     if args.epochs is None:
         args.epochs = 4 if args.quick else 60
+    if args.seeds is None:
+        args.seeds = [0, 1] if args.quick else list(DEFAULT_SEEDS)
     if args.log_every is None:
-        args.log_every = max(1, args.epochs // 10)
+        args.log_every = args.epochs
+    scales = dict(DEFAULT_SCALES) if args.scales is None else dict(zip(OPTIMIZERS, args.scales))
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
-    data = load_data(args.seed)
+    data = load_data(args.split_seed)
     n_train = len(data[0])
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    warmup = max(1, round((args.warmup_epochs if args.warmup_epochs is not None
-                           else args.epochs / 6) * steps_per_epoch))
-    lmbda = args.tv_lmbda if args.tv_lmbda is not None else 9.0 / total
-    delay = args.tv_delay if args.tv_delay is not None else total / 3.0
-    print(f"digits: {n_train} train / {len(data[2])} test images, batch {args.batch_size} "
-          f"-> {steps_per_epoch} steps/epoch, {args.epochs} epochs = {total} steps; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"WA-LARS: lr {args.lr:g}, eta {args.eta:g}, wd {args.weight_decay:g}, warm-up {warmup} "
-          f"steps + cosine | TVLARS: lr {args.lr:g}, lmbda {lmbda:.4g}, delay_steps {delay:.4g} "
-          f"(phi(0) = {tvlars_fused.phi(0, lmbda, delay, 1.0, 0.0):.3f}), no warm-up | "
-          f"LAMB: lr {args.lamb_lr:g}, same schedule as WA-LARS")
-
-    common = dict(momentum=0.9, weight_decay=args.weight_decay, eta=args.eta)
-
-    def make_lars(model):
-        opt = tvlars_fused.LARS(model.parameters(), lr=args.lr, **common)
-        return opt, warmup_cosine(opt, warmup, total)
-
-    def make_tvlars(cls):
-        def make(model):
-            return cls(model.parameters(), lr=args.lr, lmbda=lmbda, delay_steps=delay,
-                       **common), None
-        return make
-
-    def make_lamb(model):
-        opt = pytorch_optimizer.Lamb(model.parameters(), lr=args.lamb_lr,
-                                     weight_decay=args.weight_decay)
-        return opt, warmup_cosine(opt, warmup, total)
+    setup = Setup(args, math.ceil(n_train / args.batch_size))
+    lamb = lamb_source()
+    names = [n for n in OPTIMIZERS if n != "LAMB" or lamb is not None]
 
     def log(msg):
         (tqdm.write if tqdm is not None else print)(msg)
 
-    def make_reference(params):
-        return reference.TVLARS(params, lr=args.lr, lmbda=lmbda, delay_steps=delay, **common)
+    versions, warnings = version_report(["torch", "scikit-learn", "numpy", "pytorch-optimizer"])
+    print(f"digits: {n_train} train / {len(data[2])} test images (split seed {args.split_seed}), "
+          f"batch {args.batch_size} -> {setup.steps_per_epoch} steps/epoch, {args.epochs} epochs = "
+          f"{setup.total} steps; training seeds {args.seeds}; {torch.get_num_threads()} thread(s)")
+    print(f"versions: {versions}, tvlars_fused {getattr(tvlars_fused, '__version__', '?')}; "
+          f"LAMB: {lamb or 'not installed (skipped: pip install -r examples/requirements.txt)'}")
+    for w in warnings + [lamb_warning()]:
+        if w:
+            print(w)
+    print(f"WA-LARS: base lr {args.lr:g}, eta {args.eta:g}, wd {args.weight_decay:g}, warm-up "
+          f"{setup.warmup} steps + cosine | TVLARS: base lr {args.lr:g}, lmbda {setup.lmbda:.4g}, "
+          f"delay_steps {setup.delay:.4g} (phi(0) = {setup.phi[0]:.3f}), no warm-up | LAMB: base lr "
+          f"{args.lamb_lr:g}, same schedule as WA-LARS")
 
-    runs = [train("WA-LARS", make_lars, data, args, steps_per_epoch, log=log),
-            train("TVLARS", make_tvlars(tvlars_fused.TVLARS), data, args, steps_per_epoch,
-                  record_stats=True, shadow=make_reference, log=log)]
-    try:
-        import pytorch_optimizer
-    except ImportError:
-        print("LAMB skipped: pytorch-optimizer is not installed (pip install pytorch-optimizer)")
-    else:
-        runs.append(train("LAMB", make_lamb, data, args, steps_per_epoch, log=log))
-    print("fused vs reference TVLARS: the same TVLARS run with the eager reference optimizer "
-          "(same seed and data order), in float32 and in float64 (fused and reference)")
-    ref32 = train("TVLARS ref", make_tvlars(reference.TVLARS), data, args, steps_per_epoch,
-                  quiet=True, log=log)
-    check = [train(name, make_tvlars(cls), data, args, steps_per_epoch, dtype=torch.float64,
-                   quiet=True, log=log)
-             for name, cls in (("TVLARS f64", tvlars_fused.TVLARS),
-                               ("TVLARS ref f64", reference.TVLARS))]
+    grid_md: List[str] = []
+    grid_rows: List[Dict] = []
+    grid_test = None
+    if args.grid:
+        data_val = load_data(args.split_seed, args.val_fraction)
+        print(f"lr grid: scales {args.grid_scales} of each base lr, {len(args.seeds)} seeds; "
+              f"selection on a stratified {100 * args.val_fraction:g}% validation split of the "
+              f"training set ({len(data_val[0])} train / {len(data_val[2])} validation), report on "
+              f"the test set")
+        val, grid_test, scales = run_grid(setup, names, data_val, data, log)
+        gt = grid_table(val, grid_test, scales, setup, args.early_epoch)
+        eq = equal_total_lr_lines(grid_test, setup)
+        print("\n" + "\n".join(gt) + ("\n\n" + "\n".join(eq) if eq else "") + "\n")
+        print("chosen scales (best mean validation accuracy): "
+              + ", ".join(f"{n} {scales[n]:g} (lr {setup.lr(n, scales[n]):g})" for n in names))
+        on_test = {n: max(args.grid_scales, key=lambda s: (statistics.fmean(
+            final_pct(h) for h in grid_test[(n, s)]), -s)) for n in names}
+        best_test = ("had the scales been picked on the test set instead (optimistic): " + ", ".join(
+            f"{n} x{on_test[n]:g} {pm([final_pct(h) for h in grid_test[(n, on_test[n])]])}%"
+            for n in names))
+        print(best_test)
+        gt += ["", best_test[0].upper() + best_test[1:] + "."]
+        grid_md += [f"## large_batch_digits.py --grid: lr scales {args.grid_scales}, "
+                    f"{len(args.seeds)} seeds, {args.epochs} epochs, batch {args.batch_size}", "",
+                    f"versions: {versions}; LAMB: {lamb}", "",
+                    f"Selection on a stratified {100 * args.val_fraction:g}% validation split of the "
+                    f"training set, report on the test set; mean ± sample std over seeds "
+                    f"{', '.join(map(str, args.seeds))}:", "", *gt, ""] + ([*eq, ""] if eq else [])
+        grid_rows += csv_rows("grid", val, setup, "validation", args.early_epoch)
+        grid_rows += csv_rows("grid", grid_test, setup, "test", args.early_epoch)
 
-    print("\nfinal test accuracy: " + ", ".join(f"{r['name']} {100 * r['acc'][-1]:.2f}%"
-                                              for r in runs)
-          + " | best: " + ", ".join(f"{r['name']} {100 * max(r['acc']):.2f}%" for r in runs))
-    report_float32(runs[1], ref32)
-    ok = compare(check[0], check[1], runs[1]["shadow_rel"])
+    # the final runs: each optimizer at its scale, every seed; the first seed's TVLARS run records
+    # layer_stats() for the figure and is checked step by step against the reference
+    print(f"final runs: " + ", ".join(f"{n} lr {setup.lr(n, scales[n]):g} (x{scales[n]:g})"
+                                      for n in names) + f", {len(args.seeds)} seeds")
+    check = not args.no_check
+    runs: Dict[str, List[Dict]] = {n: [] for n in names}
+    for i, seed in enumerate(args.seeds):
+        for name in names:
+            first_tv = i == 0 and name == "TVLARS"
+            runs[name].append(train(
+                name, setup.factory(name, scales[name]), data, args, setup.steps_per_epoch, seed,
+                record_stats=first_tv,
+                shadow=setup.reference_tvlars(scales[name]) if first_tv and check else None,
+                log=log))
+    if grid_test is not None:   # the same runs as the grid's test runs: deterministic, so equal
+        for name in names:
+            same = ([h["correct"] for h in runs[name]]
+                    == [h["correct"] for h in grid_test[(name, scales[name])]])
+            print(f"{name}: final runs {'identical to' if same else 'DIFFER from'} the grid's test "
+                  f"runs at scale {scales[name]:g}")
 
-    tv_phi = [float(tvlars_fused.phi(s, lmbda, delay, 1.0, 0.0)) for s in range(total)]
-    lars_mult = [lr / args.lr for lr in runs[0]["lr"]]
-    # the phi the kernels used must be the schedule's
-    assert torch.allclose(runs[1]["stats"][:, 0, 3], torch.tensor(tv_phi), rtol=1e-6), "phi mismatch"
-    out = plot(runs, runs[1], tv_phi, lars_mult, steps_per_epoch, args, args.out)
+    tables = summary_tables(runs, scales, setup, args.early_epoch)
+    print("\n" + "\n".join(tables) + "\n")
+    print(f"final test accuracy (mean over {len(args.seeds)} seeds): "
+          + ", ".join(f"{n} {statistics.fmean(final_pct(h) for h in runs[n]):.2f}%" for n in names)
+          + f" | epoch {min(args.early_epoch, args.epochs)}: "
+          + ", ".join(f"{n} {statistics.fmean(early_pct(h, args.early_epoch) for h in runs[n]):.2f}%"
+                      for n in names))
+    md = [f"## large_batch_digits.py: {len(args.seeds)} seeds, {args.epochs} epochs, batch "
+          f"{args.batch_size}", "", f"versions: {versions}; LAMB: {lamb}", "", *tables, ""]
+    rows = csv_rows("final", {(n, scales[n]): runs[n] for n in names}, setup, "test",
+                    args.early_epoch)
+
+    ok = True
+    tv0 = runs["TVLARS"][0]
+    if check:
+        print("fused vs reference TVLARS: the same TVLARS run (first seed) with the eager reference "
+              "optimizer (same seed and data order), in float32 and in float64 (fused and reference)")
+        seed0 = args.seeds[0]
+        ref32 = train("TVLARS ref", setup.factory("TVLARS", scales["TVLARS"], reference.TVLARS),
+                      data, args, setup.steps_per_epoch, seed0, quiet=True, log=log)
+        f64 = [train(name, setup.factory("TVLARS", scales["TVLARS"], cls), data, args,
+                     setup.steps_per_epoch, seed0, dtype=torch.float64, quiet=True, log=log)
+               for name, cls in (("TVLARS f64", tvlars_fused.TVLARS),
+                                 ("TVLARS ref f64", reference.TVLARS))]
+        report_float32(tv0, ref32)
+        ok = compare(f64[0], f64[1], tv0["shadow_rel"])
+        # the phi the kernels used must be the schedule's
+        assert torch.allclose(tv0["stats"][:, 0, 3], torch.tensor(setup.phi), rtol=1e-6), \
+            "phi mismatch"
+
+    wa_lr = setup.lr("WA-LARS", scales["WA-LARS"])
+    lars_mult = [lr / wa_lr for lr in runs["WA-LARS"][0]["lr"]]
+    out = plot(runs, tv0, setup.phi, lars_mult, setup, args.out)
     if out:
         print(f"wrote {out}")
+    stem = os.path.splitext(args.out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    write_csv(stem + ".csv", rows)
+    print(f"wrote {stem}.md, {stem}.csv")
+    if grid_md:
+        with open(stem + "_grid.md", "w") as f:
+            f.write("\n".join(grid_md) + "\n")
+        write_csv(stem + "_grid.csv", grid_rows)
+        print(f"wrote {stem}_grid.md, {stem}_grid.csv")
     return 0 if ok else 1
 
 
