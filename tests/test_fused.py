@@ -495,3 +495,35 @@ def test_fast_path_engages_and_notices_every_change(backend, monkeypatch):
         step()
     slow.clear()
     assert step() == 0, "back to the fast path"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_stays_zero_after_a_non_finite_step(backend):
+    """The flat buffers' padding is zero and never written (docs/SPEC.md), even when a step goes
+    non-finite (an overflowed weight: ||w||^2 = inf, q = inf). Once the weights are restored, the
+    layer's norms are those of its weights again (a NaN padding would have made them NaN and q 1)."""
+    shapes = [(7,), (3, 5), (40,)]
+    ps = [torch.nn.Parameter(x.float()) for x in make_init(shapes)]
+    good = [p.detach().clone() for p in ps]
+    opt = tvlars_fused.TVLARS(ps, backend=backend, **HYPER)
+    b = opt._buckets[0]
+    seg = b.seg_table.tolist()
+
+    def padding():
+        return torch.cat([torch.cat([b.grad_buf[o + n:e], b.state_buf[o + n:e]]) for o, e, n, *_ in seg])
+
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with torch.no_grad():
+        ps[0][0] = 3e38                      # its square overflows float32
+    opt.step()
+    assert not torch.isfinite(ps[0]).all() and torch.equal(padding(), torch.zeros_like(padding()))
+    with torch.no_grad():                    # restored in place; the broken state reset
+        for p, g in zip(ps, good):
+            p.copy_(g)
+    for p in ps:
+        del opt.state[p]
+    opt.step()
+    assert torch.equal(padding(), torch.zeros_like(padding()))
+    wn = float(opt.layer_stats()[ps[0]][0])
+    assert wn == pytest.approx(float(good[0].double().norm()), rel=1e-6), wn

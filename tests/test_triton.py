@@ -595,3 +595,50 @@ def test_aot_compile_sm80_sm90():
 @pytest.mark.slow
 def test_aot_compile_all_variants():
     _aot(["f32", "bf16", "f16", "f64"], [90, 80], [True, False], [False, True])
+
+
+# -- GPU-only failure modes, checked wherever the kernels run ------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segment_counters_heal(device, monkeypatch):
+    """A segment counter left non-zero (a launch interrupted, two streams stepping one optimizer)
+    costs that segment at most one step's stats: pass 2 zeroes the counters again, so the next step
+    reduces every segment (stats = the norms of the weights it saw)."""
+    monkeypatch.setattr(triton_lars, "CHUNK_ELEMS", 64)
+    shapes = [(300,), (5, 7), (130,)]
+    ps = [torch.nn.Parameter(x.float().to(device)) for x in make_init(shapes)]
+    opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
+    b = opt._buckets[0]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    b.counters[0] = 3          # as if an earlier launch of segment 0 had been cut short
+    opt.step()
+    assert int(b.counters.abs().sum()) == 0, "pass 2 puts every counter back to zero"
+    w = [p.detach().double().cpu().clone() for p in ps]
+    opt.step()
+    for p, w0 in zip(ps, w):
+        assert float(opt.layer_stats()[p][0]) == pytest.approx(float(w0.norm()), rel=1e-6)
+
+
+def test_launch_guard_picks_the_bucket_device(monkeypatch):
+    """Triton launches on the current CUDA device: a bucket on another GPU gets a device guard;
+    the current device and CPU (interpreter) buckets get none."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: seen.append(d) or "guard")
+    assert triton_lars._on_device(torch.device("cuda", 1)) == "guard" and seen == [torch.device("cuda", 1)]
+    assert triton_lars._on_device(torch.device("cuda", 0)) is triton_lars._NO_GUARD
+    assert triton_lars._on_device(torch.device("cpu")) is triton_lars._NO_GUARD
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_bucket_on_the_second_gpu_while_the_first_is_current():
+    """Parameters on cuda:1 stepped while cuda:0 is current: the kernels run on cuda:1 (without the
+    guard Triton raises "Pointer argument cannot be accessed" or runs unordered on GPU 0)."""
+    init = make_init(SHAPES[:4])
+    with torch.cuda.device(0):
+        ps, _ = train(lambda p: tvlars_fused.TVLARS(p, backend="triton", **HYPER), init, torch.float64, 3,
+                      device="cuda:1")
+    ref, _ = train(lambda p: reference.TVLARS(p, **HYPER), init, torch.float64, 3)
+    assert max_err(ps, ref) < 1e-12
