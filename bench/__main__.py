@@ -72,7 +72,10 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the (checked) first step")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
-    ap.add_argument("--out", help="output name under bench/results/ (default: by device and mode)")
+    ap.add_argument("--out", help="output name under the results directory (default: by device and mode)")
+    ap.add_argument("--results-dir", default=RESULTS_DIR,
+                    help="where the csv/md/png go (default bench/results); the csv is rewritten after every "
+                         "configuration, so a run cut short keeps what it measured")
     ap.add_argument("--cold-compile", action="store_true",
                     help="compile with a fresh Inductor cache (default with --full, so compile times are cold)")
     ap.add_argument("--warm-compile", action="store_true",
@@ -660,8 +663,8 @@ def main(argv=None) -> int:
         dev_name = f"{cpu_model()} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
         dev_slug = "cpu-" + slug(cpu_model())
     out_name = args.out or (dev_slug + {"full": "", "quick": "-quick", "custom": "-custom"}[mode])
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    base = os.path.join(RESULTS_DIR, out_name)
+    os.makedirs(args.results_dir, exist_ok=True)
+    base = os.path.join(args.results_dir, out_name)
     budget = args.time if args.time is not None else (15.0 if mode == "full" else 6.0)
     min_steps = args.min_steps or (10 if mode == "full" else 5)
     timer = Timer(torch, device)
