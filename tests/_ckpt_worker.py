@@ -1,15 +1,18 @@
 """The fresh-process half of the checkpoint test in tests/test_reliability.py, and the model, data
 and optimizer that both halves build from the same seeds.
 
-    python tests/_ckpt_worker.py CKPT_DIR START STOP BACKEND [BACKEND ...]
+    python tests/_ckpt_worker.py CKPT_DIR START STOP CASE [CASE ...]
 
-For each backend: build the model and optimizer exactly as the test does, load
-CKPT_DIR/ckpt_<backend>.pt (model, optimizer and LR-scheduler state_dicts saved after START steps),
-train steps START..STOP-1 and save the result to CKPT_DIR/resumed_<backend>.pt. The test compares it
+CASE is a case id of tests/backend_cases.py: a backend on the CPU ("torch", "cpu", "triton",
+"reference") or on a CUDA device ("cuda-triton", "cuda-cuda", "cuda-torch", "cuda-reference").
+For each case: build the model (on the case's device) and optimizer exactly as the test does, load
+CKPT_DIR/ckpt_<case>.pt (model, optimizer and LR-scheduler state_dicts saved after START steps),
+train steps START..STOP-1 and save the result to CKPT_DIR/resumed_<case>.pt. The test compares it
 bit for bit with the run that was never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -26,8 +29,25 @@ if ROOT not in sys.path:
 import tvlars_fused  # noqa: E402
 from tvlars_fused import reference  # noqa: E402
 
+from backend_cases import BackendCase  # noqa: E402  (this file's folder is on sys.path)
+
 HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
 THREADS = 1   # both processes use the same intra-op thread count (bitwise-identical forward/backward)
+
+
+@contextlib.contextmanager
+def same_bits():
+    """What both processes run under, so that forward and backward give the same bits in each:
+    THREADS intra-op threads and, on a GPU, deterministic cuDNN convolutions (cuDNN's default
+    backward algorithms may accumulate with atomics)."""
+    n, det, bench = torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.set_num_threads(THREADS)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
 
 
 class Net(torch.nn.Module):
@@ -41,9 +61,10 @@ class Net(torch.nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
-def make_model(seed: int = 0) -> Net:
+def make_model(seed: int = 0, device="cpu") -> Net:
+    """Initialised on the CPU (the same numbers on every device), then moved to `device`."""
     torch.manual_seed(seed)
-    return Net()
+    return Net().to(device)
 
 
 def make_optimizer(model: torch.nn.Module, backend: str):
@@ -62,14 +83,17 @@ def make_optimizer(model: torch.nn.Module, backend: str):
     return opt, sched
 
 
-def batch(step: int):
+def batch(step: int, device="cpu"):
+    """Drawn on the CPU from a CPU generator, then moved to `device`."""
     g = torch.Generator().manual_seed(10_000 + step)
-    return torch.randn(6, 3, 6, 6, generator=g), torch.randn(6, 5, generator=g)
+    x, y = torch.randn(6, 3, 6, 6, generator=g), torch.randn(6, 5, generator=g)
+    return x.to(device), y.to(device)
 
 
 def train(model, opt, sched, start: int, stop: int) -> None:
+    device = next(model.parameters()).device
     for step in range(start, stop):
-        x, y = batch(step)
+        x, y = batch(step, device)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -89,22 +113,23 @@ def result(model, opt) -> dict:
             "lrs": [g["lr"] for g in opt.param_groups]}
 
 
-def resume(ckpt_dir: str, backend: str, start: int, stop: int) -> None:
-    model = make_model()
-    opt, sched = make_optimizer(model, backend)
-    ck = torch.load(os.path.join(ckpt_dir, f"ckpt_{backend}.pt"), weights_only=True)
+def resume(ckpt_dir: str, case_id: str, start: int, stop: int) -> None:
+    case = BackendCase.from_id(case_id)
+    model = make_model(device=case.device)
+    opt, sched = make_optimizer(model, case.backend)
+    ck = torch.load(os.path.join(ckpt_dir, f"ckpt_{case_id}.pt"), weights_only=True)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
     train(model, opt, sched, start, stop)
-    torch.save(result(model, opt), os.path.join(ckpt_dir, f"resumed_{backend}.pt"))
+    torch.save(result(model, opt), os.path.join(ckpt_dir, f"resumed_{case_id}.pt"))
 
 
 def main(argv) -> None:
-    ckpt_dir, start, stop, backends = argv[0], int(argv[1]), int(argv[2]), argv[3:]
-    torch.set_num_threads(THREADS)
-    for backend in backends:
-        resume(ckpt_dir, backend, start, stop)
+    ckpt_dir, start, stop, case_ids = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    with same_bits():
+        for case_id in case_ids:
+            resume(ckpt_dir, case_id, start, stop)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Drop-in behaviour: GradScaler, LR schedulers (incl. a tensor lr), diagnostics, the schedule CLI."""
+"""Drop-in behaviour: GradScaler, LR schedulers (incl. a tensor lr), diagnostics, the schedule CLI.
+
+Every test that runs a fused optimizer runs on each (device, backend) case of
+tests/backend_cases.py: the CPU backends (ids [torch], [cpu], [triton]) and, on a CUDA machine,
+the CUDA ones ([cuda-triton], [cuda-cuda], [cuda-torch]); the eager reference runs on the case's
+device. Not parametrized over the cases:
+- test_schedule_cli_plots_png: runs no optimizer (it plots phi(t) in a subprocess).
+"""
 import copy
 import subprocess
 import sys
@@ -9,40 +16,37 @@ import torch
 import tvlars_fused
 from tvlars_fused import reference
 from tvlars_fused.diagnostics import layer_stats_dict
-from tvlars_fused.kernels import available_backends
 
+from backend_cases import CASES, params
 from parity import max_err
 
-
-def _backends():
-    return available_backends("cpu", ("torch", "cpu", "triton"))
-
-
-BACKENDS = _backends()
+BACKENDS = params(CASES)
 HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
 
 
-def _net(seed=0, dtype=torch.float64):
+def _net(seed=0, dtype=torch.float64, device="cpu"):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(device, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scaler_forced_overflow(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_grad_scaler_forced_overflow(case):
     """The fused protocol: GradScaler hands grad_scale/found_inf to step(); a forced overflow skips
     the step on the device (t included) and lowers the scale; later steps match the reference run
     (which GradScaler unscales and skips the classic way)."""
-    m_ref = _net()
+    dev = case.device
+    m_ref = _net(device=dev)
     m = copy.deepcopy(m_ref)
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=case.backend, **HYPER)
     o_ref = reference.TVLARS(m_ref.parameters(), **HYPER)
     assert opt._step_supports_amp_scaling and not getattr(o_ref, "_step_supports_amp_scaling", False)
-    s_f = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    s_r = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    amp_device = torch.device(dev).type
+    s_f = torch.amp.GradScaler(amp_device, init_scale=1024.0, growth_interval=2)
+    s_r = torch.amp.GradScaler(amp_device, init_scale=1024.0, growth_interval=2)
     g = torch.Generator().manual_seed(0)
     seen = []
     for step in range(7):
-        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64).to(dev)
         for model, o, s in ((m, opt, s_f), (m_ref, o_ref, s_r)):
             o.zero_grad()
             s.scale(model(x).square().mean()).backward()
@@ -60,9 +64,9 @@ def test_grad_scaler_forced_overflow(backend):
     assert not hasattr(opt, "grad_scale") or opt.grad_scale is None  # GradScaler cleans up
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("sched", ["step", "cosine", "onecycle", "lambda", "warmup_cosine"])
-def test_lr_schedulers_drive_fused_like_reference(backend, sched):
+def test_lr_schedulers_drive_fused_like_reference(case, sched):
     def make(o):
         if sched == "step":
             return torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.3)
@@ -76,15 +80,15 @@ def test_lr_schedulers_drive_fused_like_reference(backend, sched):
         cos = torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5)
         return torch.optim.lr_scheduler.SequentialLR(o, [warm, cos], milestones=[3])
 
-    m_ref = _net(1)
+    m_ref = _net(1, device=case.device)
     m = copy.deepcopy(m_ref)
-    opt = tvlars_fused.LARS(m.parameters(), backend=backend, lr=0.5)
+    opt = tvlars_fused.LARS(m.parameters(), backend=case.backend, lr=0.5)
     o_ref = reference.LARS(m_ref.parameters(), lr=0.5)
     s, s_ref = make(opt), make(o_ref)
     g = torch.Generator().manual_seed(1)
     lrs = []
     for _ in range(8):
-        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64).to(case.device)
         for model, o, sc in ((m, opt, s), (m_ref, o_ref, s_ref)):
             o.zero_grad()
             model(x).square().mean().backward()
@@ -96,14 +100,14 @@ def test_lr_schedulers_drive_fused_like_reference(backend, sched):
     assert max_err(m.parameters(), m_ref.parameters()) < 1e-12
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_lr_changes_without_sync(backend, monkeypatch):
-    m_ref = _net(2, torch.float32)
+@pytest.mark.parametrize("case", BACKENDS)
+def test_tensor_lr_changes_without_sync(case, monkeypatch):
+    m_ref = _net(2, torch.float32, device=case.device)
     m = copy.deepcopy(m_ref)
-    lr = torch.tensor(0.5)
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **dict(HYPER, lr=lr))
+    lr = torch.tensor(0.5, device=case.device)   # a device lr, as a scheduler on the GPU keeps it
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=case.backend, **dict(HYPER, lr=lr))
     o_ref = reference.TVLARS(m_ref.parameters(), **dict(HYPER, lr=0.5))
-    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2)).to(case.device)
 
     def boom(*a, **k):
         raise AssertionError("host sync")
@@ -123,12 +127,12 @@ def test_tensor_lr_changes_without_sync(backend, monkeypatch):
     assert max_err(m.parameters(), m_ref.parameters()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_layer_stats_dict_for_loggers(backend):
-    m = _net(3)
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, **HYPER)
+@pytest.mark.parametrize("case", BACKENDS)
+def test_layer_stats_dict_for_loggers(case):
+    m = _net(3, device=case.device)
+    opt = tvlars_fused.TVLARS(m.parameters(), backend=case.backend, **HYPER)
     opt.zero_grad()
-    m(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    m(torch.randn(4, 6, dtype=torch.float64).to(case.device)).sum().backward()
     w0 = m[0].weight.detach().clone()
     opt.step()
     d = layer_stats_dict(opt, m.named_parameters(), prefix="opt/")

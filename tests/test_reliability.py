@@ -1,6 +1,5 @@
-"""Reliability of the fused optimizers, on every fused backend that runs here ("torch"; "cpu" once
-tvlars_fused._C is built; "triton" under the Triton interpreter), always against
-tvlars_fused.reference on the same inputs:
+"""Reliability of the fused optimizers, on every fused backend of every device present, always
+against tvlars_fused.reference on the same inputs (on the same device):
 
 1. bad input: a clear error (naming the parameter or argument, saying what to do) before anything
    changes, and an optimizer that still works afterwards;
@@ -17,6 +16,20 @@ tvlars_fused.reference on the same inputs:
 7. memory: a step allocates nothing after warm-up; the optimizer's overhead against the reference.
 
 The library bugs this file found are fixed; each stays covered by the test that found it.
+
+The cases (tests/backend_cases.py): on the CPU "torch", "cpu" once tvlars_fused._C is built and
+"triton" under the Triton interpreter (ids [torch], [cpu], [triton]); on a CUDA machine also
+"triton", "cuda" and "torch" on CUDA tensors ([cuda-triton], [cuda-cuda], [cuda-torch]). Tensors
+are made on the CPU from CPU generators and moved to the case's device; results are compared on
+the CPU. The checkpoint test's fresh process resumes the CUDA cases on the GPU too.
+
+CPU-only tests, and why:
+- test_step_allocates_nothing_after_warmup: counts allocations with torch's CPU profiler
+  (profile_memory), which sees only the CPU allocator. On a GPU,
+  test_cuda_step_allocates_nothing_after_warmup checks "triton" and "cuda" with the CUDA caching
+  allocator's statistics.
+CUDA-only (requires_cuda, unchanged): test_cuda_step_allocates_nothing_after_warmup,
+test_module_to_cuda_after_build.
 """
 from __future__ import annotations
 
@@ -38,15 +51,13 @@ from tvlars_fused import reference
 from tvlars_fused.kernels import available_backends
 
 import _ckpt_worker as ckpt
+from backend_cases import CASES, CPU_CASES, BackendCase, params, with_reference
 from conftest import requires_cuda
 from parity import assert_close_ulps, assert_parity_fp32, make_init, max_err, train
 
-
-def _backends():
-    return available_backends("cpu", ("torch", "cpu", "triton"))
-
-
-BACKENDS = _backends()
+BACKENDS = params(CASES)                                # every (device, backend) present
+BACKENDS_AND_REFERENCE = params(with_reference(CASES))  # ... and the reference on each device
+CPU_BACKENDS = params(CPU_CASES)                        # the CPU-only tests (see above)
 HYPER = dict(lr=0.7, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=3)
 F64_TOL = 1e-12   # fused vs reference, float64 parameters (as tests/test_fused.py)
 
@@ -61,16 +72,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make(backend, cls="TVLARS", **kw):
-    """Optimizer factory; backend "reference" gives the eager reference."""
+def make(case, cls="TVLARS", **kw):
+    """Optimizer factory for a BackendCase (case.reference: the eager reference), or for a backend
+    name ("auto", ..., "reference"). The caller puts the parameters on the case's device."""
     hyper = dict(HYPER) if cls == "TVLARS" else {k: HYPER[k] for k in ("lr", "momentum", "weight_decay", "eta")}
     hyper.update(kw)
-
-    def build(params):
-        if backend == "reference":
-            return getattr(reference, cls)(params, **hyper)
-        return getattr(tvlars_fused, cls)(params, backend=backend, **hyper)
-    return build
+    if isinstance(case, str):
+        case = BackendCase("cpu", case)
+    return case.optimizer(cls, **hyper)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +126,7 @@ def set_grads(params, step: int, seed: int = 7) -> None:
     """Hand-written gradients (a fresh tensor each time), the same for every optimizer."""
     g = torch.Generator().manual_seed(seed * 1000 + step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
 
 
 def lockstep(params_by_run, opts, steps, start=0, seed=7, before_step=None):
@@ -130,40 +139,40 @@ def lockstep(params_by_run, opts, steps, start=0, seed=7, before_step=None):
             o.step()
 
 
-def tiny_params(dtype=torch.float64, seed=0):
-    return [nn.Parameter(x.to(dtype)) for x in make_init([(5, 4), (4,), (3, 3)], seed)]
+def tiny_params(dtype=torch.float64, seed=0, device="cpu"):
+    return [nn.Parameter(x.to(device=device, dtype=dtype)) for x in make_init([(5, 4), (4,), (3, 3)], seed)]
 
 
 # ==== 1. bad input ==================================================================================
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_embedding_gradient_rejected_at_step(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_sparse_embedding_gradient_rejected_at_step(case):
     """nn.Embedding(sparse=True): autograd's sparse gradient reaches step(), which rejects it naming
     the parameter (the grad hook must not densify it into the bucket)."""
     torch.manual_seed(0)
-    emb, lin = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2)
+    emb, lin = nn.Embedding(10, 4, sparse=True).to(case.device), nn.Linear(4, 2).to(case.device)
     params = list(emb.parameters()) + list(lin.parameters())
-    opt = make(backend)(params)
+    opt = make(case)(params)
     before = snapshot(opt)
-    lin(emb(torch.tensor([1, 3, 3]))).sum().backward()
+    lin(emb(torch.tensor([1, 3, 3], device=case.device))).sum().backward()
     assert emb.weight.grad.is_sparse, "autograd's sparse gradient was replaced by a dense one"
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\].*sparse gradients.*sparse=False"):
         opt.step()
     assert_unchanged(before, snapshot(opt), "rejected sparse step")
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_sparse_gradient_assigned_by_hand_rejected_at_step(backend):
+@pytest.mark.parametrize("case", BACKENDS_AND_REFERENCE)
+def test_sparse_gradient_assigned_by_hand_rejected_at_step(case):
     """A sparse .grad that reaches step() (the reference always; the fused classes when it is
     assigned by hand) is rejected before anything changes, naming the parameter."""
-    ps = tiny_params()
-    opt = make(backend)(ps)
+    ps = tiny_params(device=case.device)
+    opt = make(case)(ps)
     set_grads(ps, 0)
     opt.step()
     before = snapshot(opt)
     set_grads(ps, 1)
     ps[2].grad = torch.sparse_coo_tensor([[0, 2], [1, 1]], [1.0, 2.0], (3, 3), dtype=torch.float64,
-                                         check_invariants=True)
+                                         device=case.device, check_invariants=True)
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[2\].*sparse gradients.*sparse=False"):
         opt.step()
     assert_unchanged(before, snapshot(opt), "rejected sparse step")
@@ -172,16 +181,16 @@ def test_sparse_gradient_assigned_by_hand_rejected_at_step(backend):
     assert snapshot(opt)["step"] == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_complex_and_integer_parameters_rejected_at_construction(backend):
-    ps = tiny_params()
-    cplx = nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))
+@pytest.mark.parametrize("case", BACKENDS)
+def test_complex_and_integer_parameters_rejected_at_construction(case):
+    ps = tiny_params(device=case.device)
+    cplx = nn.Parameter(torch.randn(2, 2, dtype=torch.complex64).to(case.device))
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[3\].*complex parameters.*view_as_real"):
-        make(backend)(ps + [cplx])
+        make(case)(ps + [cplx])
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*only floating-point.*int64"):
-        make(backend)([ps[0], torch.zeros(3, dtype=torch.int64)])
+        make(case)([ps[0], torch.zeros(3, dtype=torch.int64, device=case.device)])
     # add_param_group: rejected, and the optimizer is untouched and keeps working
-    opt = make(backend)(ps)
+    opt = make(case)(ps)
     set_grads(ps, 0)
     opt.step()
     before = snapshot(opt)
@@ -189,22 +198,22 @@ def test_complex_and_integer_parameters_rejected_at_construction(backend):
         opt.add_param_group({"params": [cplx]})
     assert len(opt.param_groups) == 1
     assert_unchanged(before, snapshot(opt), "rejected add_param_group")
-    ps_r = tiny_params()
-    o_r = make("reference")(ps_r)
+    ps_r = tiny_params(device=case.device)
+    o_r = make(case.reference)(ps_r)
     lockstep([ps_r], [o_r], 1)
     lockstep([ps, ps_r], [opt, o_r], 2, start=1)
     assert max_err(ps, ps_r) < F64_TOL
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_parameter_in_two_groups_rejected(backend):
-    a, b, c = tiny_params()
+@pytest.mark.parametrize("case", BACKENDS)
+def test_parameter_in_two_groups_rejected(case):
+    a, b, c = tiny_params(device=case.device)
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] .*appears twice in the same group"):
-        make(backend)([a, b, a])
+        make(case)([a, b, a])
     with pytest.raises(ValueError, match=r"more than one parameter group|param_groups\[1\]"):
-        make(backend)([{"params": [a, b]}, {"params": [c, b]}])
+        make(case)([{"params": [a, b]}, {"params": [c, b]}])
     c0 = c.detach().clone()
-    opt = make(backend)([a, b])
+    opt = make(case)([a, b])
     set_grads([a, b], 0)
     opt.step()
     before = snapshot(opt)
@@ -218,39 +227,39 @@ def test_parameter_in_two_groups_rejected(backend):
     assert not torch.equal(c, c0) and float(opt.step_count) == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_parameter_in_two_groups_error_names_it(backend):
-    a, b, c = tiny_params()
+@pytest.mark.parametrize("case", BACKENDS)
+def test_parameter_in_two_groups_error_names_it(case):
+    a, b, c = tiny_params(device=case.device)
     with pytest.raises(ValueError) as info:
-        make(backend)([{"params": [a, b]}, {"params": [c, b]}])
+        make(case)([{"params": [a, b]}, {"params": [c, b]}])
     msg = str(info.value)
     assert re.search(r"param_groups\[1\]\['params'\]\[1\]", msg), msg        # the duplicate
     assert re.search(r"param_groups\[0\]\['params'\]\[1\]", msg), msg        # where it already is
     assert re.search(r"\b(remove|only one|once)\b", msg), msg                   # what to do
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_parameter_list_rejected(backend):
-    model = nn.Linear(3, 2)
+@pytest.mark.parametrize("case", BACKENDS)
+def test_empty_parameter_list_rejected(case):
+    model = nn.Linear(3, 2).to(case.device)
     params = model.parameters()
     list(params)   # a generator consumed once already: the classic way to pass nothing
     for empty in ([], params):
         with pytest.raises(ValueError, match=r"(?i)\bempty\b"):
-            make(backend)(empty)
+            make(case)(empty)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_parameter_list_error_says_what_to_do(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_empty_parameter_list_error_says_what_to_do(case):
     with pytest.raises(ValueError) as info:
-        make(backend)([])
+        make(case)([])
     msg = str(info.value)
     assert re.search(r"\bparams\b", msg) and re.search(r"\b(pass|use|give|provide)\b", msg), msg
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_all_groups_empty_works_like_reference(backend):
-    ps, ps_r = tiny_params(), tiny_params()
-    opt, o_r = make(backend)([{"params": []}]), make("reference")([{"params": []}])
+@pytest.mark.parametrize("case", BACKENDS)
+def test_all_groups_empty_works_like_reference(case):
+    ps, ps_r = tiny_params(device=case.device), tiny_params(device=case.device)
+    opt, o_r = make(case)([{"params": []}]), make(case.reference)([{"params": []}])
     for o in (opt, o_r):
         o.step()                                   # nothing to update; t still advances
         o.add_param_group({"params": ps if o is opt else ps_r, "lr": 0.3})
@@ -292,15 +301,15 @@ OVERFLOW = dict(lmbda=1.0, delay_steps=200)   # phi(0) = 1/(alpha + e^-200): ove
 _ids = [f"{n}={v!r}" if not isinstance(v, torch.Tensor) else f"{n}=tensor{tuple(v.shape)}" for n, v, _ in BAD_HYPER]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("name,value,msg", BAD_HYPER, ids=_ids)
-def test_invalid_hyperparameter_rejected_at_construction(backend, name, value, msg):
+def test_invalid_hyperparameter_rejected_at_construction(case, name, value, msg):
     extra = OVERFLOW if msg.startswith("Invalid lmbda/") else {}
     with pytest.raises(ValueError, match=msg):
-        make(backend, **extra, **{name: value})(tiny_params())
+        make(case, **extra, **{name: value})(tiny_params(device=case.device))
     if name in LARS_OPTIONS:
         with pytest.raises(ValueError, match=msg):   # LARS validates its own arguments the same way
-            make(backend, cls="LARS", **{name: value})(tiny_params())
+            make(case, cls="LARS", **{name: value})(tiny_params(device=case.device))
 
 
 CONTRADICTIONS = [
@@ -315,16 +324,16 @@ CONTRADICTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("options,msg", CONTRADICTIONS, ids=[str(o) for o, _ in CONTRADICTIONS])
-def test_contradictory_options_rejected(backend, options, msg):
+def test_contradictory_options_rejected(case, options, msg):
     """Each option is valid alone; together they mean nothing: a clear error at construction, and
     the same error (naming the group) when the combination is written into param_groups later."""
     for cls in ("TVLARS", "LARS"):
         with pytest.raises(ValueError, match=msg):
-            make(backend, cls=cls, **options)(tiny_params())
-    ps = tiny_params()
-    opt = make(backend)(ps)
+            make(case, cls=cls, **options)(tiny_params(device=case.device))
+    ps = tiny_params(device=case.device)
+    opt = make(case)(ps)
     opt.param_groups[0].update(options)
     sum(p.sum() for p in ps).backward()
     before = [p.detach().clone() for p in ps]
@@ -334,16 +343,16 @@ def test_contradictory_options_rejected(backend, options, msg):
     assert all(torch.equal(a, b) for a, b in zip(before, ps))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("name,value,msg", BAD_HYPER, ids=_ids)
-def test_invalid_hyperparameter_set_later_changes_nothing(backend, name, value, msg):
+def test_invalid_hyperparameter_set_later_changes_nothing(case, name, value, msg):
     """A bad value written into param_groups after some steps: step() raises, naming the value
     and the group, and changes nothing (parameters, state, t, layer_stats); with the value put back
     the run continues exactly like the reference's."""
     extra = OVERFLOW if msg.startswith("Invalid lmbda/") else {}
     runs = []
-    for b in (backend, "reference"):
-        ps = tiny_params()
+    for b in (case, case.reference):
+        ps = tiny_params(device=case.device)
         opt = make(b)([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.3}])
         lockstep([ps], [opt], 2)
         runs.append((ps, opt))
@@ -363,25 +372,26 @@ def test_invalid_hyperparameter_set_later_changes_nothing(backend, name, value, 
     assert max_err(ps, ps_r) < F64_TOL
 
 
-def _net_and_opt(backend, seed=0, groups=True):
-    model = ckpt.make_model(seed).double()
+def _net_and_opt(case, seed=0, groups=True):
+    model = ckpt.make_model(seed, case.device).double()
     if groups:
         ws = [p for p in model.parameters() if p.ndim > 1]
         vs = [p for p in model.parameters() if p.ndim == 1]
-        return model, make(backend)([{"params": ws}, {"params": vs, "lr": 0.2}])
-    return model, make(backend)(model.parameters())
+        return model, make(case)([{"params": ws}, {"params": vs, "lr": 0.2}])
+    return model, make(case)(model.parameters())
 
 
 def _loop(model, opt, steps, start=0):
+    dev = next(model.parameters()).device
     for s in range(start, start + steps):
-        x, y = ckpt.batch(s)
+        x, y = ckpt.batch(s, dev)
         opt.zero_grad()
         nn.functional.mse_loss(model(x.double()), y.double()).backward()
         opt.step()
 
 
-def _saved_state(backend, steps=2):
-    model, opt = _net_and_opt(backend)
+def _saved_state(case, steps=2):
+    model, opt = _net_and_opt(case)
     _loop(model, opt, steps)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
@@ -400,20 +410,20 @@ STRUCTURE_CASES = {
 }
 
 
-def _structured(backend, case):
-    model = ckpt.make_model(1).double()
-    model.extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
-    return model, make(backend)(STRUCTURE_CASES[case](model))
+def _structured(case, structure):
+    model = ckpt.make_model(1, case.device).double()
+    model.extra = nn.Parameter(torch.ones(3, dtype=torch.float64, device=case.device))
+    return model, make(case)(STRUCTURE_CASES[structure](model))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(STRUCTURE_CASES))
-def test_load_state_dict_wrong_structure_rejected(backend, case):
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("structure", list(STRUCTURE_CASES))
+def test_load_state_dict_wrong_structure_rejected(case, structure):
     """A state_dict with a different number of parameters or groups is rejected; the optimizer is
     unchanged and trains on exactly like one that never saw it."""
-    sd = _saved_state(backend)
-    model, opt = _structured(backend, case)
-    model_r, o_r = _structured("reference", case)
+    sd = _saved_state(case)
+    model, opt = _structured(case, structure)
+    model_r, o_r = _structured(case.reference, structure)
     _loop(model, opt, 1)
     _loop(model_r, o_r, 1)
     before = snapshot(opt)
@@ -425,11 +435,11 @@ def test_load_state_dict_wrong_structure_rejected(backend, case):
     assert max_err(model.parameters(), model_r.parameters()) < F64_TOL
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["fewer_params", "more_groups"])
-def test_load_state_dict_wrong_structure_error_names_it(backend, case):
-    sd = _saved_state(backend)
-    _, opt = _structured(backend, case)
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("structure", ["fewer_params", "more_groups"])
+def test_load_state_dict_wrong_structure_error_names_it(case, structure):
+    sd = _saved_state(case)
+    _, opt = _structured(case, structure)
     with pytest.raises(ValueError) as info:
         opt.load_state_dict(sd)
     msg = str(info.value)
@@ -437,20 +447,21 @@ def test_load_state_dict_wrong_structure_error_names_it(backend, case):
     assert re.search(r"same (model|parameters)|build the optimizer|parameter order", msg), msg
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_load_state_dict_wrong_shapes_rejected(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_load_state_dict_wrong_shapes_rejected(case):
     """Same structure, other shapes (a (3, 4) momentum for a (4, 3) weight): rejected naming the
     entry and both shapes; the optimizer is unchanged and usable."""
+    dev = case.device
     torch.manual_seed(0)
-    src = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
-    o_src = make(backend)(src.parameters())
-    src(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    src = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(dev, torch.float64)
+    o_src = make(case)(src.parameters())
+    src(torch.randn(2, 4, dtype=torch.float64).to(dev)).sum().backward()
     o_src.step()
     sd = copy.deepcopy(o_src.state_dict())
     runs = []
-    for b in (backend, "reference"):
+    for b in (case, case.reference):
         torch.manual_seed(1)
-        dst = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+        dst = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(dev, torch.float64)
         o = make(b)(dst.parameters())
         runs.append((dst, o))
     for dst, o in runs:
@@ -461,20 +472,20 @@ def test_load_state_dict_wrong_shapes_rejected(backend):
         g = torch.Generator().manual_seed(3)
         for _ in range(3):
             o.zero_grad()
-            dst(torch.randn(5, 3, generator=g, dtype=torch.float64)).square().sum().backward()
+            dst(torch.randn(5, 3, generator=g, dtype=torch.float64).to(dev)).square().sum().backward()
             o.step()
     assert max_err(runs[0][0].parameters(), runs[1][0].parameters()) < F64_TOL
 
 
 # ==== 2. unusual but valid parameters ===============================================================
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("mixed", [False, True], ids=["alone", "mixed"])
-def test_zero_size_parameters(backend, mixed):
+def test_zero_size_parameters(case, mixed):
     shapes = [(0,), (3, 4), (0, 5), (7,), (2, 0, 3)] if mixed else [(0,), (0, 5)]
     init = make_init(shapes)
-    f, o = train(make(backend, momentum_form="heavy_ball"), init, torch.float64, 4)
-    r, o_r = train(make("reference"), init, torch.float64, 4)
+    f, o = train(make(case, momentum_form="heavy_ball"), init, torch.float64, 4, device=case.device)
+    r, o_r = train(make(case.reference), init, torch.float64, 4, device=case.device)
     assert max_err(f, r) < F64_TOL
     assert float(o.step_count) == 4
     for p in f:
@@ -484,27 +495,27 @@ def test_zero_size_parameters(backend, mixed):
     assert len(o.state_dict()["state"]) == len(o_r.state_dict()["state"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_layer(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_frozen_layer(case):
     """requires_grad=False parameters handed to the optimizer: never touched, no state."""
     models = []
-    for b in (backend, "reference"):
-        model = ckpt.make_model(2).double()
+    for b in (case, case.reference):
+        model = ckpt.make_model(2, case.device).double()
         model.conv.requires_grad_(False)
         opt = make(b)(model.parameters())
         _loop(model, opt, 3)
         models.append((model, opt))
     (m, opt), (m_r, _) = models
     assert max_err(m.parameters(), m_r.parameters()) < F64_TOL
-    frozen = ckpt.make_model(2).double().conv
+    frozen = ckpt.make_model(2, case.device).double().conv
     assert torch.equal(m.conv.weight, frozen.weight) and torch.equal(m.conv.bias, frozen.bias)
     assert m.conv.weight.grad is None and not opt.state.get(m.conv.weight)
     assert opt.grad_copies == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("form", ["heavy_ball", "paper"])
-def test_grads_none_for_some_steps(backend, form):
+def test_grads_none_for_some_steps(case, form):
     """An unused branch: parameter 1 gets no gradient before step 3 (its state starts late; for the
     paper form m = w then), parameter 2 loses its gradient from step 2 on, parameter 3 every other
     step. Skipped steps leave them (and their state) untouched, as in the reference."""
@@ -514,8 +525,8 @@ def test_grads_none_for_some_steps(backend, form):
     def used(step, i):
         return not ((i == 1 and step < 3) or (i == 2 and step >= 2) or (i == 3 and step % 2))
 
-    f, o = train(make(backend, momentum_form=form), init, torch.float64, 5, used=used)
-    r, o_r = train(make("reference", momentum_form=form), init, torch.float64, 5, used=used)
+    f, o = train(make(case, momentum_form=form), init, torch.float64, 5, device=case.device, used=used)
+    r, o_r = train(make(case.reference, momentum_form=form), init, torch.float64, 5, device=case.device, used=used)
     assert max_err(f, r) < F64_TOL
     key = "m" if form == "paper" else "momentum_buffer"
     for i, (p, p_r) in enumerate(zip(f, r)):
@@ -523,29 +534,30 @@ def test_grads_none_for_some_steps(backend, form):
     assert o.grad_copies == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous_and_channels_last_parameters(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_noncontiguous_and_channels_last_parameters(case):
     """A transposed Parameter (shape (7, 5), strides (1, 7)), a strided slice (not dense: updated
     through a dense staging copy, still a view of its base tensor), a channels_last conv weight:
     each keeps its layout and memory, autograd accumulates into the bucket, results as the reference."""
+    dev = case.device
     bases = []
 
     def params():
         torch.manual_seed(4)
-        t = nn.Parameter(torch.randn(5, 7, dtype=torch.float64).t())
-        bases.append(torch.randn(5, 14, dtype=torch.float64))
+        t = nn.Parameter(torch.randn(5, 7, dtype=torch.float64).to(dev).t())
+        bases.append(torch.randn(5, 14, dtype=torch.float64).to(dev))
         s = nn.Parameter(bases[-1][:, ::2])
-        c = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last))
+        c = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64).to(dev, memory_format=torch.channels_last))
         return [t, s, c]
     assert not params()[0].is_contiguous() and not params()[1].is_contiguous()
     runs = []
-    for b in (backend, "reference"):
+    for b in (case, case.reference):
         ps = params()
         opt = make(b)(ps)
         g = torch.Generator().manual_seed(0)
         for _ in range(4):
             opt.zero_grad()
-            x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+            x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64).to(dev, memory_format=torch.channels_last)
             y = nn.functional.conv2d(x, ps[2]).mean() * (ps[0].sin().sum() + ps[1].square().sum())
             y.backward()
             opt.step()
@@ -574,22 +586,22 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(idx))))
 
 
-def train_tied(backend, steps):
+def train_tied(case, steps):
     torch.manual_seed(5)
-    model = TiedLM().double()
-    opt = make(backend)(model.parameters())
+    model = TiedLM().to(case.device, torch.float64)
+    opt = make(case)(model.parameters())
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        idx = torch.randint(0, 11, (4, 3), generator=g)
+        idx = torch.randint(0, 11, (4, 3), generator=g).to(case.device)
         opt.zero_grad()
         nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
         opt.step()
     return model, opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tied_weights(backend):
-    runs = [train_tied(b, 4) for b in (backend, "reference")]
+@pytest.mark.parametrize("case", BACKENDS)
+def test_tied_weights(case):
+    runs = [train_tied(b, 4) for b in (case, case.reference)]
     (m, opt), (m_r, _) = runs
     assert m.out.weight is m.emb.weight
     assert sum(p is m.emb.weight for g in opt.param_groups for p in g["params"]) == 1
@@ -597,29 +609,29 @@ def test_tied_weights(backend):
     assert opt.grad_copies == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_safetensors_save_model_with_tied_weights(backend, tmp_path):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_safetensors_save_model_with_tied_weights(case, tmp_path):
     """safetensors' save_model (what accelerate's save_state uses) refuses storages shared by
     tensors that do not cover them. The parameters keep their own memory, so a model with tied
     weights saves and loads as without the optimizer."""
     st = pytest.importorskip("safetensors.torch")
-    model, _ = train_tied(backend, 2)
+    model, _ = train_tied(case, 2)
     st.save_model(model, str(tmp_path / "m.safetensors"))
-    fresh = TiedLM().double()
+    fresh = TiedLM().double()   # loaded on the CPU: the file holds plain tensors, whatever the device
     st.load_model(fresh, str(tmp_path / "m.safetensors"))
     assert fresh.out.weight is fresh.emb.weight
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
-        assert torch.equal(a, b), n
+        assert torch.equal(a.cpu(), b), n
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_partial_state_dict_saves_only_its_tensors(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_partial_state_dict_saves_only_its_tensors(case):
     """torch.save(submodule.state_dict()) writes that submodule's tensors, not the other
     parameters of the bucket: its size is the submodule's bytes plus pickle overhead."""
-    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(8, 4))
-    opt = make(backend)(model.parameters())
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(8, 4)).to(case.device)
+    opt = make(case)(model.parameters())
     opt.zero_grad()
-    model[1](model[0](torch.randn(2, 256))[:, :8]).sum().backward()
+    model[1](model[0](torch.randn(2, 256).to(case.device))[:, :8]).sum().backward()
     opt.step()
     buf = io.BytesIO()
     torch.save(model[1].state_dict(), buf)
@@ -627,37 +639,37 @@ def test_partial_state_dict_saves_only_its_tensors(backend):
     assert buf.tell() < small + 4096, f"{buf.tell()} bytes written for {small} bytes of tensors"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_several_dtypes_one_bucket_each(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_several_dtypes_one_bucket_each(case):
     """float32 + float64 + bfloat16 parameters in one optimizer: three buckets; each dtype as the
     reference in that dtype (float32 by the parity rule, bfloat16 within 2 ulps, float64 tight)."""
     init = make_init([(6, 5), (5,), (4, 4), (3,), (5, 3), (7,)], seed=3)
     dtypes = [torch.float32, torch.float32, torch.float64, torch.float64, torch.bfloat16, torch.bfloat16]
 
     def run(b, dts):
-        ps = [nn.Parameter(x.clone().to(dt)) for x, dt in zip(init, dts)]
+        ps = [nn.Parameter(x.clone().to(device=case.device, dtype=dt)) for x, dt in zip(init, dts)]
         opt = make(b)(ps)
         lockstep([ps], [opt], 5)
         return ps, opt
-    ps, opt = run(backend, dtypes)
+    ps, opt = run(case, dtypes)
     assert len(opt._buckets) == 3
     assert sorted(str(b.dtype) for b in opt._buckets) == ["torch.bfloat16", "torch.float32", "torch.float64"]
-    ps_r, _ = run("reference", dtypes)
-    ps_64, _ = run("reference", [torch.float64] * 6)
-    assert_parity_fp32(ps[:2], ps_r[:2], ps_64[:2], f"{backend} float32 bucket")
+    ps_r, _ = run(case.reference, dtypes)
+    ps_64, _ = run(case.reference, [torch.float64] * 6)
+    assert_parity_fp32(ps[:2], ps_r[:2], ps_64[:2], f"{case} float32 bucket")
     assert max_err(ps[2:4], ps_r[2:4]) < F64_TOL
-    assert_close_ulps(ps[4:], ps_r[4:], torch.bfloat16, 2.0, f"{backend} bfloat16 bucket")
+    assert_close_ulps(ps[4:], ps_r[4:], torch.bfloat16, 2.0, f"{case} bfloat16 bucket")
     assert {str(opt.state[p]["momentum_buffer"].dtype) for p in ps[4:]} == {"torch.float32"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_add_param_group_after_steps(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_add_param_group_after_steps(case):
     """Groups added after steps (one into an existing bucket, one making a new float32 bucket):
     earlier state kept, t shared (phi continues), new groups' own hyperparameters used."""
     def run(b):
-        ps = tiny_params()
-        extra = [nn.Parameter(x) for x in make_init([(4, 2), (2,)], seed=9)]
-        extra32 = [nn.Parameter(x.float()) for x in make_init([(3, 5)], seed=10)]
+        ps = tiny_params(device=case.device)
+        extra = [nn.Parameter(x.to(case.device)) for x in make_init([(4, 2), (2,)], seed=9)]
+        extra32 = [nn.Parameter(x.to(case.device, torch.float32)) for x in make_init([(3, 5)], seed=10)]
         opt = make(b)(ps[:2])
         lockstep([ps[:2]], [opt], 3)
         opt.add_param_group({"params": [ps[2]] + extra, "lr": 0.2, "momentum_form": "paper"})
@@ -665,8 +677,8 @@ def test_add_param_group_after_steps(backend):
         opt.add_param_group({"params": extra32, "lr": 0.1, "lmbda": 0.5})
         lockstep([ps + extra + extra32], [opt], 3, start=5)
         return ps + extra + extra32, opt
-    f, opt = run(backend)
-    r, o_r = run("reference")
+    f, opt = run(case)
+    r, o_r = run(case.reference)
     assert max_err(f[:-1], r[:-1]) < F64_TOL
     assert max_err(f[-1:], r[-1:]) < 1e-5
     assert float(opt.step_count) == 8 and len(opt._buckets) == 2
@@ -675,9 +687,9 @@ def test_add_param_group_after_steps(backend):
 
 # ==== 3. behind the optimizer's back ================================================================
 
-def _mlp(seed=0):
+def _mlp(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(device)
 
 
 def _mlp_loop(model, opt, steps, start=0, hook=None, zero=None):
@@ -689,19 +701,20 @@ def _mlp_loop(model, opt, steps, start=0, hook=None, zero=None):
         if hook is not None:
             hook(s, model, opt)
         (zero or opt.zero_grad)()
-        model(x.to(next(model.parameters()).dtype)).square().sum().backward()
+        p0 = next(model.parameters())
+        model(x.to(device=p0.device, dtype=p0.dtype)).square().sum().backward()
         opt.step()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("when", ["before_any_step", "after_zero_grad", "before_zero_grad"])
-def test_module_to_other_dtype_after_build(backend, when):
+def test_module_to_other_dtype_after_build(case, when):
     """module.to(torch.float64) after the optimizer was built: the Parameters stay the same objects
     (param.data is re-bound), so the optimizer must follow, like the reference does. (The reference
     keeps its float32 momentum buffers in place, the fused one converts them: 1e-5 tolerance.)"""
     runs = []
-    for b in (backend, "reference"):
-        model = _mlp()
+    for b in (case, case.reference):
+        model = _mlp(device=case.device)
         opt = make(b)(model.parameters())
 
         def hook(s, model, opt):
@@ -721,20 +734,20 @@ def test_module_to_other_dtype_after_build(backend, when):
     assert max_err(runs[0].parameters(), runs[1].parameters()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_param_data_other_dtype(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_param_data_other_dtype(case):
     """`p.data = p.data.double()` for the last layer's parameters: they move to a new float64
     bucket (the first layer stays float32), like the reference follows them."""
     runs = []
-    for b in (backend, "reference"):
-        model = _mlp()
+    for b in (case, case.reference):
+        model = _mlp(device=case.device)
         opt = make(b)(model.parameters())
         g = torch.Generator().manual_seed(11)
         for s in range(5):
             if s == 2:
                 for p in model[2].parameters():
                     p.data = p.data.double()
-            x = torch.randn(5, 4, generator=g)
+            x = torch.randn(5, 4, generator=g).to(case.device)
             opt.zero_grad()
             model[2](model[1](model[0](x)).to(model[2].weight.dtype)).square().sum().backward()
             opt.step()
@@ -745,11 +758,11 @@ def test_param_data_other_dtype(backend):
     assert max_err(m.parameters(), m_r.parameters()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_param_data_transposed_in_place(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_param_data_transposed_in_place(case):
     runs = []
-    for b in (backend, "reference"):
-        ps = tiny_params()
+    for b in (case, case.reference):
+        ps = tiny_params(device=case.device)
 
         def before_step(s, ps, o):
             if s == 2:
@@ -758,7 +771,7 @@ def test_param_data_transposed_in_place(backend):
         for s in range(5):
             before_step(s, ps, opt)
             opt.zero_grad()
-            c = torch.randn(3, 3, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+            c = torch.randn(3, 3, generator=torch.Generator().manual_seed(s), dtype=torch.float64).to(case.device)
             ((ps[2] * c).sum() + ps[0].square().sum() + ps[1].sum()).backward()
             opt.step()
         runs.append(ps)
@@ -766,15 +779,15 @@ def test_param_data_transposed_in_place(backend):
     assert max_err(runs[0], runs[1]) < F64_TOL
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_param_data_other_shape_clear_error(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_param_data_other_shape_clear_error(case):
     """p.data = a tensor of another shape: its momentum no longer fits. The next zero_grad/step must
     refuse with an error naming the parameter (before anything is updated)."""
-    ps = [nn.Parameter(x.float()) for x in make_init([(5, 4), (4,)])]
-    opt = make(backend)(ps)
+    ps = [nn.Parameter(x.to(case.device, torch.float32)) for x in make_init([(5, 4), (4,)])]
+    opt = make(case)(ps)
     lockstep([ps], [opt], 2)
     before = [p.detach().clone() for p in ps[1:]]
-    ps[0].data = torch.randn(3, 3)
+    ps[0].data = torch.randn(3, 3).to(case.device)
     with pytest.raises((ValueError, RuntimeError), match=r"param_groups\[0\]\['params'\]\[0\].*shape"):
         opt.zero_grad()
         (ps[0].sum() + ps[1].sum()).backward()
@@ -782,15 +795,15 @@ def test_param_data_other_shape_clear_error(backend):
     assert bit_equal(ps[1].detach(), before[0]) and float(opt.step_count) == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_module_parameter_replaced_by_new_parameter(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_module_parameter_replaced_by_new_parameter(case):
     """`model.fc.weight = nn.Parameter(...)` after the optimizer was built: the optimizer still holds
     the old Parameter, which gets no gradient any more (skipped, state frozen); the new one is not
     optimized at all. No error and no warning, in the reference and the fused classes alike: this
     documents the behaviour (see the report for a proposed warning)."""
     runs = []
-    for b in (backend, "reference"):
-        model = _mlp()
+    for b in (case, case.reference):
+        model = _mlp(device=case.device)
         opt = make(b)(model.parameters())
         old = model[2].weight
 
@@ -808,21 +821,21 @@ def test_module_parameter_replaced_by_new_parameter(backend):
     assert old.grad is None and float(opt.step_count) == 5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_grad_patterns(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_zero_grad_patterns(case):
     """model.zero_grad() (grads -> None), model.zero_grad(set_to_none=False), optimizer.zero_grad
     both ways, and two micro-batches accumulated per step, in one run: same as the reference, and
     every gradient still lands in the bucket (no copies)."""
     zeros = ["opt", "model", "model_keep", "opt_keep", "model", "opt"]
     runs = []
-    for b in (backend, "reference"):
-        model = ckpt.make_model(3).double()
+    for b in (case, case.reference):
+        model = ckpt.make_model(3, case.device).double()
         opt = make(b)(model.parameters())
         for s, how in enumerate(zeros):
             {"opt": lambda: opt.zero_grad(), "opt_keep": lambda: opt.zero_grad(set_to_none=False),
              "model": lambda: model.zero_grad(), "model_keep": lambda: model.zero_grad(set_to_none=False)}[how]()
             for micro in range(2):
-                x, y = ckpt.batch(10 * s + micro)
+                x, y = ckpt.batch(10 * s + micro, case.device)
                 nn.functional.mse_loss(model(x.double()), y.double()).backward()
             opt.step()
         runs.append((model, opt))
@@ -831,19 +844,19 @@ def test_zero_grad_patterns(backend):
     assert opt.grad_copies == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_replaced_by_another_library(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_gradients_replaced_by_another_library(case):
     """Another library computes the gradients (torch.autograd.grad) and assigns fresh tensors to
     .grad every step, some of them non-contiguous: results as the reference, and grad_copies
     counts each one."""
     runs = []
     steps = 4
-    for b in (backend, "reference"):
-        model = ckpt.make_model(4).double()
+    for b in (case, case.reference):
+        model = ckpt.make_model(4, case.device).double()
         params = list(model.parameters())
         opt = make(b)(params)
         for s in range(steps):
-            x, y = ckpt.batch(s)
+            x, y = ckpt.batch(s, case.device)
             grads = torch.autograd.grad(nn.functional.mse_loss(model(x.double()), y.double()), params)
             for p, g in zip(params, grads):
                 p.grad = g.t().contiguous().t() if g.ndim == 2 else g.clone()   # (1, n) strides for 2-D
@@ -856,12 +869,12 @@ def test_gradients_replaced_by_another_library(backend):
     assert not any(p.grad is gv for p, gv in zip(b.params, b.grad_views)), "the library's tensors stay .grad"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("edit", ["append", "remove", "delete_group"])
-def test_param_groups_params_edited_in_place(backend, edit):
+def test_param_groups_params_edited_in_place(case, edit):
     runs = []
-    for b in (backend, "reference"):
-        ps = tiny_params()
+    for b in (case, case.reference):
+        ps = tiny_params(device=case.device)
         first = [{"params": ps[:2]}, {"params": [ps[2]], "lr": 0.3}] if edit != "append" else [{"params": ps[:2]}]
         opt = make(b)(first)
 
@@ -878,12 +891,12 @@ def test_param_groups_params_edited_in_place(backend, edit):
     assert max_err(runs[0], runs[1]) < F64_TOL
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("how", ["clear", "assign", "delete"])
-def test_state_entry_reset_by_user(backend, how):
+def test_state_entry_reset_by_user(case, how):
     runs = []
-    for b in (backend, "reference"):
-        ps = tiny_params()
+    for b in (case, case.reference):
+        ps = tiny_params(device=case.device)
         opt = make(b)(ps)
 
         def before_step(s, ps, o):
@@ -902,13 +915,13 @@ def test_state_entry_reset_by_user(backend, how):
                           rtol=0, atol=F64_TOL)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("switch", ["heavy_ball->paper", "paper->heavy_ball"])
-def test_momentum_form_changed_after_steps(backend, switch):
+def test_momentum_form_changed_after_steps(case, switch):
     old, new = switch.split("->")
     runs = []
-    for b in (backend, "reference"):
-        ps = tiny_params()
+    for b in (case, case.reference):
+        ps = tiny_params(device=case.device)
         opt = make(b, momentum_form=old)(ps)
 
         def before_step(s, ps, o):
@@ -921,43 +934,45 @@ def test_momentum_form_changed_after_steps(backend, switch):
 
 # ==== 4. non-finite values ==========================================================================
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("form", ["heavy_ball", "paper"])
-def test_found_inf_skips_step_bit_for_bit(backend, form):
+def test_found_inf_skips_step_bit_for_bit(case, form):
     """found_inf set (GradScaler's fused protocol): parameters, state, t and layer_stats keep their
     bits, whatever the gradients hold; the next clean step is the reference's next step."""
-    ps = [nn.Parameter(x.float()) for x in make_init([(6, 5), (5,), (0,), (4, 4)])]
-    ps_r = [nn.Parameter(x.float()) for x in make_init([(6, 5), (5,), (0,), (4, 4)])]
-    opt, o_r = make(backend, momentum_form=form)(ps), make("reference", momentum_form=form)(ps_r)
+    dev = case.device
+    ps = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,), (0,), (4, 4)])]
+    ps_r = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,), (0,), (4, 4)])]
+    opt, o_r = make(case, momentum_form=form)(ps), make(case.reference, momentum_form=form)(ps_r)
     lockstep([ps, ps_r], [opt, o_r], 3)
     before = snapshot(opt)
     for scale in (1.0, 1024.0):
         set_grads(ps, 99)
         ps[0].grad[1, 1] = float("nan")
         ps[3].grad[0, 0] = float("inf")
-        opt.found_inf = torch.ones(1)
-        opt.grad_scale = torch.full((1,), scale)
+        opt.found_inf = torch.ones(1, device=dev)   # GradScaler's are on the parameters' device
+        opt.grad_scale = torch.full((1,), scale, device=dev)
         opt.step()
         assert_unchanged(before, snapshot(opt), f"step with found_inf (grad_scale {scale})")
-    opt.found_inf = torch.zeros(1)
-    opt.grad_scale = torch.ones(1)
+    opt.found_inf = torch.zeros(1, device=dev)
+    opt.grad_scale = torch.ones(1, device=dev)
     lockstep([ps, ps_r], [opt, o_r], 2, start=3)
     del opt.found_inf, opt.grad_scale
     lockstep([ps, ps_r], [opt, o_r], 1, start=5)
     assert max_err(ps, ps_r) < 1e-5 and float(opt.step_count) == 6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("form", ["heavy_ball", "paper"])
-def test_found_inf_on_first_step_creates_only_initial_state(backend, form):
+def test_found_inf_on_first_step_creates_only_initial_state(case, form):
     """Documents a deviation from "nothing changes": a skipped *first* step still creates the state
     entries (host-side bookkeeping cannot see the device flag without a sync). They hold the
     initial state exactly (zero momentum / m = w), so the run continues like the reference's."""
-    ps = [nn.Parameter(x.float()) for x in make_init([(6, 5), (5,)])]
-    ps_r = [nn.Parameter(x.float()) for x in make_init([(6, 5), (5,)])]
-    opt = make(backend, momentum_form=form)(ps)
+    dev = case.device
+    ps = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,)])]
+    ps_r = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,)])]
+    opt = make(case, momentum_form=form)(ps)
     set_grads(ps, 0)
-    opt.found_inf, opt.grad_scale = torch.ones(1), torch.ones(1)
+    opt.found_inf, opt.grad_scale = torch.ones(1, device=dev), torch.ones(1, device=dev)
     opt.step()
     key = "m" if form == "paper" else "momentum_buffer"
     for p in ps:
@@ -965,22 +980,22 @@ def test_found_inf_on_first_step_creates_only_initial_state(backend, form):
         assert bit_equal(opt.state[p][key], init)
     assert float(opt.step_count) == 0
     del opt.found_inf, opt.grad_scale
-    o_r = make("reference", momentum_form=form)(ps_r)
+    o_r = make(case.reference, momentum_form=form)(ps_r)
     lockstep([ps, ps_r], [opt, o_r], 3, start=1)
     assert max_err(ps, ps_r) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("kind", ["nan", "inf", "huge"])
-def test_nonfinite_gradients_match_reference(backend, dtype, kind):
+def test_nonfinite_gradients_match_reference(case, dtype, kind):
     """No found_inf: NaN/Inf gradients (or finite ones whose square overflows) give what the
     reference gives: NaN in the same places (q = 1 for a NaN norm, q = 0 for an Inf one), the
     finite entries as close as usual; later steps carry the NaN in the momentum the same way."""
     shapes = [(6, 5), (5,), (4, 4)]
 
     def run(b):
-        ps = [nn.Parameter(x.to(dtype)) for x in make_init(shapes, seed=2)]
+        ps = [nn.Parameter(x.to(device=case.device, dtype=dtype)) for x in make_init(shapes, seed=2)]
         opt = make(b)(ps)
         for s in range(3):
             set_grads(ps, s)
@@ -994,8 +1009,8 @@ def test_nonfinite_gradients_match_reference(backend, dtype, kind):
                     ps[0].grad.mul_(1e200 if dtype == torch.float64 else 1e25)
             opt.step()
         return ps, opt
-    f, opt = run(backend)
-    r, _ = run("reference")
+    f, opt = run(case)
+    r, _ = run(case.reference)
     tol = F64_TOL if dtype == torch.float64 else 1e-5
     for i, (a, b) in enumerate(zip(f, r)):
         assert torch.equal(a.isnan(), b.isnan()), f"param {i}: NaN positions differ"
@@ -1005,15 +1020,17 @@ def test_nonfinite_gradients_match_reference(backend, dtype, kind):
         assert int(f[0].isnan().sum()) == 1 and float(opt.layer_stats()[f[0]][2]) == 1.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_norm_weight_or_update_uses_q_one(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_zero_norm_weight_or_update_uses_q_one(case):
     """q = 1 when ||w|| = 0 (a zero-initialised layer) or ||d|| = 0 (zero gradient, no weight
     decay), or both, on every step; results as the reference."""
+    dev = case.device
+
     def run(b):
-        ps = [nn.Parameter(torch.zeros(4, 3, dtype=torch.float64)),                      # ||w|| = 0
-              nn.Parameter(torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)),
-              nn.Parameter(torch.zeros(6, dtype=torch.float64)),                         # both zero
-              nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64))]
+        ps = [nn.Parameter(torch.zeros(4, 3, dtype=torch.float64, device=dev)),          # ||w|| = 0
+              nn.Parameter(torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)),
+              nn.Parameter(torch.zeros(6, dtype=torch.float64, device=dev)),             # both zero
+              nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dev))]
         opt = make(b, weight_decay=0.0)(ps)
         stats = []
         for s in range(3):
@@ -1023,11 +1040,11 @@ def test_zero_norm_weight_or_update_uses_q_one(backend):
             if s == 0:
                 ps[0].grad.zero_()                  # w = 0 and d = 0 on the first step
             opt.step()
-            if b != "reference":
+            if b.fused:
                 stats.append({i: opt.layer_stats()[p].clone() for i, p in enumerate(ps)})
         return ps, stats
-    f, stats = run(backend)
-    r, _ = run("reference")
+    f, stats = run(case)
+    r, _ = run(case.reference)
     assert max_err(f, r) < F64_TOL
     assert float(stats[1][0][0]) == 0.0 and float(stats[1][0][2]) == 1.0    # zero weight, step 2
     for st in stats:
@@ -1039,61 +1056,61 @@ def test_zero_norm_weight_or_update_uses_q_one(backend):
 # ==== 5. state: checkpoints, backends, dtypes =======================================================
 
 CKPT_START, CKPT_STOP = 3, 7
+CKPT_CASES = with_reference(CASES)
 
 
 @pytest.fixture(scope="module")
 def checkpoint_runs(tmp_path_factory):
-    """Per backend: train CKPT_START steps, save model/optimizer/scheduler, go on to CKPT_STOP (the
-    uninterrupted run); then ONE fresh process resumes every backend from its checkpoint."""
+    """Per case (each backend on each device, the reference on each device): train CKPT_START
+    steps, save model/optimizer/scheduler, go on to CKPT_STOP (the uninterrupted run); then ONE
+    fresh process resumes every case from its checkpoint, on the case's device."""
     d = tmp_path_factory.mktemp("ckpt")
-    n = torch.get_num_threads()
-    torch.set_num_threads(ckpt.THREADS)
     straight = {}
-    try:
-        for b in BACKENDS + ["reference"]:
-            model = ckpt.make_model()
-            opt, sched = ckpt.make_optimizer(model, b)
+    with ckpt.same_bits():
+        for case in CKPT_CASES:
+            model = ckpt.make_model(device=case.device)
+            opt, sched = ckpt.make_optimizer(model, case.backend)
             ckpt.train(model, opt, sched, 0, CKPT_START)
-            torch.save(ckpt.checkpoint(model, opt, sched), d / f"ckpt_{b}.pt")
+            torch.save(ckpt.checkpoint(model, opt, sched), d / f"ckpt_{case.id}.pt")
             ckpt.train(model, opt, sched, CKPT_START, CKPT_STOP)
-            straight[b] = ckpt.result(model, opt)
-    finally:
-        torch.set_num_threads(n)
+            straight[case.id] = ckpt.result(model, opt)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, ckpt.__file__, str(d), str(CKPT_START), str(CKPT_STOP),
-                           *BACKENDS, "reference"], capture_output=True, text=True, env=env, timeout=600)
+                           *[case.id for case in CKPT_CASES]], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed = {b: torch.load(d / f"resumed_{b}.pt", weights_only=True) for b in BACKENDS + ["reference"]}
+    resumed = {case.id: torch.load(d / f"resumed_{case.id}.pt", weights_only=True) for case in CKPT_CASES}
     return straight, resumed
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_checkpoint_resume_in_fresh_process_bit_for_bit(backend, checkpoint_runs):
+@pytest.mark.parametrize("case", params(CKPT_CASES))
+def test_checkpoint_resume_in_fresh_process_bit_for_bit(case, checkpoint_runs):
     straight, resumed = checkpoint_runs
-    a, b = straight[backend], resumed[backend]
+    a, b = straight[case.id], resumed[case.id]
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
-        assert bit_equal(a["model"][k], b["model"][k]), f"{backend}: model[{k!r}] differs after resume"
+        assert bit_equal(a["model"][k], b["model"][k]), f"{case}: model[{k!r}] differs after resume"
     assert a["state"].keys() == b["state"].keys()
     for k, v in a["state"].items():
         if isinstance(v, dict):
             assert v.keys() == b["state"][k].keys()
             for n, t in v.items():
-                assert bit_equal(t, b["state"][k][n]), f"{backend}: state[{k}][{n!r}] differs after resume"
+                assert bit_equal(t, b["state"][k][n]), f"{case}: state[{k}][{n!r}] differs after resume"
         else:
-            assert bit_equal(v, b["state"][k]), f"{backend}: state[{k!r}] differs"
+            assert bit_equal(v, b["state"][k]), f"{case}: state[{k!r}] differs"
     assert all(float(v["step"]) == CKPT_STOP for v in a["state"].values()) and a["lrs"] == b["lrs"]
 
 
-PAIRS = [(s, d) for s in BACKENDS + ["reference"] for d in BACKENDS + ["reference"] if s != d]
+# Every ordered pair of (device, backend) cases and references: on a GPU also across devices.
+PAIRS = [(s, d) for s in with_reference(CASES) for d in with_reference(CASES) if s != d]
 
 
 @pytest.mark.parametrize("src,dst", PAIRS, ids=[f"{s}->{d}" for s, d in PAIRS])
 def test_state_dict_moves_between_backends(src, dst):
     """A state_dict saved (torch.save) with one backend loads into another (and the reference),
-    both momentum forms, and the run goes on as if it had never moved."""
+    on the same device or (on a GPU) another one, both momentum forms, and the run goes on as if it
+    had never moved."""
     model_a, opt_a = _net_and_opt(src, seed=6)
     for g in opt_a.param_groups[1:]:
         g["momentum_form"] = "paper"   # set before any state exists: one group of each form
@@ -1116,14 +1133,14 @@ def test_state_dict_moves_between_backends(src, dst):
     assert keys == [["momentum_buffer", "step"]] * 2 + [["m", "step"]] * 4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_parameters_keep_float32_momentum_through_save_load(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_bf16_parameters_keep_float32_momentum_through_save_load(case):
     def run(b, steps):
-        ps = [nn.Parameter(x.to(torch.bfloat16)) for x in make_init([(6, 5), (5,), (3, 3)], seed=8)]
+        ps = [nn.Parameter(x.to(case.device, torch.bfloat16)) for x in make_init([(6, 5), (5,), (3, 3)], seed=8)]
         opt = make(b)(ps)
         lockstep([ps], [opt], steps)
         return ps, opt
-    ps, opt = run(backend, 3)
+    ps, opt = run(case, 3)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -1132,18 +1149,18 @@ def test_bf16_parameters_keep_float32_momentum_through_save_load(backend):
     # the momentum is not representable in bfloat16: a cast anywhere would lose bits
     assert any(not torch.equal(v["momentum_buffer"], v["momentum_buffer"].bfloat16().float())
                for k, v in sd["state"].items() if k != "step")
-    for b in (backend, "reference"):
+    for b in (case, case.reference):
         ps2 = [nn.Parameter(p.detach().clone()) for p in ps]
         o2 = make(b)(ps2)
         o2.load_state_dict(sd)
         for p, p2 in zip(ps, ps2):
             assert o2.state[p2]["momentum_buffer"].dtype == torch.float32
             assert bit_equal(o2.state[p2]["momentum_buffer"], opt.state[p]["momentum_buffer"])
-        if b == backend:
+        if b.fused:
             assert o2._buckets[0].state_buf.dtype == torch.float32
             lockstep([ps2], [o2], 2, start=3)
             assert o2.state[ps2[0]]["momentum_buffer"].dtype == torch.float32
-            ref_ps, _ = run(backend, 5)     # never saved: the same bits
+            ref_ps, _ = run(case, 5)     # never saved: the same bits
             assert all(bit_equal(a, b_) for a, b_ in zip(ps2, ref_ps))
 
 
@@ -1173,7 +1190,7 @@ def _resync(dst_model, dst_opt, src_model, src_opt) -> None:
                 dst_opt.state[p][key].copy_(t)
 
 
-def long_run(backend: str, steps: int, window: int = 250):
+def long_run(case: BackendCase, steps: int, window: int = 250):
     """A small MLP (three Linear layers, a LayerNorm; 1-D parameters in a paper-form group with both
     filters) regressing a fixed target with real, parameter-dependent gradients, for `steps` steps:
     fused and reference runs in float32 and float64 in lock step.
@@ -1186,7 +1203,9 @@ def long_run(backend: str, steps: int, window: int = 250):
       (x40 over 5000 steps here, chaotic), and which of two float32 runs ends up nearer is then a
       matter of luck, not of accuracy; per window the rule compares like with like;
     - the uninterrupted float32 runs are tracked too: their error ratio is reported, not asserted.
+    The runs are on the case's device; the data stays on the CPU (moved batch by batch).
     Returns the worst values seen."""
+    dev = case.device
     base = _long_model().double()
     gen = torch.Generator().manual_seed(5)
     X = torch.randn(256, 8, generator=gen, dtype=torch.float64)
@@ -1194,10 +1213,10 @@ def long_run(backend: str, steps: int, window: int = 250):
     runs = {}
     for name, dtype in (("f32", torch.float32), ("r32", torch.float32), ("f32w", torch.float32),
                         ("r32w", torch.float32), ("r64", torch.float64), ("f64", torch.float64)):
-        m = copy.deepcopy(base).to(dtype)
-        b = backend if name[0] == "f" else "reference"
-        opt = (reference.TVLARS(_long_groups(m), **LONG_HYPER) if b == "reference"
-               else tvlars_fused.TVLARS(_long_groups(m), backend=b, **LONG_HYPER))
+        m = copy.deepcopy(base).to(dev, dtype)
+        b = case if name[0] == "f" else case.reference
+        opt = (reference.TVLARS(_long_groups(m), **LONG_HYPER) if not b.fused
+               else tvlars_fused.TVLARS(_long_groups(m), backend=b.backend, **LONG_HYPER))
         runs[name] = (m, opt, dtype)
     worst = dict(ratio=0.0, at=0, fused32=0.0, ref32=0.0, fused64=0.0, drift_ratio=0.0, drift_fused32=0.0,
                  drift_ref32=0.0)
@@ -1209,14 +1228,14 @@ def long_run(backend: str, steps: int, window: int = 250):
         idx = torch.randint(0, 256, (32,), generator=gen)
         for m, opt, dtype in runs.values():
             opt.zero_grad()
-            nn.functional.mse_loss(m(X[idx].to(dtype)), Y[idx].to(dtype)).backward()
+            nn.functional.mse_loss(m(X[idx].to(dev, dtype)), Y[idx].to(dev, dtype)).backward()
             opt.step()
         if (s + 1) % window == 0 or s + 1 == steps:
             P = {k: list(v[0].parameters()) for k, v in runs.items()}
             assert all(torch.isfinite(p).all() for p in P["f32"] + P["f32w"])
-            e_f, e_r = assert_parity_fp32(P["f32w"], P["r32w"], P["r64"], f"{backend} window ending at step {s + 1}")
+            e_f, e_r = assert_parity_fp32(P["f32w"], P["r32w"], P["r64"], f"{case} window ending at step {s + 1}")
             e64 = max_err(P["f64"], P["r64"])
-            assert e64 <= 1e-9, f"{backend} step {s + 1}: fused float64 error {e64:.3e}"
+            assert e64 <= 1e-9, f"{case} step {s + 1}: fused float64 error {e64:.3e}"
             d_f, d_r = max_err(P["f32"], P["r64"]), max_err(P["r32"], P["r64"])
             if e_r and e_f / e_r > worst["ratio"]:
                 worst.update(ratio=e_f / e_r, at=s + 1)
@@ -1225,10 +1244,10 @@ def long_run(backend: str, steps: int, window: int = 250):
                          drift_ratio=max(worst["drift_ratio"], d_f / d_r if d_r else 0.0),
                          drift_fused32=max(worst["drift_fused32"], d_f), drift_ref32=max(worst["drift_ref32"], d_r))
     loss0 = nn.functional.mse_loss(base(X), Y).item()
-    loss = nn.functional.mse_loss(runs["r64"][0](X), Y).item()
+    loss = nn.functional.mse_loss(runs["r64"][0](X.to(dev)), Y.to(dev)).item()
     assert loss < loss0, "the long run did not train"
     assert float(runs["f32"][1].step_count) == steps
-    print(f"\nlong run {backend} {steps} steps, {window}-step windows ({time.time() - t0:.0f}s): worst fused fp32 / "
+    print(f"\nlong run {case} {steps} steps, {window}-step windows ({time.time() - t0:.0f}s): worst fused fp32 / "
           f"reference fp32 error ratio {worst['ratio']:.3f} (window ending at step {worst['at']}), worst fused fp32 "
           f"error {worst['fused32']:.3e} (reference fp32 {worst['ref32']:.3e}); fused fp64 vs reference fp64 "
           f"{worst['fused64']:.3e}; uninterrupted fp32 drift: fused {worst['drift_fused32']:.3e}, reference "
@@ -1237,22 +1256,23 @@ def long_run(backend: str, steps: int, window: int = 250):
     return worst
 
 
-# The Triton interpreter runs a step in ~0.2-0.3 s here: its runs are shorter (and say so).
-LONG_STEPS = {"triton": 300}
-FAST_STEPS = {"triton": 10}
+# The Triton interpreter (triton on the CPU) runs a step in ~0.2-0.3 s here: its runs are shorter
+# (and say so). Triton on a GPU runs the full length.
+LONG_STEPS = {True: 300, False: 5000}   # by case.interpreted
+FAST_STEPS = {True: 10, False: 300}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_long_run_5000_steps_within_parity(backend):
-    steps = LONG_STEPS.get(backend, 5000)
-    long_run(backend, steps, window=250 if steps >= 1000 else 50)
+@pytest.mark.parametrize("case", BACKENDS)
+def test_long_run_5000_steps_within_parity(case):
+    steps = LONG_STEPS[case.interpreted]
+    long_run(case, steps, window=250 if steps >= 1000 else 50)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_long_run_300_steps_within_parity(backend):
-    steps = FAST_STEPS.get(backend, 300)
-    long_run(backend, steps, window=50 if steps > 50 else 5)
+@pytest.mark.parametrize("case", BACKENDS)
+def test_long_run_300_steps_within_parity(case):
+    steps = FAST_STEPS[case.interpreted]
+    long_run(case, steps, window=50 if steps > 50 else 5)
 
 
 # ==== 7. memory =====================================================================================
@@ -1266,11 +1286,11 @@ def _allocations(fn):
     return len(events), sum(e.cpu_memory_usage for e in events)
 
 
-def _profiled_step_allocations(backend, steps=3):
+def _profiled_step_allocations(case, steps=3):
     """Allocation events during `steps` optimizer steps after warm-up (gradients in place)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), nn.LayerNorm(10))
-    opt = make(backend)(model.parameters())
+    opt = make(case)(model.parameters())
     x = torch.randn(8, 64)
 
     def forward_backward():
@@ -1287,15 +1307,15 @@ def _profiled_step_allocations(backend, steps=3):
     return _allocations(run)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_step_allocates_nothing_after_warmup(backend):
+@pytest.mark.parametrize("case", CPU_BACKENDS)   # CPU-only: see the top of this file
+def test_step_allocates_nothing_after_warmup(case):
     ctl = _allocations(lambda: torch.empty(1 << 16).fill_(1.0))
     assert ctl[0] >= 1 and ctl[1] >= 4 << 16, f"the profiler does not report allocations: {ctl}"
-    n, nbytes = _profiled_step_allocations(backend)
-    print(f"\n{backend}: {n} allocation events, {nbytes} bytes in 3 steps after warm-up")
-    if backend == "torch":
+    n, nbytes = _profiled_step_allocations(case)
+    print(f"\n{case}: {n} allocation events, {nbytes} bytes in 3 steps after warm-up")
+    if case.backend == "torch":
         return   # plain torch ops: bucket-sized temporaries by design (recorded, not asserted)
-    assert n == 0 and nbytes == 0, f"{backend}: a step after warm-up allocated {n} times ({nbytes} bytes)"
+    assert n == 0 and nbytes == 0, f"{case}: a step after warm-up allocated {n} times ({nbytes} bytes)"
 
 
 @requires_cuda
@@ -1403,18 +1423,18 @@ def retained_storages(opt) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_memory_overhead_resnet18_shapes(backend):
+@pytest.mark.parametrize("case", BACKENDS)
+def test_memory_overhead_resnet18_shapes(case):
     """The fused optimizer's memory over parameters + gradients vs the eager reference's momentum
     buffers (ResNet-18 shapes, float32). Bounded: the state equals the reference's buffers, plus
     <0.5% for padding, tables and workspace."""
     shapes = resnet18_shapes()
-    init = [torch.zeros(s) for s in shapes]
+    init = [torch.zeros(s, device=case.device) for s in shapes]
     params = [nn.Parameter(x) for x in init]
-    opt = make(backend)(params)
+    opt = make(case)(params)
     numel = sum(p.numel() for p in params)
-    ref_ps = [nn.Parameter(torch.zeros(s)) for s in shapes]
-    o_r = make("reference")(ref_ps)
+    ref_ps = [nn.Parameter(torch.zeros(s, device=case.device)) for s in shapes]
+    o_r = make(case.reference)(ref_ps)
     for p in ref_ps:
         p.grad = torch.zeros_like(p)
     o_r.step()
@@ -1422,7 +1442,7 @@ def test_memory_overhead_resnet18_shapes(backend):
     over = optimizer_overhead(opt, params)
     own = own_storages(opt)
     retained = sum(n for ptr, n in retained_storages(opt).items() if ptr not in own)
-    print(f"\nResNet-18 shapes ({len(shapes)} tensors, {numel / 1e6:.2f}M float32 params, {backend}): "
+    print(f"\nResNet-18 shapes ({len(shapes)} tensors, {numel / 1e6:.2f}M float32 params, {case}): "
           f"fused overhead {over['total'] / 2**20:.2f} MiB = state {over['state'] / 2**20:.2f} + padding "
           f"{over['padding'] / 2**10:.1f} KiB + tables {over['tables'] / 2**10:.1f} KiB + workspace "
           f"{over['workspace'] / 2**10:.1f} KiB; reference momentum {ref_bytes / 2**20:.2f} MiB; "
@@ -1432,10 +1452,10 @@ def test_memory_overhead_resnet18_shapes(backend):
     assert over["total"] <= ref_bytes * 1.005
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_buckets_retain_no_storage_besides_their_buffers(backend):
-    params = [nn.Parameter(torch.randn(s)) for s in [(256, 128), (128,), (64, 64)]]
-    opt = make(backend)(params)
+@pytest.mark.parametrize("case", BACKENDS)
+def test_buckets_retain_no_storage_besides_their_buffers(case):
+    params = [nn.Parameter(torch.randn(s).to(case.device)) for s in [(256, 128), (128,), (64, 64)]]
+    opt = make(case)(params)
     for _ in range(2):
         opt.zero_grad()
         sum(p.square().sum() for p in params).backward()
