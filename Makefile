@@ -14,7 +14,7 @@ STAMP := $(VENV)/.tvlars_fused_installed
 
 install: $(STAMP)
 
-$(STAMP): Makefile setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): Makefile setup.py pyproject.toml $(wildcard csrc/* csrc/algo/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"

@@ -13,7 +13,7 @@ from setuptools import setup
 
 # Compiler flags (tests/test_nvcc.py compiles the .cu with this NVCC_FLAGS list, read from here):
 #  - no FMA contraction on the host, so the CPU kernel's bits do not depend on the instruction set
-#    the compiler picks (the device side uses explicitly rounded intrinsics, csrc/tvlars_math.h);
+#    the compiler picks (the device side uses explicitly rounded intrinsics, csrc/arith.h);
 #  - OpenMP, which at::parallel_for needs to run in parallel inside an extension (the library
 #    resolves to the libgomp that torch loaded);
 #  - -Wno-psabi: GCC notes that 64-byte vector arguments changed ABI in GCC 4.6; ours are inlined;
@@ -41,7 +41,7 @@ if os.environ.get("TVLARS_FUSED_BUILD_EXT", "1") != "0" and glob.glob("csrc/*.cp
     else:
         with_cuda = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
     sources = sorted(glob.glob("csrc/*.cpp"))
-    kwargs = dict(extra_link_args=["-fopenmp"], depends=sorted(glob.glob("csrc/*.h")))
+    kwargs = dict(extra_link_args=["-fopenmp"], depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/algo/*.h")))
     if with_cuda:
         sources += sorted(glob.glob("csrc/*.cu"))
         ext = CUDAExtension("tvlars_fused._C", sources, define_macros=[("TVLARS_WITH_CUDA", None)],

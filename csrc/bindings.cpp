@@ -7,8 +7,8 @@
 #include <torch/library.h>
 
 #include "host_checks.h"
-#include "tvlars_math.h"
-#include "tvlars_ops.h"
+#include "abi.h"
+#include "bucket_step.h"
 
 namespace tvlars {
 namespace {
@@ -27,7 +27,7 @@ void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, c
   TORCH_CHECK(t.device() == device, kOp, ": ", name, " is on ", t.device(), " but params on ", device);
 }
 
-void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t cols,
+void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, const c10::SymInt& cols,
                  const at::Device& device) {
   TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 2, kOp, ": ", name, " must have shape [N, ", cols, "], got ", t.sym_sizes());
@@ -63,6 +63,9 @@ void check_params_list(at::TensorList params, const at::Tensor& seg_table) {
 void check_bucket_args(at::ScalarType P, const at::Device& dev, TVLARS_BUCKET_TABLES_PARAMS) {
   TORCH_CHECK(P == at::kFloat || P == at::kDouble || P == at::kBFloat16 || P == at::kHalf, kOp,
               ": params must be float32, float64, bfloat16 or float16, got ", P);
+  TORCH_CHECK(algorithm == ALGO_LARS || algorithm == ALGO_LAMB, kOp, ": algorithm must be ", ALGO_LARS,
+              " (LARS) or ", ALGO_LAMB, " (LAMB), got ", algorithm);
+  const int64_t slots = algorithm == ALGO_LAMB ? LAMB_STATE_SLOTS : LARS_STATE_SLOTS;
   const bool low = P == at::kBFloat16 || P == at::kHalf;
   const at::ScalarType S = low ? at::kFloat : P;
   const at::ScalarType A = P == at::kDouble ? at::kDouble : at::kFloat;
@@ -70,10 +73,12 @@ void check_bucket_args(at::ScalarType P, const at::Device& dev, TVLARS_BUCKET_TA
               ALIGN, ", got ", chunk_elems);
   const c10::SymInt n = grads.sym_numel();
   check_vector(grads, "grads", P, n, dev);
-  check_vector(state, "state", S, n, dev);
+  check_table(state, "state", S, n, dev);
+  TORCH_SYM_CHECK(state.sym_size(0).sym_eq(slots), kOp, ": state must have one row per state slot of the algorithm (",
+                  slots, "), got ", state.sym_size(0));
   check_table(seg_table, "seg_table", at::kLong, SEG_COLS, dev);
   check_table(chunk_table, "chunk_table", at::kLong, CHUNK_COLS, dev);
-  check_table(group_table, "group_table", A, GROUP_COLS, dev);
+  check_table(group_table, "group_table", at::kDouble, GROUP_COLS, dev);
   const c10::SymInt segs = seg_table.sym_size(0), chunks = chunk_table.sym_size(0);
   check_vector(param_offsets, "param_offsets", at::kLong, segs, dev);
   check_vector(seg_active, "seg_active", at::kInt, segs, dev);
@@ -104,7 +109,7 @@ void bucket_step_meta(at::TensorList params, TVLARS_BUCKET_TABLES_PARAMS) {
 #define TVLARS_TABLES_SCHEMA                                                                          \
   "Tensor param_offsets, Tensor grads, Tensor(b!) state, Tensor seg_table, Tensor seg_active, "       \
   "Tensor chunk_table, Tensor group_table, Tensor(c!) step, Tensor(d!) partials, Tensor(e!) counters, " \
-  "Tensor(f!) stats, Tensor? grad_scale, Tensor? found_inf, int chunk_elems) -> ()"
+  "Tensor(f!) stats, Tensor? grad_scale, Tensor? found_inf, int chunk_elems, int algorithm) -> ()"
 
 TORCH_LIBRARY(tvlars_fused, m) {
   m.def("bucket_step(Tensor(a!)[] params, " TVLARS_TABLES_SCHEMA);

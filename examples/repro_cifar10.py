@@ -529,7 +529,7 @@ def stat_names(n: int) -> Sequence[str]:
     trust_ratio, phi)."""
     for mod in ("tvlars_fused.abi", "tvlars_fused.diagnostics"):
         try:
-            names = tuple(getattr(__import__(mod, fromlist=["STAT_NAMES"]), "STAT_NAMES"))
+            names = tuple(getattr(__import__(mod, fromlist=["LARS_STAT_NAMES"]), "LARS_STAT_NAMES"))
         except (ImportError, AttributeError):
             continue
         if len(names) == n:

@@ -149,6 +149,8 @@ def _lars_family_inputs(name: str) -> List[OptimInput]:
     common = [
         OptimInput("default", dict(lr=LR)),
         OptimInput("paper", dict(lr=LR, momentum_form="paper")),
+        # TensorFlow's momentum keeps a "momentum_buffer" too (the fused classes once named it "m")
+        OptimInput("lr-scaled", dict(lr=LR, momentum_form="lr_scaled")),
         # 1-D parameters get plain SGD (no adaptation): a smaller lr keeps that stable
         OptimInput("filters", dict(lr=0.1, weight_decay_filter=True, lars_adaptation_filter=True)),
         OptimInput("clip", dict(lr=LR, norm_clip=1.0)),

@@ -1,6 +1,7 @@
-"""csrc/tvlars_cuda.cu compiles with nvcc for sm_80 and sm_90 -- no GPU needed, and a CPU build of
-torch's headers is enough -- with no register spills, 128-bit global loads/stores, and no FMA
-contraction in the update (the CPU and CUDA kernels share csrc/tvlars_math.h bit for bit).
+"""csrc/bucket_step_cuda.cu compiles with nvcc for sm_80 and sm_90 -- no GPU needed, and a CPU
+build of torch's headers is enough -- with no register spills, 128-bit global loads/stores, and no
+FMA contraction in the update, for every algorithm and dtype (the CPU and CUDA kernels share
+csrc/algo/*.h and csrc/arith.h bit for bit).
 
 One nvcc run (both architectures) with the flags the real build uses: NVCC_FLAGS from setup.py,
 torch's COMMON_NVCC_FLAGS and include paths, and the defines BuildExtension adds. -rP shows the
@@ -21,10 +22,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CU = ROOT / "csrc" / "tvlars_cuda.cu"
+CU = ROOT / "csrc" / "bucket_step_cuda.cu"
+OBJ = "bucket_step_cuda"
 ARCHS = ("80", "90")
-KERNELS = [(p, t) for p in ("pass1", "pass2") for t in ("float32", "float64", "bfloat16", "float16")]
+KERNELS = [(p, a, t) for p in ("pass1", "pass2") for a in ("lars", "lamb")
+           for t in ("float32", "float64", "bfloat16", "float16")]
 MAX_REGISTERS = 64   # 256-thread blocks: <= 64 registers keeps at least 4 blocks (50%) resident per SM
+# LAMB's pass 1 streams w, g and both moments and divides twice per element: about 75 registers
+# (3 blocks of 256 threads per SM, still four 128-bit streams in flight per thread), 92 for float64
+MAX_REGISTERS_BY_KERNEL = {("pass1", "lamb"): 96}
 
 
 def _find_nvcc():
@@ -52,7 +58,7 @@ def setup_nvcc_flags():
 
 def nvcc_command(out_dir: Path):
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
-    cmd = [NVCC, "-c", str(CU), "-o", str(out_dir / "tvlars_cuda.o")]
+    cmd = [NVCC, "-c", str(CU), "-o", str(out_dir / f"{OBJ}.o")]
     cmd += setup_nvcc_flags() + list(COMMON_NVCC_FLAGS)
     cmd += ["-Xcompiler", "-fPIC", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
             "-DTVLARS_WITH_CUDA"]
@@ -79,14 +85,16 @@ def build(tmp_path_factory):
 
 
 def _kernel_id(mangled: str):
+    """(pass, algorithm, dtype) of a mangled pass1_kernel<Algo, P> / pass2_kernel<Algo, P>."""
     kind = "pass1" if "pass1_kernel" in mangled else "pass2" if "pass2_kernel" in mangled else None
     if kind is None:
         return None
     tail = mangled.split("_kernel", 1)[1]
-    for key, name in (("BFloat16", "bfloat16"), ("Half", "float16"), ("IfE", "float32"), ("IdE", "float64")):
+    algo = "lars" if "4Lars" in tail else "lamb" if "4Lamb" in tail else tail
+    for key, name in (("BFloat16", "bfloat16"), ("Half", "float16"), ("EfE", "float32"), ("EdE", "float64")):
         if key in tail:
-            return kind, name
-    return kind, tail
+            return kind, algo, name
+    return kind, algo, tail
 
 
 def parse_ptxas(log: str):
@@ -111,30 +119,32 @@ def parse_ptxas(log: str):
 
 def test_compiles_for_sm80_and_sm90(build):
     out, _ = build
-    assert (out / "tvlars_cuda.o").stat().st_size > 0
+    assert (out / f"{OBJ}.o").stat().st_size > 0
     for arch in ARCHS:
-        assert (out / f"tvlars_cuda.compute_{arch}.cubin").exists()
+        assert (out / f"{OBJ}.compute_{arch}.cubin").exists()
 
 
 def test_no_spills_and_register_table(build):
     _, log = build
     usage = parse_ptxas(log)
-    lines = [f"{'kernel':8s} {'dtype':9s} " + " ".join(f"sm_{a} regs/spill st/ld/stack" for a in ARCHS)]
-    for kind, dtype in KERNELS:
+    lines = [f"{'kernel':8s} {'algo':5s} {'dtype':9s} " + " ".join(f"sm_{a} regs/spill st/ld/stack" for a in ARCHS)]
+    for kind, algo, dtype in KERNELS:
         cells = []
         for arch in ARCHS:
-            u = usage.get((arch, kind, dtype))
-            assert u is not None and "regs" in u, f"no ptxas report for {kind} {dtype} sm_{arch}"
-            assert u["spill_st"] == 0 and u["spill_ld"] == 0, f"{kind} {dtype} sm_{arch} spills: {u}"
-            assert u["stack"] == 0, f"{kind} {dtype} sm_{arch} uses a stack frame: {u}"
-            assert u["regs"] <= MAX_REGISTERS, f"{kind} {dtype} sm_{arch}: {u['regs']} registers"
+            u = usage.get((arch, kind, algo, dtype))
+            name = f"{kind} {algo} {dtype} sm_{arch}"
+            assert u is not None and "regs" in u, f"no ptxas report for {name}"
+            assert u["spill_st"] == 0 and u["spill_ld"] == 0, f"{name} spills: {u}"
+            assert u["stack"] == 0, f"{name} uses a stack frame: {u}"
+            limit = MAX_REGISTERS_BY_KERNEL.get((kind, algo), MAX_REGISTERS)
+            assert u["regs"] <= limit, f"{name}: {u['regs']} registers (at most {limit})"
             cells.append(f"{u['regs']:4d} / {u['spill_st']}/{u['spill_ld']}/{u['stack']}".ljust(30))
-        lines.append(f"{kind:8s} {dtype:9s} " + " ".join(cells))
+        lines.append(f"{kind:8s} {algo:5s} {dtype:9s} " + " ".join(cells))
     print("\n" + "\n".join(lines))
 
 
 def _ptx_kernels(ptx: str):
-    """{(pass, dtype): body} of the .entry functions in a PTX file."""
+    """{(pass, algorithm, dtype): body} of the .entry functions in a PTX file."""
     out = {}
     for m in re.finditer(r"\.entry\s+(\S+)\s*\((.*?)\n}\n", ptx, re.S):
         kid = _kernel_id(m.group(1))
@@ -146,13 +156,19 @@ def _ptx_kernels(ptx: str):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_128bit_access_and_no_fma_in_update(build, arch):
     out, _ = build
-    kernels = _ptx_kernels((out / f"tvlars_cuda.compute_{arch}.ptx").read_text())
-    for kind, dtype in KERNELS:
-        body = kernels.get((kind, dtype))
-        assert body is not None, f"{kind} {dtype} missing from the PTX"
+    kernels = _ptx_kernels((out / f"{OBJ}.compute_{arch}.ptx").read_text())
+    for kind, algo, dtype in KERNELS:
+        body = kernels.get((kind, algo, dtype))
+        name = f"{kind} {algo} {dtype}"
+        assert body is not None, f"{name} missing from the PTX"
         # w and g (and the state) move as 128-bit vectors
-        assert re.search(r"ld\.global(\.nc)?\.v(4\.(f32|u32|b32)|2\.(f64|u64|b64))", body), f"{kind} {dtype}: no 128-bit load"
-        if kind == "pass2":
-            assert re.search(r"st\.global\.v(4\.(f32|u32|b32)|2\.(f64|u64|b64))", body), f"{dtype}: no 128-bit store"
-            # the update is separate multiplies and adds (tvlars_math.h), as on the CPU
-            assert not re.search(r"\bfma\.rn\.f(32|64)\b", body), f"pass2 {dtype}: contracted FMA"
+        assert re.search(r"ld\.global(\.nc)?\.v(4\.(f32|u32|b32)|2\.(f64|u64|b64))", body), f"{name}: no 128-bit load"
+        # every multiply and add is its own rounding (csrc/arith.h), as on the CPU (division and
+        # sqrt are the PTX div.rn / sqrt.rn instructions; only LARS's pass 1 calls expf, for
+        # phi(t), whose library code uses FMA)
+        if (kind, algo) != ("pass1", "lars"):
+            assert not re.search(r"\bfma\.rn\.f(32|64)\b", body), f"{name}: contracted FMA"
+        # the weights (pass 2) and LAMB's moments (pass 1) are stored 128 bits at a time (the
+        # weights through an address computed from the offsets table: a generic-space st.v4)
+        if kind == "pass2" or algo == "lamb":
+            assert re.search(r"st(\.global)?\.v(4\.(f32|u32|b32)|2\.(f64|u64|b64))", body), f"{name}: no 128-bit store"

@@ -1,4 +1,4 @@
-"""backend="triton" (tvlars_fused/kernels/triton_lars.py): parity with the reference and the torch
+"""backend="triton" (tvlars_fused/kernels/triton_backend.py): parity with the reference and the torch
 backend, determinism and the chunk-order reduction, two launches per bucket, no host sync, AMP
 (found_inf / grad_scale), and an ahead-of-time compile for sm_80/sm_90 (registers, spills, 128-bit
 loads). Without a GPU the kernels run on CPU tensors under the Triton interpreter (conftest.py sets
@@ -27,11 +27,14 @@ from parity import init_with_zero, used, weights_flat  # noqa: E402
 from parity import (SHAPES, assert_close_ulps, assert_parity_fp32, grads_for_step, make_init, max_err,
                     train)
 
-triton_lars = pytest.importorskip("tvlars_fused.kernels.triton_lars", reason="triton is not installed")
+triton_backend = pytest.importorskip("tvlars_fused.kernels.triton_backend", reason="triton is not installed")
+from tvlars_fused.kernels import triton_math  # noqa: E402
+
+TRITON = triton_backend.BACKEND
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_interpreter = pytest.mark.skipif(
-    not triton_lars.available(torch.device("cpu")),
+    not TRITON.available(torch.device("cpu")),
     reason="CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before triton is imported, triton >= 3.7)")
 DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=requires_cuda)]
 
@@ -188,7 +191,7 @@ def test_update_bitwise(device, dtype):
             p.grad = c.to(device=device, dtype=dtype)
         b = opt._buckets[0]
         w0 = [p.detach().float().cpu().clone() for p in ps]
-        s0 = [v.detach().cpu().clone() for v in b.state_views]
+        s0 = [v[0].detach().cpu().clone() for v in b.state_views]
         g0 = [p.grad.detach().float().cpu().clone() for p in ps]
         new_state = [not b.has_state[i] for i in range(len(ps))]
         opt.step()
@@ -209,7 +212,7 @@ def test_update_bitwise(device, dtype):
             else:
                 s_new = f32(grp["momentum"]) * s + u
                 w_new = w - f32(grp["lr"]) * s_new
-            assert torch.equal(b.state_views[i].cpu(), s_new), (step, i)
+            assert torch.equal(b.state_views[i][0].cpu(), s_new), (step, i)
             assert torch.equal(p.detach().cpu(), w_new.to(dtype)), (step, i)   # torch rounds RNE
     assert float(opt.step_count) == 3
 
@@ -225,7 +228,7 @@ def test_bf16_rounding_bits(device):
     @triton.jit
     def probe(x_ptr, y_ptr, N: tl.constexpr):
         offs = tl.arange(0, N)
-        tl.store(y_ptr + offs, triton_lars._bf16_rne_bits(tl.load(x_ptr + offs)).to(tl.int16, bitcast=True))
+        tl.store(y_ptr + offs, triton_math.bf16_rne_bits(tl.load(x_ptr + offs)).to(tl.int16, bitcast=True))
 
     g = torch.Generator().manual_seed(0)
     special = [0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x3F80_8001, 0x3FFF_8000, 0x7F7F_FFFF, 0x7F7F_7FFF,
@@ -265,12 +268,12 @@ def test_zero_numel_and_empty_buckets(device):
 
 
 def test_available_and_requirement():
-    assert triton_lars.NAME == "triton" and triton_lars.CHUNK_ELEMS % 16 == 0
-    assert not triton_lars.available(torch.device("meta"))
-    assert triton_lars.available(torch.device("cpu")) == (
-        os.environ.get("TRITON_INTERPRET") == "1" and triton_lars._interpreted()
-        and triton_lars._interpreter_ok())
-    if not triton_lars.available(torch.device("cpu")):
+    assert TRITON.NAME == "triton" and TRITON.CHUNK_ELEMS % 16 == 0
+    assert not TRITON.available(torch.device("meta"))
+    assert TRITON.available(torch.device("cpu")) == (
+        os.environ.get("TRITON_INTERPRET") == "1" and triton_backend._interpreted()
+        and triton_backend._interpreter_ok())
+    if not TRITON.available(torch.device("cpu")):
         with pytest.raises(RuntimeError, match="Triton interpreter"):
             tvlars_fused.TVLARS([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="triton")
 
@@ -279,7 +282,7 @@ def test_available_and_requirement():
 
 def _small_chunks(monkeypatch, elems=64):
     """Buckets built with small chunks: every segment of a few hundred elements spans several."""
-    monkeypatch.setattr(triton_lars, "CHUNK_ELEMS", elems)
+    monkeypatch.setattr(TRITON, "CHUNK_ELEMS", elems)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -306,7 +309,7 @@ class LaunchCounter:
 
     def __init__(self, monkeypatch):
         self.counts = {}
-        for k in triton_lars.KERNELS:
+        for k in triton_backend.KERNELS:
             cls = type(k)
             if getattr(cls.run, "_counting", False):
                 continue
@@ -340,7 +343,7 @@ def test_two_launches_per_bucket(device, nparams, monkeypatch):
         opt.zero_grad()
         sum((p * p).sum() for p in active).backward()
         opt.step()
-        assert counter.counts == {"_lars_norms_kernel": 1, "_lars_update_kernel": 1}, counter.counts
+        assert counter.counts == {"_norms_kernel": 1, "_update_kernel": 1}, counter.counts
     assert len(opt._buckets) == 1 and opt._buckets[0].num_segments == nparams
     act = {id(p) for p in active}
     for p, p0 in zip(ps, before):
@@ -358,7 +361,7 @@ def test_two_launches_per_bucket_two_buckets(device, monkeypatch):
     sum((p.float() * p.float()).sum() for p in ps).backward()
     opt.step()
     assert len(opt._buckets) == 2
-    assert counter.counts == {"_lars_norms_kernel": 2, "_lars_update_kernel": 2}, counter.counts
+    assert counter.counts == {"_norms_kernel": 2, "_update_kernel": 2}, counter.counts
 
 
 # -- no host sync ---------------------------------------------------------------------------------
@@ -486,38 +489,50 @@ def test_grad_scaler_skips_inf(device):
 
 # -- ahead-of-time compile for sm_80 / sm_90 ---------------------------------------------------------
 
-AOT_SCRIPT = textwrap.dedent(r'''
+AOT_SCRIPT = textwrap.dedent(r"""
     import json, os, re, subprocess, sys, tempfile
     import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    from tvlars_fused.kernels import triton_lars as T
+    import inspect
+    import triton.backends.nvidia.compiler as nvidia_compiler
+    from tvlars_fused import abi
+    from tvlars_fused.kernels import triton_backend as T
+
+    REG_ALLOC = ["--regAllocOptLevel=2"] if "regAllocOptLevel" in inspect.getsource(nvidia_compiler) else []
 
     PTR = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "f64": "fp64"}
     TABLES = {"chunk_tab": "i64", "seg_tab": "i64", "seg_active": "i32", "counters": "i32", "w_offsets": "i64",
-              "step_ptr": "fp32", "scale_ptr": "fp32", "inf_ptr": "fp32", "num_segs": "i32"}
+              "step_ptr": "fp32", "scale_ptr": "fp32", "inf_ptr": "fp32", "group_tab": "fp64"}
+    INTS = {"num_segs": "i32", "state_stride": "i64"}
+    ALGOS = {"lars": abi.ALGO_LARS, "lamb": abi.ALGO_LAMB}
+    # each algorithm's variant (V0, V1, V2: Algorithm.variant): the common case, and the one with
+    # the most code (LARS: heavy ball / every momentum form with Nesterov and dampening; LAMB: moment
+    # bias correction / plus l2 and decoupled weight decay)
+    VARIANTS = {("lars", False): (0, False, False), ("lars", True): (-1, True, True),
+                ("lamb", False): (False, False, True), ("lamb", True): (True, True, True)}
 
-    def compile_one(kernel, dtype, arch, amp, mixed):
+    def compile_one(kernel, algo, dtype, arch, amp, mixed):
         acc = "fp64" if dtype == "f64" else "fp32"
-        types = dict(TABLES, w_ptr=PTR[dtype], g_ptr=PTR[dtype], s_ptr=acc, group_tab=acc,
-                     partials=acc, stats=acc)
-        sig = {n: "constexpr" if n.isupper() else types[n] if n == "num_segs" else "*" + types[n]
+        types = dict(TABLES, w_ptr=PTR[dtype], g_ptr=PTR[dtype], s_ptr=acc, partials=acc, stats=acc)
+        sig = {n: "constexpr" if n.isupper() else INTS[n] if n in INTS else "*" + types[n]
                for n in kernel.arg_names}
-        block, warps = T.block_and_warps(T.CHUNK_ELEMS, torch.float64 if dtype == "f64" else torch.float32)
+        block, warps = T.block_and_warps(T.BACKEND.CHUNK_ELEMS, torch.float64 if dtype == "f64" else torch.float32,
+                                         ALGOS[algo])
+        v0, v1, v2 = VARIANTS[(algo, mixed)]
         # the common case: parameters 16-element aligned; one ends inside a 16-element block
-        consts = dict(CHUNK=T.CHUNK_ELEMS, BLOCK=block, HAS_CHUNKS=True, HAS_SCALE=amp, HAS_INF=amp,
-                      W_ALIGNED=True, HAS_TAIL=True)
+        consts = dict(ALGO=ALGOS[algo], CHUNK=T.BACKEND.CHUNK_ELEMS, BLOCK=block, HAS_CHUNKS=True, HAS_SCALE=amp,
+                      HAS_INF=amp, W_ALIGNED=True, HAS_TAIL=True, V0=v0, V1=v1, V2=v2)
         if "TILE" in sig:
-            consts["TILE"] = T.REDUCE_TILE
-            consts["LOG2_TILE"] = T.REDUCE_TILE.bit_length() - 1
+            consts["TILE"] = T.BACKEND.REDUCE_TILE
+            consts["LOG2_TILE"] = T.BACKEND.REDUCE_TILE.bit_length() - 1
             consts["HAS_EMPTY"] = False   # the common case: no zero-size parameter in the bucket
         if "BF16" in sig:
             consts["BF16"] = dtype == "bf16"
-            # heavy ball only (the common case), or groups mixing every momentum option (the most code)
-            consts.update(FORM=-1, NESTEROV=True, DAMPED=True) if mixed else consts.update(FORM=0, NESTEROV=False,
-                                                                                           DAMPED=False)
-        # every pointer is 16-byte aligned (what the JIT specialises on for torch allocations)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n][0] == "*"}
+        # every pointer is 16-byte aligned and the state's row stride (numel) a multiple of 16: what
+        # the JIT specialises on for these arguments
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                 if sig[n][0] == "*" or n == "state_stride"}
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         c = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=warps, enable_fp_fusion=False))
@@ -526,75 +541,88 @@ AOT_SCRIPT = textwrap.dedent(r'''
             f = os.path.join(d, "k.ptx")
             with open(f, "w") as fh:
                 fh.write(ptx)
-            # the same ptxas and flags triton uses, with -v for the resource usage
-            out = subprocess.run([get_ptxas(arch).path, "-v", "--fmad=false", "--regAllocOptLevel=2",
+            # the same ptxas and flags this triton uses, with -v for the resource usage (triton >= 3.7
+            # adds --regAllocOptLevel=2 for ptxas 13; the GPU machine's 3.6 does not)
+            out = subprocess.run([get_ptxas(arch).path, "-v", "--fmad=false", *REG_ALLOC,
                                   f"--gpu-name={sm_arch_from_capability(arch)}", f, "-o",
                                   os.path.join(d, "k.cubin")], capture_output=True, text=True)
         log = out.stdout + out.stderr
         regs = re.search(r"Used (\d+) registers", log)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        return dict(kernel=kernel.__name__, dtype=dtype, arch=arch, amp=amp, mixed=mixed, warps=warps,
+        return dict(kernel=kernel.__name__, algo=algo, dtype=dtype, arch=arch, amp=amp, mixed=mixed, warps=warps,
                     regs=int(regs.group(1)) if regs else None,
                     spill_stores=int(spill.group(1)) if spill else None,
                     spill_loads=int(spill.group(2)) if spill else None,
                     ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
                     ld_v2_b64=len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.b64", ptx)),
                     st_v4=len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)),
-                    ld_scalar_f=len(re.findall(r"ld\.global\.b32", ptx)),
+                    st_v2_b64=len(re.findall(r"st\.global(?:\.\w+)*\.v2\.b64", ptx)),
+                    ld_v2_b32=len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.b32", ptx)),
                     div_approx=len(re.findall(r"div\.(?:full|approx)\.", ptx)),
                     div_rn=len(re.findall(r"div\.rn\.", ptx)), ptxas_rc=out.returncode,
                     ptxas_log=log if out.returncode else "")
 
-    dtypes, archs, amps, mixes = json.loads(sys.argv[1])
+    algos, dtypes, archs, amps, mixes = json.loads(sys.argv[1])
     for arch in archs:
-        for dtype in dtypes:
-            for amp in amps:
-                for mixed in mixes:
-                    for kernel in T.KERNELS:
-                        print("AOT " + json.dumps(compile_one(kernel, dtype, arch, amp, mixed)), flush=True)
-''')
+        for algo in algos:
+            for dtype in dtypes:
+                for amp in amps:
+                    for mixed in mixes:
+                        for kernel in T.KERNELS:
+                            print("AOT " + json.dumps(compile_one(kernel, algo, dtype, arch, amp, mixed)), flush=True)
+""")
+
+# 128-bit accesses each kernel makes at least (float64: ld/st.v2.b64; others: v4.b32): pass 1 reads
+# w and g (LAMB also reads and writes m and v), pass 2 reads w, g and the state and writes w and the
+# state (LAMB: reads w, m, v and writes w). LAMB works 4 elements per thread (block_and_warps): its
+# bfloat16/float16 w and g move 64 bits at a time (ld.v2.b32), its float32 moments 128.
+MIN_VECTOR_ACCESSES = {("_norms_kernel", "lars"): (2, 0), ("_norms_kernel", "lamb"): (4, 2),
+                       ("_update_kernel", "lars"): (3, 2), ("_update_kernel", "lamb"): (3, 1)}
+HALF_WIDTH_WEIGHTS = {("_norms_kernel", "lamb"): 2, ("_update_kernel", "lamb"): 1}   # w, g / w
 
 
-def _aot(dtypes, archs, amps, mixes=(False,)):
-    """mixes: False compiles the update kernel for heavy-ball-only buckets, True for buckets whose
-    groups mix every momentum form with Nesterov and dampening."""
+def _aot(algos, dtypes, archs, amps, mixes=(False,)):
+    """mixes: False compiles each algorithm's common variant, True the one with the most code."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps([dtypes, archs, amps, list(mixes)])],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps([algos, dtypes, archs, amps, list(mixes)])],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("AOT ")]
-    assert len(rows) == len(dtypes) * len(archs) * len(amps) * len(mixes) * len(triton_lars.KERNELS)
+    assert len(rows) == len(algos) * len(dtypes) * len(archs) * len(amps) * len(mixes) * len(triton_backend.KERNELS)
     print()
     for r in rows:
-        print(f"sm_{r['arch']} {r['kernel']:<20} {r['dtype']:<4} amp={int(r['amp'])} mixed={int(r['mixed'])} warps={r['warps']}: "
-              f"{r['regs']} registers, spill stores {r['spill_stores']} B, spill loads {r['spill_loads']} B, "
-              f"ld.global.v4 x{r['ld_v4']}, ld.global.v2.b64 x{r['ld_v2_b64']}, st.global.v4 x{r['st_v4']}, "
-              f"div.rn x{r['div_rn']}, approximate div x{r['div_approx']}")
+        print(f"sm_{r['arch']} {r['kernel']:<15} {r['algo']} {r['dtype']:<4} amp={int(r['amp'])} mixed={int(r['mixed'])} "
+              f"warps={r['warps']}: {r['regs']} registers, spill stores {r['spill_stores']} B, spill loads "
+              f"{r['spill_loads']} B, ld.global.v4 x{r['ld_v4']}, ld.global.v2.b64 x{r['ld_v2_b64']}, "
+              f"st.global.v4 x{r['st_v4']}, st.global.v2.b64 x{r['st_v2_b64']}, div.rn x{r['div_rn']}, "
+              f"approximate div x{r['div_approx']}")
     for r in rows:
         assert r["ptxas_rc"] == 0, r["ptxas_log"]
         assert r["regs"] is not None and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert r["div_approx"] == 0, r   # every division IEEE round-to-nearest (phi, q, 1/scale)
-        if r["kernel"] == "_lars_update_kernel":
-            if r["dtype"] == "f64":
-                assert r["ld_v2_b64"] >= 3, r            # 128-bit loads of w, g and the state
-            else:
-                assert r["ld_v4"] >= 3 and r["st_v4"] >= 2, r   # w, g, state in; w, state out
-        elif r["dtype"] != "f64":
-            assert r["ld_v4"] >= 2, r                    # pass 1 reads w and g with 128-bit loads
+        assert r["div_approx"] == 0, r   # every division IEEE round-to-nearest (phi, q, 1/scale, LAMB's r)
+        key = (r["kernel"], r["algo"])
+        loads, stores = MIN_VECTOR_ACCESSES[key]
+        if r["dtype"] == "f64":
+            assert r["ld_v2_b64"] >= loads and r["st_v2_b64"] >= stores, r
+        elif r["dtype"] in ("bf16", "f16") and key in HALF_WIDTH_WEIGHTS:
+            narrow = HALF_WIDTH_WEIGHTS[key]
+            assert r["ld_v2_b32"] >= narrow and r["ld_v4"] >= loads - narrow, r
+        else:
+            assert r["ld_v4"] >= loads and r["st_v4"] >= stores, r
     return rows
 
 
 def test_aot_compile_sm80_sm90():
-    """Both kernels compile for sm_80 and sm_90 (float32 and bfloat16 parameters, AMP on; the
-    update kernel for heavy ball and for mixed momentum options) with no spills and 128-bit vector
-    loads; no GPU needed (triton's own ptxas)."""
-    _aot(["f32", "bf16"], [90, 80], [True], [False, True])
+    """Both kernels of both algorithms compile for sm_80 and sm_90 (float32 and bfloat16
+    parameters, AMP on; each algorithm's common variant and the one with the most code) with no
+    spills and 128-bit vector accesses; no GPU needed (triton's own ptxas)."""
+    _aot(["lars", "lamb"], ["f32", "bf16"], [90, 80], [True], [False, True])
 
 
 @pytest.mark.slow
 def test_aot_compile_all_variants():
-    _aot(["f32", "bf16", "f16", "f64"], [90, 80], [True, False], [False, True])
+    _aot(["lars", "lamb"], ["f32", "bf16", "f16", "f64"], [90, 80], [True, False], [False, True])
 
 
 # -- GPU-only failure modes, checked wherever the kernels run ------------------------------------------
@@ -604,7 +632,7 @@ def test_segment_counters_heal(device, monkeypatch):
     """A segment counter left non-zero (a launch interrupted, two streams stepping one optimizer)
     costs that segment at most one step's stats: pass 2 zeroes the counters again, so the next step
     reduces every segment (stats = the norms of the weights it saw)."""
-    monkeypatch.setattr(triton_lars, "CHUNK_ELEMS", 64)
+    monkeypatch.setattr(TRITON, "CHUNK_ELEMS", 64)
     shapes = [(300,), (5, 7), (130,)]
     ps = [torch.nn.Parameter(x.float().to(device)) for x in make_init(shapes)]
     opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
@@ -627,9 +655,9 @@ def test_launch_guard_picks_the_bucket_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     seen = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: seen.append(d) or "guard")
-    assert triton_lars._on_device(torch.device("cuda", 1)) == "guard" and seen == [torch.device("cuda", 1)]
-    assert triton_lars._on_device(torch.device("cuda", 0)) is triton_lars._NO_GUARD
-    assert triton_lars._on_device(torch.device("cpu")) is triton_lars._NO_GUARD
+    assert triton_backend._on_device(torch.device("cuda", 1)) == "guard" and seen == [torch.device("cuda", 1)]
+    assert triton_backend._on_device(torch.device("cuda", 0)) is triton_backend._NO_GUARD
+    assert triton_backend._on_device(torch.device("cpu")) is triton_backend._NO_GUARD
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -1,12 +1,14 @@
 """LayerwiseOptimizer: what the eager reference and the fused optimizers share (they are siblings
 over this base). It owns the torch.optim contract: parameter and param-group validation (named
-parameters included), the state format, load_state_dict, pickling. Subclasses implement step()
-and say where the step count t lives.
+parameters included), the state format, load_state_dict, pickling. A subclass names its
+algorithm (algorithms/: options, validation, state keys), implements step() and says where the
+step count t lives.
 
 State format (docs/SPEC.md, "State"): `optimizer.state` is keyed by parameters only. A parameter's
 entry is created the first time it is updated and holds `"step"` (t, the optimizer-wide count of
-steps taken: a 0-dim float32 tensor, the same value for every parameter) and `"momentum_buffer"`
-(momentum_form="heavy_ball") or `"m"` ("paper").
+steps taken: a 0-dim float32 tensor, the same value for every parameter) and the algorithm's state
+tensors (TVLARS/LARS: `"momentum_buffer"`, or `"m"` for the paper's momentum form; LAMB:
+`"exp_avg"` and `"exp_avg_sq"`).
 """
 from __future__ import annotations
 
@@ -18,17 +20,10 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from .hyperparams import LARS_DEFAULTS, TVLARS_DEFAULTS, validate_group
-from .schedule import phi
+from .algorithms import Algorithm
 
 STEP = "step"                       # per-parameter state entry: t
 LEGACY_STEP = "step"                # the format before 0.2: one non-parameter key state["step"] = t
-STATE_KEYS = ("momentum_buffer", "m")
-
-
-def state_key(momentum_form: str) -> str:
-    """Per-parameter state entry: the heavy-ball buffer, or the paper's previous iterate m."""
-    return "momentum_buffer" if momentum_form == "heavy_ball" else "m"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,13 +73,14 @@ def _param_and_name(item: Any):
 
 
 class LayerwiseOptimizer(Optimizer):
-    """Base of the layer-wise optimizers (reference and fused). Subclasses set `tvlars` and implement
-    step(), `_step_tensor()` (where t lives) and `_load_step(t, state)` (adopt loaded state)."""
+    """Base of the layer-wise optimizers (reference and fused). Subclasses set `algorithm` and
+    implement step(), `_step_tensor()` (where t lives) and `_load_step(t, state)` (adopt loaded
+    state)."""
 
-    tvlars = True
+    algorithm: Algorithm
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
-        validate_group(defaults, self.tvlars, where="the constructor arguments")
+        self.algorithm.validate(defaults, where="the constructor arguments")
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors or of param-group dicts, e.g. "
                             f"model.parameters(), got a single tensor of shape {tuple(params.shape)}: "
@@ -120,7 +116,7 @@ class LayerwiseOptimizer(Optimizer):
                 gj, j = owner[id(p)]
                 raise ValueError(f"{where} is already param_groups[{gj}]['params'][{j}]; a parameter can "
                                  "belong to only one group: remove it from one of them")
-        validate_group({**self.defaults, **param_group}, self.tvlars, where=f"param_groups[{gi}]")
+        self.algorithm.validate({**self.defaults, **param_group}, where=f"param_groups[{gi}]")
         super().add_param_group({**param_group, "params": items})
 
     def _where(self, gi: int, i: int) -> str:
@@ -143,17 +139,11 @@ class LayerwiseOptimizer(Optimizer):
         """Check every group and gradient before anything is updated, so a rejected step changes
         nothing."""
         for gi, group in enumerate(self.param_groups):
-            validate_group(group, self.tvlars, where=f"param_groups[{gi}]")
+            self.algorithm.validate(group, where=f"param_groups[{gi}]")
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is not None and not grad_ok(g):
                     check_grad(g, self._where(gi, i))
-
-    def scale(self, group: Dict[str, Any], t: float) -> float:
-        """phi(t) for TVLARS (1 while t < hold_steps), 1 for LARS."""
-        if not self.tvlars or t < group["hold_steps"]:
-            return 1.0
-        return phi(t, group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"])
 
     @property
     def step_count(self) -> torch.Tensor:
@@ -219,7 +209,7 @@ class LayerwiseOptimizer(Optimizer):
                 state[p][key] = value
         t = max(steps) if steps else 0.0
 
-        option_defaults = TVLARS_DEFAULTS if self.tvlars else LARS_DEFAULTS
+        option_defaults = self.algorithm.defaults
 
         def update_group(group, new_group):
             new_group["params"] = group["params"]

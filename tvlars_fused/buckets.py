@@ -31,10 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .abi import (ALIGN, CHUNK_COLS, COL_FORM, COL_GFLAGS, COL_LR, COL_UNDAMPED, FLAG_FIRST_STEP, GF_NESTEROV, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
+from .abi import (ALIGN, CHUNK_COLS, COL_LR, FLAG_FIRST_STEP, GROUP_COLS, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
                   STAT_TRUST_RATIO)
-from .base import STEP, accumulation_dtype, check_grad, grad_ok, state_key
-from .hyperparams import GROUP_COLS, group_row, segment_flags
+from .algorithms import Algorithm
+from .algorithms.base import WEIGHTS
+from .base import STEP, accumulation_dtype, check_grad, grad_ok
 from .sharding import is_sharded, local, shard_groups
 from .stats import ReducePlan
 
@@ -90,7 +91,7 @@ class Bucket:
     """Flat gradient/state buffers and tables for the parameters of one (device, dtype)."""
 
     def __init__(self, params: Sequence[torch.Tensor], group_index: Sequence[int],
-                 param_groups: List[dict], chunk_elems: int, t: float, tvlars: bool,
+                 param_groups: List[dict], chunk_elems: int, t: float, algorithm: Algorithm,
                  optimizer_state: Dict, where: Sequence[str]):
         assert len(params) > 0
         self.params = list(params)
@@ -104,12 +105,13 @@ class Bucket:
         self.dtype = targets[0].dtype
         self.acc_dtype = accumulation_dtype(self.dtype)
         self.chunk_elems = int(chunk_elems)
-        self.tvlars = tvlars
+        self.algorithm = algorithm
         # A parameter whose shape changed (p.data = ...) no longer fits its state: refuse before
         # anything is built.
+        known_keys = sorted({key for keys in algorithm.key_sets for key in keys})
         for i, p in enumerate(self.params):
             st = optimizer_state.get(p)
-            for key in ("momentum_buffer", "m"):
+            for key in known_keys:
                 v = st.get(key) if st is not None else None
                 if isinstance(v, torch.Tensor) and local(v).shape != targets[i].shape:
                     raise ValueError(
@@ -131,12 +133,15 @@ class Bucket:
         self.numel = off
         dev = self.device
         self.grad_buf = torch.zeros(self.numel, dtype=self.dtype, device=dev)
-        self.state_buf = torch.zeros(self.numel, dtype=self.acc_dtype, device=dev)
-        self.grad_views, self.state_views = [], []
+        # one row per state slot of the algorithm (LARS: the momentum buffer; LAMB: m, v)
+        self.state_buf = torch.zeros(algorithm.slots, self.numel, dtype=self.acc_dtype, device=dev)
+        self.grad_views: List[torch.Tensor] = []
+        self.state_views: List[Tuple[torch.Tensor, ...]] = []   # per parameter, its view of each slot
         for p, o in zip(targets, offsets):
             shape, strides = tuple(p.shape), _dense_strides(p)
             self.grad_views.append(self.grad_buf.as_strided(shape, strides, o))
-            self.state_views.append(self.state_buf.as_strided(shape, strides, o))
+            self.state_views.append(tuple(row.as_strided(shape, strides, row.storage_offset() + o)
+                                          for row in self.state_buf))
         # What each parameter must still look like for this bucket to serve it (checked every step).
         self._layouts = [_layout(p) for p in targets]
         # Non-dense parameters are updated through a dense copy (staging), copied in and out.
@@ -154,18 +159,19 @@ class Bucket:
         self.step = torch.full((1,), float(t), dtype=torch.float32, device=dev)
         self.step_entry = self.step.view(())   # what every state[p]["step"] holds
         self.has_state = [False] * len(self.params)
-        self._entries: List[Optional[torch.Tensor]] = [None] * len(self.params)   # what state[p][key] holds
-        self._keys: List[Optional[str]] = [None] * len(self.params)
+        self._entries: List[Tuple[torch.Tensor, ...]] = [()] * len(self.params)   # what state[p][keys] hold
+        self._keys: List[Tuple[str, ...]] = [()] * len(self.params)
         for i, p in enumerate(self.params):
             st = optimizer_state.get(p)
-            first = state_key(param_groups[self.group_index[i]]["momentum_form"])
-            for key in (first, "m" if first == "momentum_buffer" else "momentum_buffer"):
-                if st is not None and isinstance(st.get(key), torch.Tensor):
-                    self.state_views[i].copy_(local(st[key].detach()))
-                    st[key] = self._entries[i] = self._state_entry(i)
+            if st is None:
+                continue
+            # the keys the group uses now first, then any other key set the algorithm knows (the
+            # paper's m after a change of momentum_form: adopted here, restarted at the next step)
+            current = algorithm.state_keys(param_groups[self.group_index[i]])
+            for keys in (current,) + tuple(k for k in algorithm.key_sets if k != current):
+                if all(isinstance(st.get(key), torch.Tensor) for key in keys):
+                    self._adopt(i, st, keys)
                     st[STEP] = self.step_entry
-                    self._keys[i] = key
-                    self.has_state[i] = True
                     break
         self.clean = [True] * len(self.params)  # grad view known to be zero
 
@@ -183,7 +189,8 @@ class Bucket:
         self.has_tail = any(n % ALIGN for n in numels)   # a parameter that ends inside a 16-element block
         self.reduce_plan = ReducePlan(seg_rows, self.num_chunks, dev)
         self.seg_active = torch.zeros(self.num_segments, dtype=torch.int32, device=dev)
-        self.group_table = torch.zeros(len(param_groups), GROUP_COLS, dtype=self.acc_dtype, device=dev)
+        # exact (float64) hyperparameters: each kernel rounds a value to acc where it reads it
+        self.group_table = torch.zeros(len(param_groups), GROUP_COLS, dtype=torch.float64, device=dev)
         self.partials = torch.zeros(max(self.num_chunks, 1), PART_COLS, dtype=self.acc_dtype, device=dev)
         self.counters = torch.zeros(self.num_segments, dtype=torch.int32, device=dev)
         self.stats = torch.zeros(self.num_segments, STAT_COLS, dtype=self.acc_dtype, device=dev)
@@ -196,18 +203,19 @@ class Bucket:
         self._rows: Optional[list] = None
         self._filters: Optional[list] = None
         self._had_first = False
-        # what the bucket's groups use of the momentum options (from prepare): its only momentum
-        # form (-1: mixed), any Nesterov, any dampening; backends may compile for just that
-        self.momentum_variant = (-1, True, True)
+        # what the bucket's groups use of the options that shape the elementwise code (from
+        # prepare; Algorithm.variant): backends may compile for just that
+        self.variant: tuple = ()
+        self.has_empty = any(n == 0 for n in numels)   # a zero-size parameter (a segment without chunks)
+        self.view = BucketView(self)
 
         ref = weakref.ref(self)
         self._hooks = [] if self.sharded else [
             p.register_hook(_make_attach_hook(ref, i)) for i, p in enumerate(self.params) if p.requires_grad]
         self.reduce_groups = shard_groups(self.params[0]) if self.sharded else []
 
-    def _state_entry(self, i: int) -> torch.Tensor:
-        """What optimizer.state[p][key] holds: the state view (a DTensor over it when sharded)."""
-        view = self.state_views[i]
+    def _state_entry(self, view: torch.Tensor, i: int) -> torch.Tensor:
+        """What optimizer.state[p][key] holds: the slot's view (a DTensor over it when sharded)."""
         if not self.sharded:
             return view
         p = self.params[i]
@@ -215,11 +223,22 @@ class Bucket:
         return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())
 
+    def _adopt(self, i: int, st: Dict, keys: Tuple[str, ...]) -> None:
+        """Copy the tensors st[keys] into parameter i's slots and point the entries at the slots."""
+        entries = []
+        for key, view in zip(keys, self.state_views[i]):
+            view.copy_(local(st[key].detach()))
+            st[key] = entry = self._state_entry(view, i)
+            entries.append(entry)
+        self._entries[i], self._keys[i] = tuple(entries), keys
+        self.has_state[i] = True
+
     # -- the parameters' memory ---------------------------------------------------------------
     def _set_weights(self, targets: List[torch.Tensor]) -> None:
         """Point the kernels at the parameters' current memory: the weights list and the offsets
         table (elements from weights[0]; aligned when every weight is 16-element aligned)."""
         self.weights = [self.staging.get(i, t) for i, t in enumerate(targets)]
+        self.plan_cache: Dict[str, object] = {}   # backends' plans (BucketView.plan) name the weights
         self._sig = None
         self._ptrs = [t.data_ptr() for t in targets]
         self._strides = [layout[1] for layout in self._layouts]
@@ -330,13 +349,13 @@ class Bucket:
                     check_grad(g, self.where[i])
         return grads, False
 
-    def _state_intact(self, state: Dict, keys: List[str]) -> bool:
+    def _state_intact(self, state: Dict, keys: List[Tuple[str, ...]]) -> bool:
         """No state entry of the active parameters was reset, replaced or reassigned since the last
         step (ZeroRedundancyOptimizer's load_state_dict writes whole entries): C-level passes over
-        the entries cached by the last slow path."""
+        the entries cached by the last slow path (one item per active parameter and slot)."""
         return (state is self._state_ref and keys == self._keys_seen
                 and all(map(is_, map(state.get, self._act_params), self._act_state))
-                and all(map(is_, map(dict.get, self._act_state, self._act_keys), self._act_entries))
+                and all(map(is_, map(dict.get, self._act_slot_state, self._act_keys), self._act_entries))
                 and all(map(is_, map(dict.get, self._act_state, repeat(STEP)), repeat(self.step_entry))))
 
     def prepare(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
@@ -346,7 +365,7 @@ class Bucket:
         "step" entries that were replaced from outside (ZeroRedundancyOptimizer.load_state_dict
         writes whole state entries): the optimizer adopts t from them. When the gradients are last
         step's and no state entry changed, nothing is done per parameter."""
-        keys = [state_key(g["momentum_form"]) for g in param_groups]
+        keys = [self.algorithm.state_keys(g) for g in param_groups]
         if same_grads and self._state_intact(state, keys):
             replaced_steps, first = [], set()
         else:
@@ -355,11 +374,11 @@ class Bucket:
         return replaced_steps
 
     def _prepare_params(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
-                        keys: List[str]):
+                        keys: List[Tuple[str, ...]]):
         """prepare()'s per-parameter work; caches what the next step's fast check compares."""
         active = []
         replaced_steps = []
-        first = set()   # state created now in a group with dampening: torch's first-step buffer
+        first = set()   # state created now where the algorithm marks the first update (LARS dampening)
         for i, p in enumerate(self.params):
             g = grads[i]
             if g is None:
@@ -373,33 +392,15 @@ class Bucket:
                 self.grad_copies += not (self.sharded or torch.compiler.is_compiling())
             self.clean[i] = False
             active.append(1)
-            gi = self.group_index[i]
-            form, key = param_groups[gi]["momentum_form"], keys[gi]
+            group = param_groups[self.group_index[i]]
+            mine = keys[self.group_index[i]]
             st = state.get(p)
             if self.has_state[i]:
-                cur = None if st is None else st.get(key)
-                if cur is not self._entries[i]:
-                    if cur is None:   # reset by the user, or a new momentum_form: start it afresh
-                        self.has_state[i] = False
-                        if st is not None and st.get(self._keys[i]) is self._entries[i]:
-                            del st[self._keys[i]]
-                    else:             # a tensor assigned by the user: its values become the state
-                        self.state_views[i].copy_(local(cur.detach()))
-                        st[key] = self._entries[i]
+                self._check_entries(i, st, mine)
             if not self.has_state[i]:
                 st = state[p]
-                given = st.get(key)
-                if isinstance(given, torch.Tensor):   # written from outside (ZeRO's load_state_dict)
-                    self.state_views[i].copy_(local(given.detach()))
-                elif form == "paper":  # m starts equal to w
-                    self.state_views[i].copy_(local(p.detach()))
-                else:
-                    self.state_views[i].zero_()
-                    if param_groups[gi]["dampening"] != 0:
-                        first.add(i)
-                st[key] = self._entries[i] = self._state_entry(i)
-                self._keys[i] = key
-                self.has_state[i] = True
+                if self._start_state(i, st, mine, group):
+                    first.add(i)
             given = st.get(STEP)
             if given is not self.step_entry:
                 if given is not None:
@@ -413,8 +414,9 @@ class Bucket:
         live = [i for i, a in enumerate(active) if a]
         self._act_params = [self.params[i] for i in live]
         self._act_state = [state.get(p) for p in self._act_params]
-        self._act_keys = [self._keys[i] for i in live]
-        self._act_entries = [self._entries[i] for i in live]
+        self._act_slot_state = [st for i, st in zip(live, self._act_state) for _ in self._keys[i]]
+        self._act_keys = [key for i in live for key in self._keys[i]]
+        self._act_entries = [entry for i in live for entry in self._entries[i]]
         self._state_ref, self._keys_seen = state, keys
         # the signature the next step's sync_params compares (only when every gradient is the
         # bucket's view: a foreign .grad, even the same tensor again, must be copied every step)
@@ -423,29 +425,115 @@ class Bucket:
                      else None)
         return replaced_steps, first
 
+    def _check_entries(self, i: int, st: Optional[Dict], keys: Tuple[str, ...]) -> None:
+        """Parameter i has state: a slot's entry reset by the user (or a new key set: another
+        momentum_form) starts the whole state afresh; a tensor assigned by the user becomes the
+        slot's values."""
+        current = tuple(None if st is None else st.get(key) for key in keys)
+        if keys != self._keys[i] or any(c is None for c in current):
+            self.has_state[i] = False
+            for key, entry in zip(self._keys[i], self._entries[i]):
+                if st is not None and st.get(key) is entry:
+                    del st[key]
+            return
+        for key, cur, entry, view in zip(keys, current, self._entries[i], self.state_views[i]):
+            if cur is not entry:
+                view.copy_(local(cur.detach()))
+                st[key] = entry
+
+    def _start_state(self, i: int, st: Dict, keys: Tuple[str, ...], group: dict) -> bool:
+        """Parameter i's first update (or a restart): each slot takes the tensor written into the
+        entry from outside (ZeroRedundancyOptimizer's load_state_dict), else starts as the
+        algorithm says. Returns whether the first update is to be marked (FLAG_FIRST_STEP)."""
+        entries, marked = [], False
+        for key, view, how in zip(keys, self.state_views[i], self.algorithm.initial_state(group)):
+            given = st.get(key)
+            if isinstance(given, torch.Tensor):
+                view.copy_(local(given.detach()))
+            elif how == WEIGHTS:
+                view.copy_(local(self.params[i].detach()))
+            else:
+                view.zero_()
+                marked = marked or self.algorithm.first_step_flag(group)
+            st[key] = entry = self._state_entry(view, i)
+            entries.append(entry)
+        self._entries[i], self._keys[i] = tuple(entries), keys
+        self.has_state[i] = True
+        return marked
+
     def _upload_tables(self, param_groups: List[dict], first: set) -> None:
         """The segment flags, group rows and device lr's, where they changed (asynchronously)."""
-        filters = [(g["weight_decay_filter"], g["lars_adaptation_filter"]) for g in param_groups]
+        algo = self.algorithm
+        filters = [(g["weight_decay_filter"], g[algo.adaptation_filter]) for g in param_groups]
         if filters != self._filters or first or self._had_first:
             for i, row in enumerate(self._seg_rows):
-                row[SEG_FLAGS] = (segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
+                row[SEG_FLAGS] = (algo.segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
                                   | (FLAG_FIRST_STEP if i in first else 0))
             upload(self.seg_table, self._seg_rows)
             self._filters = filters
             self._had_first = bool(first)
 
-        rows = [group_row(g, self.tvlars) for g in param_groups]
+        rows = [algo.group_row(g) for g in param_groups]
         if rows != self._rows:
             upload(self.group_table, rows)
             self._rows = rows
-            mine = [rows[gi] for gi in sorted(set(self.group_index))]
-            forms = {int(r[COL_FORM]) for r in mine}
-            self.momentum_variant = (forms.pop() if len(forms) == 1 else -1,
-                                     any(int(r[COL_GFLAGS]) & GF_NESTEROV for r in mine),
-                                     any(r[COL_UNDAMPED] != 1.0 for r in mine))
+            self.variant = algo.variant([rows[gi] for gi in sorted(set(self.group_index))])
         for gi, g in enumerate(param_groups):
             if isinstance(g["lr"], torch.Tensor):  # a device lr: copied on the device, never read
                 self.group_table[gi, COL_LR].copy_(g["lr"].reshape(()), non_blocking=True)
+
+
+class BucketView:
+    """What a backend may read of a bucket (docs/DESIGN.md, "The backend contract"): the layout,
+    the tables and buffers the kernels take (docs/SPEC.md, "The bucket ABI"), and the host copies
+    of the tables. Backends write only through the kernels (weights, state, partials, counters,
+    stats, step); everything else here is read-only to them."""
+
+    __slots__ = ("_b",)
+
+    def __init__(self, bucket: "Bucket"):
+        self._b = bucket
+
+    # -- layout (fixed for the bucket's life) --------------------------------------------------
+    algorithm = property(lambda self: self._b.algorithm, doc="the Algorithm (algorithms/)")
+    device = property(lambda self: self._b.device)
+    dtype = property(lambda self: self._b.dtype, doc="the parameters' dtype")
+    acc_dtype = property(lambda self: self._b.acc_dtype, doc="norms, stats and state: float32, or float64")
+    chunk_elems = property(lambda self: self._b.chunk_elems)
+    numel = property(lambda self: self._b.numel, doc="elements of the flat buffers (padding included)")
+    num_segments = property(lambda self: self._b.num_segments)
+    num_chunks = property(lambda self: self._b.num_chunks)
+    has_tail = property(lambda self: self._b.has_tail, doc="a parameter ends inside a 16-element block")
+    has_empty = property(lambda self: self._b.has_empty, doc="a zero-size parameter (no chunks)")
+    reduce_plan = property(lambda self: self._b.reduce_plan, doc="stats.ReducePlan: the segment sum's order")
+    # -- host copies of the tables (as last uploaded) -------------------------------------------
+    seg_rows = property(lambda self: self._b._seg_rows, doc="seg_table's rows (SEG_FLAGS as uploaded)")
+    group_rows = property(lambda self: self._b._rows, doc="group_table's rows (a tensor lr as 0.0)")
+    active = property(lambda self: self._b._active, doc="seg_active as a list")
+    variant = property(lambda self: self._b.variant, doc="Algorithm.variant of the bucket's groups")
+    # -- device tensors ----------------------------------------------------------------------------
+    weights = property(lambda self: self._b.weights, doc="per segment, the tensor the kernels update")
+    w_aligned = property(lambda self: self._b.w_aligned, doc="every weight 16-element aligned from weights[0]")
+    w_offsets = property(lambda self: self._b.w_offsets)
+    grad_buf = property(lambda self: self._b.grad_buf)
+    state_buf = property(lambda self: self._b.state_buf, doc="[algorithm.slots, numel]")
+    seg_table = property(lambda self: self._b.seg_table)
+    seg_active = property(lambda self: self._b.seg_active)
+    chunk_table = property(lambda self: self._b.chunk_table)
+    group_table = property(lambda self: self._b.group_table)
+    step = property(lambda self: self._b.step)
+    partials = property(lambda self: self._b.partials)
+    counters = property(lambda self: self._b.counters)
+    stats = property(lambda self: self._b.stats)
+
+    def plan(self, name: str, build):
+        """A backend's per-bucket plan (launch arguments, slices: host objects), built by
+        build(view) on first use and again after the parameters moved to other memory."""
+        cache = self._b.plan_cache
+        found = cache.get(name)
+        if found is None:
+            found = cache[name] = build(self)
+        return found
 
 
 def _make_attach_hook(bucket_ref, i):

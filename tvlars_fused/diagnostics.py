@@ -6,15 +6,13 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from .abi import STAT_NAMES
-
 
 def layer_stats_dict(optimizer, named_parameters: Iterable[Tuple[str, torch.Tensor]],
                      prefix: str = "") -> Dict[str, float]:
     """{"<prefix><param name>/<stat>": value} for every named parameter the optimizer updates.
 
     `named_parameters` is e.g. model.named_parameters(); the stats are those of the last step that
-    updated each parameter (see TVLARS.layer_stats)."""
+    updated each parameter (see TVLARS.layer_stats), named by `optimizer.algorithm.stat_names`."""
     stats = optimizer.layer_stats()
     names = [(n, p) for n, p in named_parameters if p in stats]
     by_device: Dict[torch.device, list] = {}
@@ -24,6 +22,6 @@ def layer_stats_dict(optimizer, named_parameters: Iterable[Tuple[str, torch.Tens
     for items in by_device.values():
         rows = torch.stack([s for _, s in items]).double().cpu().tolist()
         for (n, _), row in zip(items, rows):
-            for stat, v in zip(STAT_NAMES, row):
+            for stat, v in zip(optimizer.algorithm.stat_names, row):
                 out[f"{prefix}{n}/{stat}"] = v
     return out

@@ -1,22 +1,23 @@
-"""The fused TVLARS and LARS: torch.optim drop-ins whose step is two kernel launches per bucket
-(docs/DESIGN.md). Same arguments, state format and results as tvlars_fused.reference (its
+"""The fused TVLARS, LARS and LAMB: torch.optim drop-ins whose step is two kernel launches per
+bucket (docs/DESIGN.md). Same arguments, state format and results as tvlars_fused.reference (their
 siblings over base.LayerwiseOptimizer), plus `backend`.
 """
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .abi import STAT_PUBLIC
+from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, options
 from .base import STEP, LayerwiseOptimizer
 from .buckets import Bucket
-from .hyperparams import options, validate_group
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
 
-__all__ = ["TVLARS", "LARS", "FusedOptimizer"]
+__all__ = ["TVLARS", "LARS", "LAMB", "FusedOptimizer"]
 
 
 class FusedOptimizer(LayerwiseOptimizer):
@@ -88,17 +89,17 @@ class FusedOptimizer(LayerwiseOptimizer):
                 by_key.setdefault(bucket_key(p), []).append((p, gi, self._where(gi, i)))
         buckets = []
         for key, items in by_key.items():
-            mod = resolve(self.backend, key[0])
-            if is_sharded(items[0][0]) and not getattr(mod, "SUPPORTS_SHARDED", False):
+            backend = resolve(self.backend, key[0])
+            if is_sharded(items[0][0]) and not backend.SUPPORTS_SHARDED:
                 if self.backend != "auto":
                     raise ValueError(
                         f"backend={self.backend!r} cannot run FSDP2-sharded (DTensor) parameters: its fused "
                         "kernel has no split for the all-reduce of the layer norms between its passes; "
                         "use backend='auto', 'triton' or 'torch'")
-                mod = resolve("torch", key[0])
+                backend = resolve("torch", key[0])
             b = Bucket([p for p, _, _ in items], [gi for _, gi, _ in items], self.param_groups,
-                       mod.CHUNK_ELEMS, float(t), self.tvlars, self.state, [w for _, _, w in items])
-            b.backend = mod
+                       backend.CHUNK_ELEMS, float(t), self.algorithm, self.state, [w for _, _, w in items])
+            b.backend = backend
             buckets.append(b)
         for b in self._buckets or ():   # only once the new buckets exist (a failed build changes nothing)
             b.remove_hooks()
@@ -138,7 +139,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         """The groups here; each gradient that is not the optimizer's own view is checked by its
         bucket (gather_grads), all before anything changes."""
         for gi, group in enumerate(self.param_groups):
-            validate_group(group, self.tvlars, where=f"param_groups[{gi}]")
+            self.algorithm.validate(group, where=f"param_groups[{gi}]")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -160,9 +161,10 @@ class FusedOptimizer(LayerwiseOptimizer):
             fi = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
             b.stage_in()
             if b.reduce_groups:
-                b.backend.bucket_step(b, gs, fi, functools.partial(all_reduce_norms, found_inf=fi))
+                b.backend.bucket_step(b.view, gs, fi, functools.partial(all_reduce_norms, groups=b.reduce_groups,
+                                                                        found_inf=fi))
             else:
-                b.backend.bucket_step(b, gs, fi)
+                b.backend.bucket_step(b.view, gs, fi)
             b.stage_out()
         if not buckets:   # every group empty: only t advances, as in the reference
             keep = 1.0 if found_inf is None else (found_inf.reshape(()) == 0).float().cpu()
@@ -178,15 +180,17 @@ class FusedOptimizer(LayerwiseOptimizer):
             b.zero_grad(set_to_none)
 
     def layer_stats(self) -> Dict[torch.Tensor, torch.Tensor]:
-        """Per parameter, a device tensor [weight_norm, update_norm, trust_ratio, phi, grad_norm,
-        weight_decay] (tvlars_fused.abi.STAT_NAMES) from the last step that updated it: ||w||,
-        ||g + wd*w||, the trust ratio q, phi(t), ||g|| (g as the step used it: unscaled, negated
-        with maximize), the weight decay applied (norms after norm_clip; no sync until read). Live
-        views: clone them to keep a step's values."""
+        """Per parameter, a device tensor with the columns `self.algorithm.stat_names` from the last
+        step that updated it (no sync until read; live views: clone them to keep a step's values).
+        TVLARS/LARS: [weight_norm, update_norm, trust_ratio, phi, grad_norm, weight_decay] = ||w||,
+        ||g + wd*w||, q, phi(t), ||g|| (g as the step used it: unscaled, negated with maximize) and
+        the weight decay applied, norms after norm_clip. LAMB: [weight_norm, update_norm,
+        trust_ratio, step_scale, grad_norm, weight_decay] = ||w'|| (after weight_norm_clip), ||u||,
+        q, s, ||g'||, the weight decay applied (docs/SPEC.md, "LAMB")."""
         out = {}
         for b in self._ensure_buckets():
             for i, p in enumerate(b.params):
-                out[p] = b.stats[i]
+                out[p] = b.stats[i, :STAT_PUBLIC]
         return out
 
 
@@ -194,6 +198,7 @@ class TVLARS(FusedOptimizer):
     """Fused TVLARS (arXiv 2309.14053; docs/SPEC.md). The arguments of
     tvlars_fused.reference.TVLARS, plus backend: "auto" (triton for CUDA tensors, else the C++
     extension, else torch), "triton", "cuda", "cpu" or "torch"."""
+    algorithm = TVLARS_ALGORITHM
 
     def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 5e-4,
                  eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
@@ -209,12 +214,28 @@ class TVLARS(FusedOptimizer):
 class LARS(FusedOptimizer):
     """Fused LARS (TVLARS with phi == 1). The arguments of tvlars_fused.reference.LARS, plus
     backend."""
-    tvlars = False
+    algorithm = LARS_ALGORITHM
 
     def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 1e-3, weight_decay_filter: bool = False, lars_adaptation_filter: bool = False,
                  norm_clip: Optional[float] = None, momentum_form: str = "heavy_ball", denominator: str = "update",
                  eps: float = 0.0, trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
                  plain_step_on_zero_norm: bool = False, nesterov: bool = False, dampening: float = 0.0,
+                 maximize: bool = False, backend: str = "auto"):
+        super().__init__(params, options(locals()), backend)
+
+
+class LAMB(FusedOptimizer):
+    """Fused LAMB (You et al. 2019, Algorithm 2; docs/SPEC.md, "LAMB"): Adam moments with bias
+    correction and the layer-wise trust ratio ||w|| / ||r + wd*w||. The arguments of
+    tvlars_fused.reference.LAMB, plus backend. Options for apex FusedLAMB, pytorch-optimizer's and
+    torch-optimizer's Lamb and AdamW are in the README ("Coming from")."""
+    algorithm = LAMB_ALGORITHM
+
+    def __init__(self, params, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: Union[str, bool] = "moments",
+                 weight_decay_mode: str = "update", grad_averaging: bool = True,
+                 weight_norm_clip: Optional[float] = None, ratio_eps: float = 0.0, adapt: bool = True,
+                 always_adapt: bool = True, weight_decay_filter: bool = False, adaptation_filter: bool = False,
                  maximize: bool = False, backend: str = "auto"):
         super().__init__(params, options(locals()), backend)

@@ -1,25 +1,27 @@
-"""Eager per-parameter TVLARS and LARS: the reference every fused path is checked against.
+"""Eager per-parameter TVLARS, LARS and LAMB: the references every fused path is checked against.
 
-Written for clarity, not speed: one parameter at a time, exactly as docs/SPEC.md states the
-algorithm. Low-precision (bfloat16/float16) parameters are updated in float32 with float32
-momentum state, as the fused kernels do; float64 parameters in float64.
+Written for clarity, not speed: one parameter at a time, exactly as docs/SPEC.md states each
+algorithm. Low-precision (bfloat16/float16) parameters are updated in float32 with float32 state,
+as the fused kernels do; float64 parameters in float64.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+import math
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, adapts, options
+from .algorithms.lamb import bias_correction_mode
 from .base import STEP, LayerwiseOptimizer, accumulation_dtype
-from .hyperparams import adapts, options
 from .schedule import phi
 
-__all__ = ["TVLARS", "LARS", "phi"]
+__all__ = ["TVLARS", "LARS", "LAMB", "phi"]
 
 
 class ReferenceOptimizer(LayerwiseOptimizer):
     """The eager per-parameter loop. t is one CPU float32 tensor that every state entry's "step"
-    points at (incremented in place)."""
+    points at (incremented in place). Subclasses implement `_update(p, group, t)`."""
 
     def __init__(self, params, defaults):
         self._t = torch.zeros((), dtype=torch.float32)
@@ -49,32 +51,48 @@ class ReferenceOptimizer(LayerwiseOptimizer):
             self._load_step(max(float(v) for v in replaced))
         t = float(self._t)
         for group in self.param_groups:
-            scale = self.scale(group, t)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group, scale)
+                    self.state[p][STEP] = self._t
+                    self._update(p, group, t)
         self._t += 1
         return loss
 
-    def _update(self, p: torch.Tensor, group: Dict[str, Any], scale: float) -> None:
-        """docs/SPEC.md for one parameter: scale is phi(t) (1 for LARS). Every product and sum is
-        its own op (no FMA-prone alpha= arguments), as in the kernels."""
-        acc = accumulation_dtype(p.dtype)
-        w = p.detach().to(acc)
-        g = p.grad.detach().to(acc)
-        g = -g if group["maximize"] else g
-        one_dim = p.ndim == 1
-        wd = 0.0 if (group["weight_decay_filter"] and one_dim) else float(group["weight_decay"])
+    def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
+        raise NotImplementedError
+
+
+def _operands(p: torch.Tensor, group: Dict[str, Any]):
+    """w and g' in the accumulation dtype, the weight decay after the ndim == 1 filter, and lr (a
+    tensor lr as a 0-dim tensor of that dtype: any one-element shape acts as a scalar)."""
+    acc = accumulation_dtype(p.dtype)
+    w = p.detach().to(acc)
+    g = p.grad.detach().to(acc)
+    g = -g if group["maximize"] else g
+    wd = 0.0 if (group["weight_decay_filter"] and p.ndim == 1) else float(group["weight_decay"])
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        lr = lr.detach().reshape(()).to(device=w.device, dtype=acc)
+    return w, g, wd, lr
+
+
+def _adapts(group: Dict[str, Any], p: torch.Tensor, filter_name: str) -> bool:
+    return adapts(group) and not (group[filter_name] and p.ndim == 1)
+
+
+class _LarsReference(ReferenceOptimizer):
+    """TVLARS / LARS, docs/SPEC.md "The algorithm". Every product and sum is its own op (no
+    FMA-prone alpha= arguments), as in the kernels."""
+
+    def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
+        w, g, wd, lr = _operands(p, group)
         d = g + w * wd if wd != 0.0 else g
-        lr, momentum = group["lr"], group["momentum"]
-        if isinstance(lr, torch.Tensor):   # any one-element shape ([[0.1]] included) acts as a scalar
-            lr = lr.detach().reshape(()).to(device=w.device, dtype=acc)
-        if adapts(group) and not (group["lars_adaptation_filter"] and one_dim):
-            q, plain = self._trust_ratio(w, g, d, wd, group, scale, lr)
+        momentum = group["momentum"]
+        if _adapts(group, p, "lars_adaptation_filter"):
+            q, plain = self._trust_ratio(w, g, d, wd, group, self._phi(group, t), lr)
             d = torch.where(plain, g, d)       # plain_step_on_zero_norm: a zero norm, no weight decay
             d = q * d
         state = self.state[p]
-        state[STEP] = self._t
         form = group["momentum_form"]
         if form == "paper":
             m = state.get("m")
@@ -101,6 +119,12 @@ class ReferenceOptimizer(LayerwiseOptimizer):
                 w_new = w - (ld + buf * momentum if group["nesterov"] else buf)
         p.copy_(w_new)
 
+    def _phi(self, group: Dict[str, Any], t: float) -> float:
+        """phi(t) for TVLARS (1 while t < hold_steps), 1 for LARS."""
+        if not self.algorithm.tvlars or t < group["hold_steps"]:
+            return 1.0
+        return phi(t, group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"])
+
     @staticmethod
     def _trust_ratio(w, g, d, wd: float, group: Dict[str, Any], scale: float, lr):
         """q (a 0-dim tensor) and whether the step is plain (a zero norm with
@@ -120,8 +144,9 @@ class ReferenceOptimizer(LayerwiseOptimizer):
         return torch.where(nonzero, ratio, one), plain
 
 
-class TVLARS(ReferenceOptimizer):
+class TVLARS(_LarsReference):
     """Eager reference TVLARS (arXiv 2309.14053); see docs/SPEC.md."""
+    algorithm = TVLARS_ALGORITHM
 
     def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 5e-4,
                  eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
@@ -134,9 +159,9 @@ class TVLARS(ReferenceOptimizer):
         super().__init__(params, options(locals()))
 
 
-class LARS(ReferenceOptimizer):
+class LARS(_LarsReference):
     """Eager reference LARS: TVLARS with phi(t) == 1 (the Barlow Twins LARS)."""
-    tvlars = False
+    algorithm = LARS_ALGORITHM
 
     def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 1e-3, weight_decay_filter: bool = False, lars_adaptation_filter: bool = False,
@@ -145,3 +170,47 @@ class LARS(ReferenceOptimizer):
                  plain_step_on_zero_norm: bool = False, nesterov: bool = False, dampening: float = 0.0,
                  maximize: bool = False):
         super().__init__(params, options(locals()))
+
+
+class LAMB(ReferenceOptimizer):
+    """Eager reference LAMB (You et al. 2019, Algorithm 2); see docs/SPEC.md, "LAMB"."""
+    algorithm = LAMB_ALGORITHM
+
+    def __init__(self, params, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: Union[str, bool] = "moments",
+                 weight_decay_mode: str = "update", grad_averaging: bool = True,
+                 weight_norm_clip: Optional[float] = None, ratio_eps: float = 0.0, adapt: bool = True,
+                 always_adapt: bool = True, weight_decay_filter: bool = False, adaptation_filter: bool = False,
+                 maximize: bool = False):
+        super().__init__(params, options(locals()))
+
+    def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
+        w, g, wd, lr = _operands(p, group)
+        mode = group["weight_decay_mode"]
+        decay = wd != 0.0
+        beta1, beta2 = (float(b) for b in group["betas"])
+        beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(w)
+            state["exp_avg_sq"] = torch.zeros_like(w)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        x = g + w * wd if mode == "l2" and decay else g
+        m.copy_(m * beta1 + x * beta3)
+        v.copy_(v * beta2 + (x * x) * (1.0 - beta2))
+        k = t + 1
+        bc1, bc2 = 1.0 - beta1 ** k, 1.0 - beta2 ** k
+        moments = bias_correction_mode(group["bias_correction"]) == "moments"
+        m_hat, v_hat = (m / bc1, v / bc2) if moments else (m, v)
+        r = m_hat / (v_hat.sqrt() + group["eps"])
+        w_d = w * (1.0 - lr * wd) if mode == "decoupled" and decay else w
+        u = r + w * wd if mode == "update" and decay else r
+        q = torch.ones((), dtype=w.dtype, device=w.device)
+        if _adapts(group, p, "adaptation_filter"):
+            wn, un = torch.linalg.vector_norm(w_d), torch.linalg.vector_norm(u)
+            if group["weight_norm_clip"] is not None:
+                wn = wn.clamp(max=group["weight_norm_clip"])
+            q = torch.where((wn > 0) & (un > 0), wn / (un + group["ratio_eps"]), q)
+        s = {"step_size": math.sqrt(bc2) / bc1, "first_moment": 1.0 / bc1}.get(
+            bias_correction_mode(group["bias_correction"]), 1.0)
+        p.copy_(w_d - u * ((lr * s) * q))

@@ -36,13 +36,15 @@ def shard_groups(p) -> List:
     return [p.device_mesh.get_group(dim) for dim in _shard_dims(p)]
 
 
-def all_reduce_norms(bucket, found_inf: Optional[torch.Tensor]) -> None:
-    """Runs between pass 1 and pass 2 of a sharded bucket: sum the per-segment sums of squares
-    over the shards and recompute (wn, dn, q, phi) from the totals."""
+def all_reduce_norms(bucket, groups: List, found_inf: Optional[torch.Tensor]) -> None:
+    """Runs between pass 1 and pass 2 of a sharded bucket (a BucketView): sum the per-segment sums
+    of squares over the shards (the process groups `groups`) and recompute the stats rows (norms,
+    trust ratio) from the totals."""
     import torch.distributed as dist
 
-    from .stats import finalize_stats, keep_mask, segment_sums
+    from .kernels.torch_backend import finalize_stats
+    from .stats import keep_mask, segment_sums
     sums = segment_sums(bucket)
-    for group in bucket.reduce_groups:
+    for group in groups:
         dist.all_reduce(sums, group=group)
     finalize_stats(bucket, sums, keep_mask(bucket.device, found_inf))

@@ -1,19 +1,14 @@
-"""The per-segment statistics of docs/SPEC.md in torch ops, backend-neutral: chunk partial sums ->
-per-segment sums -> the stats row (norms, trust ratio, phi, the weight decay applied). The torch
-backend computes its stats with these, and sharded (FSDP2) buckets recompute theirs from
-all-reduced sums (sharding.py)."""
+"""The per-segment sums of docs/SPEC.md in torch ops, backend-neutral: chunk partial sums ->
+per-segment sums, in the order the spec fixes ("The segment sum"). The torch backend reduces with
+these, and sharded (FSDP2) buckets all-reduce them between the passes (sharding.py); each
+algorithm turns them into its stats row (kernels/torch_<algorithm>.py)."""
 from __future__ import annotations
 
 from typing import List, Optional
 
 import torch
 
-from .abi import (COL_ALPHA, COL_DELAY, COL_EPS, COL_ETA, COL_GAMMA_MIN, COL_GFLAGS, COL_HOLD, COL_LMBDA,
-                  COL_LR, COL_NORM_CLIP, COL_USE_PHI, COL_WEIGHT_DECAY, FLAG_SKIP_ADAPTATION,
-                  FLAG_SKIP_WEIGHT_DECAY, GF_GRAD_DENOMINATOR, GF_NO_ADAPT, GF_PLAIN_ZERO, GF_TRUST_CLIP,
-                  PART_COLS, PART_D2, PART_G2, PART_W2, REDUCE_TILE, SEG_FIRST_CHUNK, SEG_FLAGS, SEG_GROUP,
-                  SEG_NUM_CHUNKS)
-from .schedule import phi
+from .abi import PART_COLS, REDUCE_TILE, SEG_FIRST_CHUNK, SEG_NUM_CHUNKS
 
 
 def keep_mask(device: torch.device, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
@@ -21,6 +16,13 @@ def keep_mask(device: torch.device, found_inf: Optional[torch.Tensor]) -> torch.
     if found_inf is None:
         return torch.ones((), dtype=torch.bool, device=device)
     return found_inf.reshape(()) == 0
+
+
+def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded sqrt, as the kernels' (torch's own float32 sqrt is off by an ulp for ~16%
+    of inputs on some CPU builds; through float64 it is exact for float32 inputs). float64:
+    torch's sqrt (within an ulp)."""
+    return x.double().sqrt().to(x.dtype) if x.dtype == torch.float32 else x.sqrt()
 
 
 class ReducePlan:
@@ -52,8 +54,8 @@ class ReducePlan:
 
 
 def segment_sums(b) -> torch.Tensor:
-    """[S, PART_COLS] per-segment sums of the chunk partials (w^2, d^2, g'^2), in the order of
-    docs/SPEC.md."""
+    """[S, PART_COLS] per-segment sums of the chunk partials of a bucket (a BucketView), in the
+    order of docs/SPEC.md."""
     plan = b.reduce_plan
     parts = torch.cat([b.partials[: b.num_chunks], b.partials.new_zeros(1, PART_COLS)])
     v = parts[plan.tile_index]                      # [tiles, width, cols]
@@ -64,46 +66,3 @@ def segment_sums(b) -> torch.Tensor:
     for k in range(plan.seg_tiles.shape[0]):       # tiles in chunk order (one, below 4M elements)
         total = total + tile_sums[plan.seg_tiles[k]]
     return total
-
-
-def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 sqrt, as the kernels' (torch's own float32 sqrt is off by an ulp
-    for ~16% of inputs on some CPU builds; through float64 it is exact for float32 inputs).
-    float64: torch's sqrt (within an ulp)."""
-    return x.double().sqrt().to(x.dtype) if x.dtype == torch.float32 else x.sqrt()
-
-
-def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor) -> None:
-    """Per-segment sums of w^2, d^2, g'^2 -> the stats row (docs/SPEC.md, "The trust ratio") of
-    the segments updated now: norms after norm_clip, q, phi(t), g' norm, the weight decay pass 2
-    applies."""
-    tab = b.group_table[b.seg_table[:, SEG_GROUP]]
-    seg_flags = b.seg_table[:, SEG_FLAGS]
-    gflags = tab[:, COL_GFLAGS].to(torch.int64)
-    clip = tab[:, COL_NORM_CLIP]
-    norms = _sqrt(sums)
-    wn = torch.minimum(norms[:, PART_W2], clip)
-    dn = torch.minimum(norms[:, PART_D2], clip)
-    gn = torch.minimum(norms[:, PART_G2], clip)
-    t = b.step.reshape(()).to(b.acc_dtype)
-    ph = phi(t, tab[:, COL_LMBDA], tab[:, COL_DELAY], tab[:, COL_ALPHA], tab[:, COL_GAMMA_MIN])
-    one = torch.ones_like(ph)
-    ph = torch.where((tab[:, COL_USE_PHI] != 0) & ~(t < tab[:, COL_HOLD]), ph, one)
-    wd = torch.where((seg_flags & FLAG_SKIP_WEIGHT_DECAY) != 0, torch.zeros_like(ph), tab[:, COL_WEIGHT_DECAY])
-    grad_form = (gflags & GF_GRAD_DENOMINATOR) != 0
-    adapt = ((gflags & GF_NO_ADAPT) == 0) & ((seg_flags & FLAG_SKIP_ADAPTATION) == 0)
-    nonzero = (wn > 0) & torch.where(grad_form, gn, dn).gt(0)
-    denom = torch.where(grad_form, (gn + wd * wn) + tab[:, COL_EPS], dn + tab[:, COL_EPS])
-    clip_q = (gflags & GF_TRUST_CLIP) != 0
-    ratio = tab[:, COL_ETA] * ph * wn / denom
-    fallback = torch.where(clip_q & ((gflags & GF_PLAIN_ZERO) == 0), _clip_ratio(one, tab[:, COL_LR]), one)
-    q = torch.where(adapt & nonzero, torch.where(clip_q, _clip_ratio(ratio, tab[:, COL_LR]), ratio),
-                    torch.where(adapt, fallback, one))
-    wd = torch.where(adapt & ~nonzero & ((gflags & GF_PLAIN_ZERO) != 0), torch.zeros_like(wd), wd)
-    apply = (b.seg_active != 0) & keep
-    b.stats.copy_(torch.where(apply[:, None], torch.stack([wn, dn, q, ph, gn, wd], dim=1), b.stats))
-
-
-def _clip_ratio(q: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """trust_clip: min(q / lr, 1), NaN staying NaN (torch.clamp)."""
-    return torch.clamp(q / lr, max=1.0)

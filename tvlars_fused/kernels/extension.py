@@ -3,8 +3,8 @@
 Importing this module imports tvlars_fused._C, which registers torch.ops.tvlars_fused.bucket_step
 and bucket_step_at (CPU always; CUDA when the extension was compiled with nvcc against a CUDA build
 of torch). Each bucket step is one op call: on the CPU a fused, multithreaded, cache-aware kernel;
-on CUDA two kernel launches on the current stream, no host sync. backend(name) returns the object that
-tvlars_fused.kernels expects (NAME, CHUNK_ELEMS, requirement, available, bucket_step).
+on CUDA two kernel launches on the current stream, no host sync. CPU_BACKEND and CUDA_BACKEND are
+the registry's objects (kernels.Backend).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ except ImportError as exc:  # not built: the caller falls back to another backen
         f"({exc}). Build it with `pip install --no-build-isolation -e .` (or `make install`) in the "
         "source tree, or use backend='auto'/'torch'.") from exc
 
-__all__ = ["backend", "WITH_CUDA", "bucket_step_op", "CPUBackend", "CUDABackend"]
+from . import Backend
+
+__all__ = ["WITH_CUDA", "bucket_step_op", "CPU_BACKEND", "CUDA_BACKEND"]
 
 OP_NAME = "tvlars_fused::bucket_step"
 bucket_step_op = torch.ops.tvlars_fused.bucket_step.default       # params as a list: traceable
@@ -35,19 +37,19 @@ def _has_kernel(dispatch_key: str) -> bool:
 WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0)) and _has_kernel("CUDA")
 
 
-def _call(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    b = bucket
+def _call(b, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     # Eager: the first parameter's address (the others by b.w_offsets, which sync_params keeps
     # true before every step) instead of a list of every parameter tensor to convert per call.
     # Traced: the list, so that torch.compile sees which tensors the op writes.
-    params = b.weights if torch.compiler.is_compiling() else b.weights[0].data_ptr()
-    op = bucket_step_op if torch.compiler.is_compiling() else bucket_step_at_op
+    compiling = torch.compiler.is_compiling()
+    params = b.weights if compiling else b.weights[0].data_ptr()
+    op = bucket_step_op if compiling else bucket_step_at_op
     op(params, b.w_offsets, b.grad_buf, b.state_buf, b.seg_table, b.seg_active, b.chunk_table, b.group_table, b.step,
        b.partials, b.counters, b.stats, None if grad_scale is None else grad_scale.reshape(1),
-       None if found_inf is None else found_inf.reshape(1), b.chunk_elems)
+       None if found_inf is None else found_inf.reshape(1), b.chunk_elems, b.algorithm.id)
 
 
-class CPUBackend:
+class CPUBackend(Backend):
     """The fused CPU kernel: at::parallel_for over segments and chunks, SIMD inner loops,
     deterministic for every thread count."""
     NAME = "cpu"
@@ -56,16 +58,15 @@ class CPUBackend:
     CHUNK_ELEMS = 4096
     requirement = "CPU tensors (the C++ extension tvlars_fused._C)"
 
-    @staticmethod
-    def available(device) -> bool:
+    def available(self, device) -> bool:
         return torch.device(device).type == "cpu"
 
-    @staticmethod
-    def bucket_step(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-        _call(bucket, grad_scale, found_inf)
+    def bucket_step(self, view, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                    between=None) -> None:
+        _call(view, grad_scale, found_inf)
 
 
-class CUDABackend:
+class CUDABackend(Backend):
     """The CUDA kernels: pass 1 (per-chunk partial sums, last block of a segment reduces them in
     chunk order) and pass 2 (elementwise update), on the current stream, no host sync."""
     NAME = "cuda"
@@ -74,21 +75,13 @@ class CUDABackend:
                    "(nvcc and a CUDA build of torch at build time"
                    + ("" if WITH_CUDA else "; this build has none") + ")")
 
-    @staticmethod
-    def available(device) -> bool:
+    def available(self, device) -> bool:
         return WITH_CUDA and torch.device(device).type == "cuda"
 
-    @staticmethod
-    def bucket_step(bucket, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-        _call(bucket, grad_scale, found_inf)
+    def bucket_step(self, view, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                    between=None) -> None:
+        _call(view, grad_scale, found_inf)
 
 
-_BACKENDS = {"cpu": CPUBackend, "cuda": CUDABackend}
-
-
-def backend(name: str):
-    """The backend object for name "cpu" or "cuda"."""
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"the extension has backends {tuple(_BACKENDS)}, not {name!r}") from None
+CPU_BACKEND = CPUBackend()
+CUDA_BACKEND = CUDABackend()

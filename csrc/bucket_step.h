@@ -12,15 +12,16 @@ namespace tvlars {
 // The ops' arguments after the parameters, in schema order (bindings.cpp), written once for every
 // implementation: tensors marked (x!) in the schema are the mutable references. param_offsets:
 // int64 [S] on the device, element offsets of each segment's parameter from the first one's.
+// state: [slots, N], one row per state slot of the algorithm (abi.h: ALGO_*, *_STATE_SLOTS).
 #define TVLARS_BUCKET_TABLES_PARAMS                                                                   \
   const at::Tensor &param_offsets, const at::Tensor &grads, at::Tensor &state, const at::Tensor &seg_table, \
       const at::Tensor &seg_active, const at::Tensor &chunk_table, const at::Tensor &group_table,     \
       at::Tensor &step, at::Tensor &partials, at::Tensor &counters, at::Tensor &stats,                \
       const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf,        \
-      int64_t chunk_elems
+      int64_t chunk_elems, int64_t algorithm
 #define TVLARS_BUCKET_TABLES_ARGS                                                                    \
   param_offsets, grads, state, seg_table, seg_active, chunk_table, group_table, step, partials, counters, \
-      stats, grad_scale, found_inf, chunk_elems
+      stats, grad_scale, found_inf, chunk_elems, algorithm
 
 // Two entry points with the same tables:
 //  - bucket_step(Tensor(a!)[] params, ...): the parameters as a list, their mutation declared, so

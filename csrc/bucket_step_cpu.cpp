@@ -1,4 +1,4 @@
-// The bucket step on the CPU (docs/SPEC.md, "The bucket ABI").
+// The bucket step on the CPU (docs/SPEC.md, "The bucket ABI"), for every algorithm (algo/*.h).
 //
 // Determinism: a chunk's partial sums are computed by one thread in a fixed order (16 float / 8
 // double lanes, folded pairwise), and a segment's sums are its chunk partials added in chunk
@@ -12,7 +12,7 @@
 // pass 1; idle threads steal unclaimed work, so a preempted thread (a loaded machine, data-loader
 // workers) holds up the others by at most one item.
 //
-// Vectorization (tvlars_cpu_kernels.h): GCC/Clang vector extensions at the native width. With GCC
+// Vectorization (cpu_kernels.h): GCC/Clang vector extensions at the native width. With GCC
 // on x86-64 the kernels are compiled three times -- baseline x86-64 (SSE2), AVX2+FMA+F16C and
 // AVX-512 -- and the best copy the CPU supports is picked at run time (TVLARS_FUSED_CPU_ISA=
 // baseline|avx2|avx512 caps it). All copies give the same bits: the partial sums have the same 16
@@ -34,8 +34,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "tvlars_math.h"
-#include "tvlars_ops.h"
+#include "algo/lamb.h"
+#include "algo/lars.h"
+#include "arith.h"
+#include "bucket_step.h"
 
 // Per-instruction-set copies of the kernels (GCC on x86-64; elsewhere one copy for the target).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TVLARS_NO_MULTI_ISA)
@@ -48,8 +50,10 @@
 
 #if defined(__GNUC__)
 #define TVLARS_ALWAYS_INLINE inline __attribute__((always_inline))
+#define TVLARS_FLATTEN __attribute__((flatten))
 #else
 #define TVLARS_ALWAYS_INLINE inline
+#define TVLARS_FLATTEN
 #endif
 
 namespace tvlars {
@@ -72,17 +76,10 @@ constexpr int64_t SMALL_BYTES = TVLARS_SMALL_BYTES;
 constexpr int64_t ITEM_ELEMS = TVLARS_ITEM_ELEMS;
 constexpr int64_t MIN_ELEMS_PER_THREAD = TVLARS_MIN_ELEMS_PER_THREAD;
 
-// What pass 1 needs per element, fixed for the whole segment (pass 2: UpdateParams, tvlars_math.h).
-template <typename A>
-struct Pass1Params {
-  A gmul;          // (maximize ? -1 : 1) / grad_scale
-  A weight_decay;  // 0 where the segment skips it
-};
-
 // ---- the kernels, once per instruction set ------------------------------------------------------
 #define TVLARS_VEC_BYTES 16
 namespace isa_baseline {
-#include "tvlars_cpu_kernels.h"
+#include "cpu_kernels.h"
 }  // namespace isa_baseline
 #undef TVLARS_VEC_BYTES
 
@@ -92,7 +89,7 @@ namespace isa_baseline {
 #pragma GCC target("avx2,fma,f16c")
 #define TVLARS_VEC_BYTES 32
 namespace isa_avx2 {
-#include "tvlars_cpu_kernels.h"
+#include "cpu_kernels.h"
 }  // namespace isa_avx2
 #undef TVLARS_VEC_BYTES
 #pragma GCC pop_options
@@ -101,38 +98,48 @@ namespace isa_avx2 {
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")
 #define TVLARS_VEC_BYTES 64
 namespace isa_avx512 {
-#include "tvlars_cpu_kernels.h"
+#include "cpu_kernels.h"
 }  // namespace isa_avx512
 #undef TVLARS_VEC_BYTES
 #pragma GCC pop_options
 #undef TVLARS_ISA_F16C
 #endif  // TVLARS_MULTI_ISA
 
-struct KernelTable {
-  const char* name;
-  void (*sums_f32)(const float*, const float*, int64_t, float, float, float*);
-  void (*sums_f64)(const double*, const double*, int64_t, double, double, double*);
-  void (*sums_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, float, float, float*);
-  void (*sums_f16)(const c10::Half*, const c10::Half*, int64_t, float, float, float*);
-  void (*update_f32)(float*, const float*, float*, int64_t, const UpdateParams<float>&);
-  void (*update_f64)(double*, const double*, double*, int64_t, const UpdateParams<double>&);
-  void (*update_bf16)(c10::BFloat16*, const c10::BFloat16*, float*, int64_t, const UpdateParams<float>&);
-  void (*update_f16)(c10::Half*, const c10::Half*, float*, int64_t, const UpdateParams<float>&);
+// The chunk kernels of one algorithm and parameter dtype, in one instruction-set copy.
+template <class Algo, typename P>
+struct ChunkKernels {
+  using A = typename Types<P>::acc;
+  using S = typename Types<P>::state;
+  void (*pass1)(const P*, const P*, S* const*, int64_t, const typename Algo::template Pass1<A>&, A*);
+  void (*pass2)(P*, const P*, S* const*, int64_t, const typename Algo::template Pass2<A>&);
 };
 
-#define TVLARS_TABLE(NS, NAME)                                                                      \
-  KernelTable {                                                                                     \
-    NAME, &NS::chunk_sums_f32, &NS::chunk_sums_f64, &NS::chunk_sums_bf16, &NS::chunk_sums_f16,      \
-        &NS::chunk_update_f32, &NS::chunk_update_f64, &NS::chunk_update_bf16, &NS::chunk_update_f16 \
+#define TVLARS_ISA_KERNELS(NS)                                                                              \
+  template <class Algo, typename P>                                                                         \
+  ChunkKernels<Algo, P> NS##_kernels() {                                                                    \
+    if constexpr (std::is_same_v<Algo, Lars>) {                                                             \
+      if constexpr (std::is_same_v<P, float>) return {&NS::pass1_lars_f32, &NS::pass2_lars_f32};            \
+      else if constexpr (std::is_same_v<P, double>) return {&NS::pass1_lars_f64, &NS::pass2_lars_f64};      \
+      else if constexpr (std::is_same_v<P, c10::BFloat16>) return {&NS::pass1_lars_bf16, &NS::pass2_lars_bf16}; \
+      else return {&NS::pass1_lars_f16, &NS::pass2_lars_f16};                                               \
+    } else {                                                                                                \
+      if constexpr (std::is_same_v<P, float>) return {&NS::pass1_lamb_f32, &NS::pass2_lamb_f32};            \
+      else if constexpr (std::is_same_v<P, double>) return {&NS::pass1_lamb_f64, &NS::pass2_lamb_f64};      \
+      else if constexpr (std::is_same_v<P, c10::BFloat16>) return {&NS::pass1_lamb_bf16, &NS::pass2_lamb_bf16}; \
+      else return {&NS::pass1_lamb_f16, &NS::pass2_lamb_f16};                                               \
+    }                                                                                                       \
   }
-
-// The best copy this CPU runs; TVLARS_FUSED_CPU_ISA=baseline|avx2|avx512 caps it (tests, debugging).
-// All copies give the same bits.
-const KernelTable& kernel_table() {
-  static const KernelTable baseline = TVLARS_TABLE(isa_baseline, "baseline");
+TVLARS_ISA_KERNELS(isa_baseline)
 #if defined(TVLARS_MULTI_ISA)
-  static const KernelTable avx2 = TVLARS_TABLE(isa_avx2, "avx2");
-  static const KernelTable avx512 = TVLARS_TABLE(isa_avx512, "avx512");
+TVLARS_ISA_KERNELS(isa_avx2)
+TVLARS_ISA_KERNELS(isa_avx512)
+#endif
+#undef TVLARS_ISA_KERNELS
+
+// The best copy this CPU runs (0 baseline, 1 AVX2, 2 AVX-512); TVLARS_FUSED_CPU_ISA=
+// baseline|avx2|avx512 caps it (tests, debugging; read at every step). All copies give the same bits.
+int isa_level() {
+#if defined(TVLARS_MULTI_ISA)
   static const int best = [] {
     __builtin_cpu_init();
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -148,55 +155,54 @@ const KernelTable& kernel_table() {
                 "TVLARS_FUSED_CPU_ISA must be auto, baseline, avx2 or avx512, got '", v, "'");
     cap = v == "baseline" ? 0 : v == "avx2" ? 1 : 2;
   }
-  const int use = std::min(best, cap);
-  return use == 2 ? avx512 : use == 1 ? avx2 : baseline;
+  return std::min(best, cap);
+#else
+  return 0;
+#endif
+}
+
+template <class Algo, typename P>
+ChunkKernels<Algo, P> chunk_kernels() {
+#if defined(TVLARS_MULTI_ISA)
+  static const ChunkKernels<Algo, P> avx512 = isa_avx512_kernels<Algo, P>(), avx2 = isa_avx2_kernels<Algo, P>();
+#endif
+  static const ChunkKernels<Algo, P> baseline = isa_baseline_kernels<Algo, P>();
+#if defined(TVLARS_MULTI_ISA)
+  const int level = isa_level();
+  return level == 2 ? avx512 : level == 1 ? avx2 : baseline;
 #else
   return baseline;
 #endif
 }
-#undef TVLARS_TABLE
-
-#define TVLARS_KERNEL_OVERLOADS(SUMS, UPDATE, P, S, A)                                           \
-  inline void chunk_sums(const KernelTable& kt, const P* w, const P* g, int64_t n, const Pass1Params<A>& p1, \
-                         A* out) {                                                                  \
-    kt.SUMS(w, g, n, p1.gmul, p1.weight_decay, out);                                               \
-  }                                                                                                 \
-  inline void chunk_update(const KernelTable& kt, P* w, const P* g, S* s, int64_t n, const UpdateParams<A>& up) { \
-    kt.UPDATE(w, g, s, n, up);                                                                      \
-  }
-TVLARS_KERNEL_OVERLOADS(sums_f32, update_f32, float, float, float)
-TVLARS_KERNEL_OVERLOADS(sums_f64, update_f64, double, double, double)
-TVLARS_KERNEL_OVERLOADS(sums_bf16, update_bf16, c10::BFloat16, float, float)
-TVLARS_KERNEL_OVERLOADS(sums_f16, update_f16, c10::Half, float, float)
-#undef TVLARS_KERNEL_OVERLOADS
 
 // ---- the bucket step -------------------------------------------------------------------------------
-template <typename P>
+template <class Algo, typename P>
 struct BucketStep {
   using A = typename Types<P>::acc;
   using S = typename Types<P>::state;
+  using Pass1 = typename Algo::template Pass1<A>;
+  using Pass2 = typename Algo::template Pass2<A>;
 
-  const KernelTable* kt;
+  ChunkKernels<Algo, P> kt;
   P* const* w;  // per segment: the parameter's memory
   const P* g;
-  S* s;
+  S* s;         // state slot 0; slot k at s + k * numel
+  int64_t numel;
   const int64_t* seg;
   const int64_t* chunks;
-  const A* groups;
+  const double* groups;
   A* partials;
   A* stats;
   int64_t chunk_elems;
   A inv_scale;  // 1 / grad_scale (1 without AMP)
   float t;
 
-  const A* group_of(int64_t sid) const { return groups + seg[sid * SEG_COLS + SEG_GROUP] * GROUP_COLS; }
+  GroupRow<A> group_of(int64_t sid) const { return {groups + seg[sid * SEG_COLS + SEG_GROUP] * GROUP_COLS}; }
+  // g' = g * gmul: (maximize ? -1 : 1) / grad_scale
+  A gmul(int64_t sid) const { return mul(group_of(sid)[COL_GRAD_SIGN], inv_scale); }
 
-  Pass1Params<A> pass1_params(int64_t sid) const {
-    const A* grp = group_of(sid);
-    Pass1Params<A> p1;
-    p1.gmul = mul(grp[COL_GRAD_SIGN], inv_scale);
-    p1.weight_decay = pass1_weight_decay(grp, seg[sid * SEG_COLS + SEG_FLAGS]);
-    return p1;
+  Pass1 pass1_params(int64_t sid) const {
+    return Algo::pass1_params(group_of(sid), seg[sid * SEG_COLS + SEG_FLAGS], gmul(sid), t);
   }
 
   // Chunk c's elements of the parameter: [begin, end) in flat buffer indices (the padding past
@@ -210,10 +216,17 @@ struct BucketStep {
     return w[sid] + (start - row[SEG_OFFSET]);
   }
 
-  void pass1_chunk(int64_t c, const Pass1Params<A>& p1) const {
+  // the state slots at flat position b
+  void slots_at(int64_t b, S** out) const {
+    for (int k = 0; k < Algo::SLOTS; ++k) out[k] = s + k * numel + b;
+  }
+
+  void pass1_chunk(int64_t c, const Pass1& p1) const {
     int64_t b, e;
     const P* wc = chunk_range(c, &b, &e);
-    chunk_sums(*kt, wc, g + b, e - b, p1, partials + c * PART_COLS);
+    S* sl[Algo::SLOTS];
+    slots_at(b, sl);
+    kt.pass1(wc, g + b, sl, e - b, p1, partials + c * PART_COLS);
   }
 
   // Column col of the segment's chunk partials added in the order of docs/SPEC.md ("The segment
@@ -237,34 +250,30 @@ struct BucketStep {
   }
 
   // the segment's sums -> its stats row; returns what pass 2 applies to it
-  UpdateParams<A> reduce(int64_t sid) const {
+  Pass2 reduce(int64_t sid) const {
     const int64_t* row = seg + sid * SEG_COLS;
     const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
-    const SegmentStats<A> st = segment_stats(segment_sum(first, count, PART_W2), segment_sum(first, count, PART_D2),
-                                             segment_sum(first, count, PART_G2), group_of(sid), row[SEG_FLAGS], t);
     A* out = stats + sid * STAT_COLS;
-    out[STAT_WEIGHT_NORM] = st.wn;
-    out[STAT_UPDATE_NORM] = st.dn;
-    out[STAT_TRUST_RATIO] = st.q;
-    out[STAT_PHI] = st.phi;
-    out[STAT_GRAD_NORM] = st.gn;
-    out[STAT_WEIGHT_DECAY] = st.weight_decay;
-    return update_params(group_of(sid), row[SEG_FLAGS], out, inv_scale);
+    Algo::finish(out, segment_sum(first, count, PART_W2), segment_sum(first, count, PART_U2),
+                 segment_sum(first, count, PART_G2), group_of(sid), row[SEG_FLAGS], t);
+    return Algo::pass2_params(group_of(sid), row[SEG_FLAGS], out, gmul(sid));
   }
 
-  void pass2_chunk(int64_t c, const UpdateParams<A>& up) const {
+  void pass2_chunk(int64_t c, const Pass2& up) const {
     int64_t b, e;
     P* wc = chunk_range(c, &b, &e);
-    chunk_update(*kt, wc, g + b, s + b, e - b, up);
+    S* sl[Algo::SLOTS];
+    slots_at(b, sl);
+    kt.pass2(wc, g + b, sl, e - b, up);
   }
 
   // a whole segment by the calling thread
   void segment(int64_t sid) const {
     const int64_t* row = seg + sid * SEG_COLS;
     const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
-    const Pass1Params<A> p1 = pass1_params(sid);
+    const Pass1 p1 = pass1_params(sid);
     for (int64_t c = first; c < first + count; ++c) pass1_chunk(c, p1);
-    const UpdateParams<A> up = reduce(sid);
+    const Pass2 up = reduce(sid);
     for (int64_t c = first; c < first + count; ++c) pass2_chunk(c, up);
   }
 };
@@ -314,9 +323,9 @@ class alignas(64) Part {  // one cache line each: threads claim from different p
 // others, so it holds up at most the item it is running (as a static split with barriers would not).
 // No deadlock: a thread waits for q only after every pass-1 item of that segment has been claimed,
 // and claimed items are finished without waiting.
-template <typename P>
-void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
-  using A = typename BucketStep<P>::A;
+template <class Algo, typename P>
+void run_bucket_step(BucketStep<Algo, P>& k, const int64_t S, const int32_t* active) {
+  using Step = BucketStep<Algo, P>;
   const int64_t small_elems = SMALL_BYTES / (2 * static_cast<int64_t>(sizeof(P)));  // w and g
   const int64_t item_chunks = std::max<int64_t>(1, ITEM_ELEMS / k.chunk_elems);
 
@@ -336,8 +345,8 @@ void run_bucket_step(BucketStep<P>& k, const int64_t S, const int32_t* active) {
   std::unique_ptr<Part[]> parts1(new Part[num_large * T]), parts2(new Part[num_large * T]);
   std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[num_large]);  // pass-1 chunks
   std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[num_large]);
-  std::vector<Pass1Params<A>> p1(num_large);
-  std::vector<UpdateParams<A>> up(num_large);
+  std::vector<typename Step::Pass1> p1(num_large);
+  std::vector<typename Step::Pass2> up(num_large);
   for (int64_t sid = 0; sid < S; ++sid) {
     claimed[sid].store(0, std::memory_order_relaxed);
     const int64_t slot = slot_of[sid];
@@ -459,34 +468,43 @@ void check_tables_cpu(const int64_t* seg, int64_t S, const int64_t* chunks, int6
 
 namespace {
 
-// The step over the segments' parameters at weights[sid] (from the list or from the address).
-void step_cpu(const std::vector<void*>& weights, TVLARS_BUCKET_TABLES_PARAMS) {
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;  // AMP: skip all
-  const int64_t S = seg_table.size(0), C = chunk_table.size(0);
-  check_tables_cpu(seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
-                   group_table.size(0), grads.numel(), chunk_elems);
-
-  const KernelTable& kt = kernel_table();
+// One algorithm's step: the dtype dispatch and the scheduler.
+template <class Algo>
+void step_algorithm_cpu(const std::vector<void*>& weights, TVLARS_BUCKET_TABLES_PARAMS) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "tvlars_bucket_step_cpu", [&] {
     using P = scalar_t;
     using A = typename Types<P>::acc;
     using St = typename Types<P>::state;
-    BucketStep<P> k;
-    k.kt = &kt;
+    BucketStep<Algo, P> k;
+    k.kt = chunk_kernels<Algo, P>();
     k.w = reinterpret_cast<P* const*>(weights.data());
     k.g = grads.const_data_ptr<P>();
     k.s = state.mutable_data_ptr<St>();
+    k.numel = grads.numel();
     k.seg = seg_table.const_data_ptr<int64_t>();
     k.chunks = chunk_table.const_data_ptr<int64_t>();
-    k.groups = group_table.const_data_ptr<A>();
+    k.groups = group_table.const_data_ptr<double>();
     k.partials = partials.mutable_data_ptr<A>();
     k.stats = stats.mutable_data_ptr<A>();
     k.chunk_elems = chunk_elems;
     // g/scale as g * (1/scale): the same bits for GradScaler's powers of two (and as Triton's)
     k.inv_scale = grad_scale.has_value() ? div(A(1), static_cast<A>(*grad_scale->const_data_ptr<float>())) : A(1);
     k.t = *step.const_data_ptr<float>();
-    run_bucket_step(k, S, seg_active.const_data_ptr<int32_t>());
+    run_bucket_step(k, seg_table.size(0), seg_active.const_data_ptr<int32_t>());
   });
+}
+
+// The step over the segments' parameters at weights[sid] (from the list or from the address).
+void step_cpu(const std::vector<void*>& weights, TVLARS_BUCKET_TABLES_PARAMS) {
+  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;  // AMP: skip all
+  const int64_t S = seg_table.size(0), C = chunk_table.size(0);
+  check_tables_cpu(seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
+                   group_table.size(0), grads.numel(), chunk_elems);
+  if (algorithm == ALGO_LAMB) {
+    step_algorithm_cpu<Lamb>(weights, TVLARS_BUCKET_TABLES_ARGS);
+  } else {
+    step_algorithm_cpu<Lars>(weights, TVLARS_BUCKET_TABLES_ARGS);
+  }
   *step.mutable_data_ptr<float>() += 1.0f;  // not reached when found_inf is set
 }
 

@@ -1,20 +1,23 @@
 // The bucket step on CUDA (docs/SPEC.md, "The bucket ABI"): two kernels per bucket per step, on
-// the current stream, no host sync, deterministic.
+// the current stream, no host sync, deterministic; generic over the algorithm (algo/*.h: the
+// kernels are templates over it, instantiated for every algorithm and dtype).
 //
 // The weights stay in the parameters' own memory: segment i's parameter starts params[0] +
 // param_offsets[i] elements; gradients and state are flat padded buffers. Only a parameter's own
 // elements are read or written (never past its end), and the state's padding is never written.
 //
-// pass 1: one block per chunk. 128-bit loads of w (where aligned) and g, per-thread sums of w^2
-//   and d^2, a fixed block reduction (warp shuffles, then warps in order) into partials[chunk].
+// pass 1: one block per chunk. 128-bit loads of w (where aligned), g (and the state where the
+//   algorithm updates it in pass 1), per-thread sums of the three squares (only of the parameter's
+//   own elements), a fixed block reduction (warp shuffles, then warps in order) into partials[chunk].
 //   The block then bumps counters[segment] (after __threadfence); the block that sees the count
 //   complete adds the segment's chunk partials in the order of docs/SPEC.md (tiles of REDUCE_TILE
 //   chunks loaded by all threads, a pairwise tree each, tiles in chunk order), writes
-//   stats[segment] = (wn, dn, q, phi) and resets the counter. Which block finishes last changes
+//   the segment's stats row (Algo::finish) and resets the counter. Which block finishes last changes
 //   nothing: every block's partial is a fixed function of its chunk, and the order is fixed.
-// pass 2: one block per chunk, elementwise update with q = stats[segment, 2], 128-bit loads and
-//   stores; block 0 increments step; each segment's first block zeroes its counter (pass 1 is
-//   over), so a counter left non-zero by an interrupted launch heals at the next step.
+// pass 2: one block per chunk, the algorithm's elementwise update from its stats row (never t,
+//   which block 0 increments meanwhile), 128-bit loads and stores; each segment's first block
+//   zeroes its counter (pass 1 is over), so a counter left non-zero by an interrupted launch heals
+//   at the next step.
 // Both kernels read found_inf on the device and change nothing when it is nonzero. The grid is
 // chunk_table.size(0) blocks (at least 1), a shape the host knows without a sync.
 //
@@ -29,8 +32,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "tvlars_math.h"
-#include "tvlars_ops.h"
+#include "algo/lamb.h"
+#include "algo/lars.h"
+#include "arith.h"
+#include "bucket_step.h"
 
 namespace tvlars {
 namespace {
@@ -132,19 +137,6 @@ __device__ __forceinline__ A segment_sum(const A* partials, int64_t first, int64
   return total;
 }
 
-template <typename A>
-__device__ __forceinline__ void write_stats(A* stats, int64_t sid, A sum_w2, A sum_d2, A sum_g2, const A* group,
-                                            int64_t flags, float t) {
-  const SegmentStats<A> st = segment_stats(sum_w2, sum_d2, sum_g2, group, flags, t);
-  A* out = stats + sid * STAT_COLS;
-  out[STAT_WEIGHT_NORM] = st.wn;
-  out[STAT_UPDATE_NORM] = st.dn;
-  out[STAT_TRUST_RATIO] = st.q;
-  out[STAT_PHI] = st.phi;
-  out[STAT_GRAD_NORM] = st.gn;
-  out[STAT_WEIGHT_DECAY] = st.weight_decay;
-}
-
 // 1 / grad_scale (one when there is no AMP scale): g/scale as g * (1/scale), the same bits for
 // GradScaler's powers of two, as the CPU and Triton kernels do
 template <typename A>
@@ -185,17 +177,27 @@ __device__ __forceinline__ void store_real(T* ptr, int64_t i, int64_t real_end, 
   }
 }
 
-template <typename P>
+// g' = g * gmul: (maximize ? -1 : 1) / grad_scale
+template <typename A>
+__device__ __forceinline__ A grad_multiplier(const GroupRow<A>& group, const float* grad_scale) {
+  return mul(group[COL_GRAD_SIGN], inv_scale(grad_scale, A(1)));
+}
+
+template <class Algo, typename P>
 __global__ void __launch_bounds__(THREADS)
-    pass1_kernel(P* w0, const int64_t* __restrict__ w_offsets, const P* __restrict__ g, const int64_t* __restrict__ seg,
+    pass1_kernel(P* w0, const int64_t* __restrict__ w_offsets, const P* __restrict__ g,
+                 typename Types<P>::state* s, int64_t numel, const int64_t* __restrict__ seg,
                  const int32_t* __restrict__ active, const int64_t* __restrict__ chunks,
-                 const typename Types<P>::acc* __restrict__ groups, typename Types<P>::acc* partials,
-                 int32_t* counters, typename Types<P>::acc* stats, const float* __restrict__ step,
-                 const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
-                 int64_t num_segs, int64_t num_chunks, int64_t chunk_elems) {
+                 const double* __restrict__ groups, typename Types<P>::acc* partials, int32_t* counters,
+                 typename Types<P>::acc* stats, const float* __restrict__ step, const float* __restrict__ grad_scale,
+                 const float* __restrict__ found_inf, int64_t num_segs, int64_t num_chunks, int64_t chunk_elems) {
   using A = typename Types<P>::acc;
-  constexpr int V = Width<P>::value;
+  using S = typename Types<P>::state;
+  // elements per access: 128 bits of the parameter dtype, or of the state where pass 1 streams it
+  // too (bfloat16/float16 w and g then move 64 bits at a time: fewer registers)
+  constexpr int V = Algo::PASS1_STATE ? Width<S>::value : Width<P>::value, SL = Algo::SLOTS;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const float t = *step;   // (pass 2 increments it, after this launch)
 
   const int64_t c = blockIdx.x;
   if (c < num_chunks) {
@@ -206,40 +208,65 @@ __global__ void __launch_bounds__(THREADS)
       const int64_t end = row[SEG_END];
       const int64_t real_end = row[SEG_OFFSET] + row[SEG_NUMEL];
       const int64_t flags = row[SEG_FLAGS];
-      const A* group = groups + row[SEG_GROUP] * GROUP_COLS;
+      const GroupRow<A> group{groups + row[SEG_GROUP] * GROUP_COLS};
       const int64_t stop = start + chunk_elems < end ? start + chunk_elems : end;
-      const A gmul = mul(group[COL_GRAD_SIGN], inv_scale(grad_scale, A(1)));
-      const A wd = pass1_weight_decay(group, flags);
-      const bool decay = wd != A(0);
+      const auto p = Algo::pass1_params(group, flags, grad_multiplier(group, grad_scale), t);
       const P* w = segment_weights(w0, w_offsets, sid, row[SEG_OFFSET]);
 
-      A sw = A(0), sd = A(0), sg = A(0);
-      auto accumulate = [&](A wa, A ga) {
-        const A gs = scaled_grad(ga, gmul);
-        const A d = direction(gs, wa, wd, decay);
-        sw = add(sw, mul(wa, wa));
-        sd = add(sd, mul(d, d));
+      A sw = A(0), su = A(0), sg = A(0);
+      // one element; only the parameter's own (the padding contributes nothing)
+      auto accumulate = [&](A wa, A ga, A* sl) {
+        A gs, wt, ut;
+        Algo::template pass1<ScalarMath>(p, wa, ga, sl, gs, wt, ut);
+        sw = add(sw, mul(wt, wt));
+        su = add(su, mul(ut, ut));
         sg = add(sg, mul(gs, gs));
       };
       if (((start | stop) % V) == 0) {  // always, for a bucket built by buckets.py
-#pragma unroll 4
+        // four iterations in flight; one where the state streams too (registers: tests/test_nvcc.py)
+        constexpr int UNROLL = Algo::PASS1_STATE ? 1 : 4;
+#pragma unroll UNROLL
         for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < stop; i += THREADS * V) {
           const Vec<P, V> wv = load_weights<P, V>(w, i, real_end);
           const Vec<P, V> gv = load_vec<P, V>(g + i);
+          Vec<S, V> sv[SL];
+          if constexpr (Algo::PASS1_STATE) {
 #pragma unroll
-          for (int j = 0; j < V; ++j) accumulate(to_acc<A>(wv.v[j]), to_acc<A>(gv.v[j]));
+            for (int k = 0; k < SL; ++k) sv[k] = load_vec<S, V>(s + k * numel + i);
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            if (i + j >= real_end) break;
+            A sl[SL];
+#pragma unroll
+            for (int k = 0; k < SL; ++k) sl[k] = Algo::PASS1_STATE ? static_cast<A>(sv[k].v[j]) : A(0);
+            accumulate(to_acc<A>(wv.v[j]), to_acc<A>(gv.v[j]), sl);
+#pragma unroll
+            for (int k = 0; k < SL; ++k) sv[k].v[j] = static_cast<S>(sl[k]);
+          }
+          if constexpr (Algo::PASS1_STATE) {
+#pragma unroll
+            for (int k = 0; k < SL; ++k) store_real<S, V>(s + k * numel, i, real_end, sv[k]);
+          }
         }
       } else {
-        for (int64_t i = start + threadIdx.x; i < stop; i += THREADS) {
-          accumulate(i < real_end ? to_acc<A>(w[i]) : A(0), to_acc<A>(g[i]));
+        for (int64_t i = start + threadIdx.x; i < stop && i < real_end; i += THREADS) {
+          A sl[SL];
+#pragma unroll
+          for (int k = 0; k < SL; ++k) sl[k] = Algo::PASS1_STATE ? static_cast<A>(s[k * numel + i]) : A(0);
+          accumulate(to_acc<A>(w[i]), to_acc<A>(g[i]), sl);
+          if constexpr (Algo::PASS1_STATE) {
+#pragma unroll
+            for (int k = 0; k < SL; ++k) s[k * numel + i] = static_cast<S>(sl[k]);
+          }
         }
       }
-      block_sum3(sw, sd, sg);
+      block_sum3(sw, su, sg);
 
       __shared__ int32_t last;
       if (threadIdx.x == 0) {
         partials[c * PART_COLS + PART_W2] = sw;
-        partials[c * PART_COLS + PART_D2] = sd;
+        partials[c * PART_COLS + PART_U2] = su;
         partials[c * PART_COLS + PART_G2] = sg;
         __threadfence();  // the partial is visible device-wide before the count says so
         last = atomicAdd(counters + sid, 1) == row[SEG_NUM_CHUNKS] - 1;
@@ -249,10 +276,10 @@ __global__ void __launch_bounds__(THREADS)
         __threadfence();
         const int64_t first = row[SEG_FIRST_CHUNK], count = row[SEG_NUM_CHUNKS];
         const A tw = segment_sum(partials, first, count, PART_W2);
-        const A td = segment_sum(partials, first, count, PART_D2);
+        const A tu = segment_sum(partials, first, count, PART_U2);
         const A tg = segment_sum(partials, first, count, PART_G2);
         if (threadIdx.x == 0) {
-          write_stats(stats, sid, tw, td, tg, group, flags, *step);
+          Algo::finish(stats + sid * STAT_COLS, tw, tu, tg, group, flags, t);
           counters[sid] = 0;  // workspace is zero between launches
         }
       }
@@ -263,24 +290,25 @@ __global__ void __launch_bounds__(THREADS)
   if (threadIdx.x == 0) {
     for (int64_t sid = blockIdx.x; sid < num_segs; sid += gridDim.x) {
       const int64_t* row = seg + sid * SEG_COLS;
-      if (row[SEG_NUM_CHUNKS] == 0 && active[sid] != 0)
-        write_stats(stats, sid, A(0), A(0), A(0), groups + row[SEG_GROUP] * GROUP_COLS, row[SEG_FLAGS], *step);
+      if (row[SEG_NUM_CHUNKS] == 0 && active[sid] != 0) {
+        Algo::finish(stats + sid * STAT_COLS, A(0), A(0), A(0), GroupRow<A>{groups + row[SEG_GROUP] * GROUP_COLS},
+                     row[SEG_FLAGS], t);
+      }
     }
   }
 }
 
-template <typename P>
+template <class Algo, typename P>
 __global__ void __launch_bounds__(THREADS)
     pass2_kernel(P* w0, const int64_t* __restrict__ w_offsets, const P* __restrict__ g,
-                 typename Types<P>::state* __restrict__ s, const int64_t* __restrict__ seg,
+                 typename Types<P>::state* __restrict__ s, int64_t numel, const int64_t* __restrict__ seg,
                  const int32_t* __restrict__ active, const int64_t* __restrict__ chunks,
-                 const typename Types<P>::acc* __restrict__ groups,
-                 const typename Types<P>::acc* __restrict__ stats, float* step, int32_t* counters,
-                 const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+                 const double* __restrict__ groups, const typename Types<P>::acc* __restrict__ stats, float* step,
+                 int32_t* counters, const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
                  int64_t num_chunks, int64_t chunk_elems) {
   using A = typename Types<P>::acc;
   using S = typename Types<P>::state;
-  constexpr int V = Width<P>::value;
+  constexpr int V = Width<P>::value, SL = Algo::SLOTS;
   const int64_t c = blockIdx.x;
   if (c < num_chunks && threadIdx.x == 0) {  // pass 1 is over: heal a counter left non-zero
     const int64_t sid = chunks[c * CHUNK_COLS + CHUNK_SEG];
@@ -297,39 +325,48 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t end = row[SEG_END];
   const int64_t real_end = row[SEG_OFFSET] + row[SEG_NUMEL];
   P* w = segment_weights(w0, w_offsets, sid, row[SEG_OFFSET]);
-  const A* group = groups + row[SEG_GROUP] * GROUP_COLS;
+  const GroupRow<A> group{groups + row[SEG_GROUP] * GROUP_COLS};
   const int64_t stop = start + chunk_elems < end ? start + chunk_elems : end;
-  const UpdateParams<A> up = update_params(group, row[SEG_FLAGS], stats + sid * STAT_COLS, inv_scale(grad_scale, A(1)));
-  const bool decay = up.weight_decay != A(0);
-  auto apply = [&](A& wa, A& sa, A ga) {
-    update(wa, sa, ga, up.gmul, up.weight_decay, decay, up.q, up.lr, up.momentum, up.undamped, up.form,
-           up.nesterov, up.first);
-  };
+  const auto p = Algo::pass2_params(group, row[SEG_FLAGS], stats + sid * STAT_COLS, grad_multiplier(group, grad_scale));
 
   if (((start | stop) % V) == 0) {
 #pragma unroll 2
     for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * V; i < stop; i += THREADS * V) {
       Vec<P, V> wv = load_weights<P, V>(w, i, real_end);
-      const Vec<P, V> gv = load_vec<P, V>(g + i);
-      Vec<S, V> sv = load_vec<S, V>(s + i);
+      Vec<P, V> gv;
+      if constexpr (Algo::PASS2_GRAD) gv = load_vec<P, V>(g + i);
+      Vec<S, V> sv[SL];
+#pragma unroll
+      for (int k = 0; k < SL; ++k) sv[k] = load_vec<S, V>(s + k * numel + i);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         A wa = to_acc<A>(wv.v[j]);
-        A sa = static_cast<A>(sv.v[j]);
-        apply(wa, sa, to_acc<A>(gv.v[j]));
+        A sl[SL];
+#pragma unroll
+        for (int k = 0; k < SL; ++k) sl[k] = static_cast<A>(sv[k].v[j]);
+        Algo::template pass2<ScalarMath>(p, wa, Algo::PASS2_GRAD ? to_acc<A>(gv.v[j]) : A(0), sl);
         wv.v[j] = from_acc<P>(wa);
-        sv.v[j] = static_cast<S>(sa);
+#pragma unroll
+        for (int k = 0; k < SL; ++k) sv[k].v[j] = static_cast<S>(sl[k]);
       }
       store_real<P, V>(w, i, real_end, wv);
-      store_real<S, V>(s, i, real_end, sv);
+      if constexpr (Algo::PASS2_STATE) {
+#pragma unroll
+        for (int k = 0; k < SL; ++k) store_real<S, V>(s + k * numel, i, real_end, sv[k]);
+      }
     }
   } else {
     for (int64_t i = start + threadIdx.x; i < real_end && i < stop; i += THREADS) {
       A wa = to_acc<A>(w[i]);
-      A sa = static_cast<A>(s[i]);
-      apply(wa, sa, to_acc<A>(g[i]));
+      A sl[SL];
+#pragma unroll
+      for (int k = 0; k < SL; ++k) sl[k] = static_cast<A>(s[k * numel + i]);
+      Algo::template pass2<ScalarMath>(p, wa, Algo::PASS2_GRAD ? to_acc<A>(g[i]) : A(0), sl);
       w[i] = from_acc<P>(wa);
-      s[i] = static_cast<S>(sa);
+      if constexpr (Algo::PASS2_STATE) {
+#pragma unroll
+        for (int k = 0; k < SL; ++k) s[k * numel + i] = static_cast<S>(sl[k]);
+      }
     }
   }
 }
@@ -340,18 +377,15 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 namespace {
 
-// The two launches over the segments' parameters at base + param_offsets (elements).
-void step_cuda(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
-  TORCH_CHECK(aligned16(grads.const_data_ptr()) && aligned16(state.const_data_ptr()),
-              "tvlars_fused::bucket_step: grads and state must be 16-byte aligned (128-bit access)");
+// The two launches of one algorithm over the segments' parameters at base + param_offsets.
+template <class Algo>
+void launch(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
   const int64_t num_segs = seg_table.size(0), num_chunks = chunk_table.size(0);
-  TORCH_CHECK(num_chunks < (int64_t(1) << 31), "tvlars_fused::bucket_step: too many chunks (", num_chunks,
-              "); use a larger chunk_elems");
-  const c10::cuda::CUDAGuard guard(grads.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(num_chunks > 0 ? num_chunks : 1);
   const float* scale_ptr = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
   const float* inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+  const int64_t numel = grads.numel();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "tvlars_bucket_step_cuda", [&] {
     using P = scalar_t;
@@ -360,22 +394,35 @@ void step_cuda(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
     P* w0 = static_cast<P*>(base);
     const int64_t* w_offsets = param_offsets.const_data_ptr<int64_t>();
     if (num_segs > 0) {
-      pass1_kernel<P><<<grid, THREADS, 0, stream>>>(
-          w0, w_offsets, grads.const_data_ptr<P>(), seg_table.const_data_ptr<int64_t>(),
-          seg_active.const_data_ptr<int32_t>(), chunk_table.const_data_ptr<int64_t>(),
-          group_table.const_data_ptr<A>(), partials.mutable_data_ptr<A>(), counters.mutable_data_ptr<int32_t>(),
-          stats.mutable_data_ptr<A>(), step.const_data_ptr<float>(), scale_ptr, inf_ptr, num_segs, num_chunks,
-          chunk_elems);
+      pass1_kernel<Algo, P><<<grid, THREADS, 0, stream>>>(
+          w0, w_offsets, grads.const_data_ptr<P>(), state.mutable_data_ptr<St>(), numel,
+          seg_table.const_data_ptr<int64_t>(), seg_active.const_data_ptr<int32_t>(),
+          chunk_table.const_data_ptr<int64_t>(), group_table.const_data_ptr<double>(), partials.mutable_data_ptr<A>(),
+          counters.mutable_data_ptr<int32_t>(), stats.mutable_data_ptr<A>(), step.const_data_ptr<float>(), scale_ptr,
+          inf_ptr, num_segs, num_chunks, chunk_elems);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    pass2_kernel<P><<<grid, THREADS, 0, stream>>>(
-        w0, w_offsets, grads.const_data_ptr<P>(), state.mutable_data_ptr<St>(),
+    pass2_kernel<Algo, P><<<grid, THREADS, 0, stream>>>(
+        w0, w_offsets, grads.const_data_ptr<P>(), state.mutable_data_ptr<St>(), numel,
         seg_table.const_data_ptr<int64_t>(), seg_active.const_data_ptr<int32_t>(),
-        chunk_table.const_data_ptr<int64_t>(), group_table.const_data_ptr<A>(), stats.const_data_ptr<A>(),
+        chunk_table.const_data_ptr<int64_t>(), group_table.const_data_ptr<double>(), stats.const_data_ptr<A>(),
         step.mutable_data_ptr<float>(), counters.mutable_data_ptr<int32_t>(), scale_ptr, inf_ptr, num_chunks,
         chunk_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void step_cuda(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
+  TORCH_CHECK(aligned16(grads.const_data_ptr()) && aligned16(state.const_data_ptr()),
+              "tvlars_fused::bucket_step: grads and state must be 16-byte aligned (128-bit access)");
+  TORCH_CHECK(chunk_table.size(0) < (int64_t(1) << 31), "tvlars_fused::bucket_step: too many chunks (",
+              chunk_table.size(0), "); use a larger chunk_elems");
+  const c10::cuda::CUDAGuard guard(grads.device());
+  if (algorithm == ALGO_LAMB) {
+    launch<Lamb>(base, TVLARS_BUCKET_TABLES_ARGS);
+  } else {
+    launch<Lars>(base, TVLARS_BUCKET_TABLES_ARGS);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,125 @@
+"""Algorithm: what differs between the layer-wise optimizers, as one object per optimizer class
+that the shared machinery asks (base.py, buckets.py, every backend). The math itself lives once per
+language: docs/SPEC.md, csrc/algo/<name>.h (CPU and CUDA), kernels/triton_<name>.py and
+kernels/torch_<name>.py; this is the policy around it:
+
+- the options: their defaults (each one keeps the behaviour from before it existed, so an older
+  state_dict loads) and validation with errors that name the argument;
+- a param group -> one float64 row of the group table (layout: abi.py) and per-parameter segment
+  flags;
+- the state: the keys of a parameter's entry (one state slot each, in slot order) and how each
+  slot starts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+
+from ..abi import FLAG_SKIP_ADAPTATION, FLAG_SKIP_WEIGHT_DECAY, GROUP_COLS
+
+ZEROS, WEIGHTS = "zeros", "weights"   # how a state slot starts
+
+
+def options(arguments: Dict[str, Any]) -> Dict[str, Any]:
+    """A constructor's hyperparameters (its locals() minus self, params and backend): the
+    param-group defaults."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "backend", "__class__")}
+
+
+def real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
+    """A finite Python number (None for a one-element tensor, allowed where tensor_ok: such a
+    value is only ever read on the device)."""
+    if isinstance(value, torch.Tensor):
+        if not tensor_ok:
+            raise ValueError(f"{name} must be a Python number, got a tensor{at}; only lr may be a tensor")
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}{at}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}{at}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}{at}")
+    return float(value)
+
+
+def check_bools(group: Dict[str, Any], names: Sequence[str], at: str) -> None:
+    for flag in names:
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag}: {group[flag]!r}{at}; it must be True or False")
+
+
+def check_lr(group: Dict[str, Any], at: str):
+    lr = real("lr", group["lr"], tensor_ok=True, at=at)
+    if lr is not None and lr < 0.0:
+        raise ValueError(f"Invalid lr: {lr}{at}; the learning rate must be >= 0")
+    return lr
+
+
+def check_at_least(group: Dict[str, Any], name: str, low: float, at: str, what: str = "") -> float:
+    value = real(name, group[name], at=at)
+    if value < low:
+        raise ValueError(f"Invalid {name}: {value}{at}; {what or 'it'} must be >= {low:g}")
+    return value
+
+
+def lr_column(lr: Any) -> float:
+    """The group table's lr (a tensor lr is copied there on the device at every step instead)."""
+    return 0.0 if isinstance(lr, torch.Tensor) else float(lr)
+
+
+def new_row() -> list:
+    return [0.0] * GROUP_COLS
+
+
+def adapts(group: Dict[str, Any]) -> bool:
+    """Whether the group uses the layer-wise trust ratio at all (always_adapt=False: only when it
+    has weight decay; timm's LARS, apex FusedLAMB's use_nvlamb=False)."""
+    return bool(group["adapt"]) and (bool(group["always_adapt"]) or float(group["weight_decay"]) != 0.0)
+
+
+class Algorithm:
+    """The policy of one layer-wise optimizer (docs/DESIGN.md, "Adding an optimizer")."""
+
+    id: int                            # abi.ALGO_*: the kernels' `algorithm` argument
+    name: str                          # the class name users know ("TVLARS", "LARS", "LAMB")
+    slots: int                         # state slots per element
+    stat_names: Tuple[str, ...]        # layer_stats() columns
+    defaults: Dict[str, Any]           # every option, at the default that keeps older state_dicts loading
+    key_sets: Tuple[Tuple[str, ...], ...]   # every key tuple a state entry may hold (state_keys' values)
+    adaptation_filter: str             # the option that skips the trust ratio of ndim == 1 parameters
+
+    def validate(self, group: Dict[str, Any], where: str = "") -> None:
+        """Raise ValueError naming the first invalid (or contradictory) option of a group."""
+        raise NotImplementedError
+
+    def group_row(self, group: Dict[str, Any]) -> list:
+        """The group's row of the group table: GROUP_COLS Python floats (abi.py)."""
+        raise NotImplementedError
+
+    def state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """The state entry's keys for a parameter of this group, one per slot, in slot order."""
+        raise NotImplementedError
+
+    def initial_state(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """How each slot starts when a parameter is first updated: ZEROS or WEIGHTS (a copy of w)."""
+        return (ZEROS,) * self.slots
+
+    def first_step_flag(self, group: Dict[str, Any]) -> bool:
+        """Whether a parameter's first update is marked (FLAG_FIRST_STEP) for the kernels."""
+        return False
+
+    def variant(self, rows: Sequence[list]) -> tuple:
+        """What a bucket's group rows use of the options that shape the elementwise code (backends
+        may compile for just that; () when nothing is specialised)."""
+        return ()
+
+    def segment_flags(self, group: Dict[str, Any], ndim: int) -> int:
+        """The ndim == 1 filters (Barlow Twins, the TVLARS authors) as segment flags."""
+        flags = 0
+        if group["weight_decay_filter"] and ndim == 1:
+            flags |= FLAG_SKIP_WEIGHT_DECAY
+        if group[self.adaptation_filter] and ndim == 1:
+            flags |= FLAG_SKIP_ADAPTATION
+        return flags
