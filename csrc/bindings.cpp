@@ -8,6 +8,7 @@
 
 #include "host_checks.h"
 #include "abi.h"
+#include "algo/algorithms.h"
 #include "bucket_step.h"
 
 namespace tvlars {
@@ -63,9 +64,9 @@ void check_params_list(at::TensorList params, const at::Tensor& seg_table) {
 void check_bucket_args(at::ScalarType P, const at::Device& dev, TVLARS_BUCKET_TABLES_PARAMS) {
   TORCH_CHECK(P == at::kFloat || P == at::kDouble || P == at::kBFloat16 || P == at::kHalf, kOp,
               ": params must be float32, float64, bfloat16 or float16, got ", P);
-  TORCH_CHECK(algorithm == ALGO_LARS || algorithm == ALGO_LAMB, kOp, ": algorithm must be ", ALGO_LARS,
-              " (LARS) or ", ALGO_LAMB, " (LAMB), got ", algorithm);
-  const int64_t slots = algorithm == ALGO_LAMB ? LAMB_STATE_SLOTS : LARS_STATE_SLOTS;
+  TORCH_CHECK(known_algorithm(algorithm), kOp, ": algorithm must be ", ALGO_LARS, " (LARS) or ", ALGO_LAMB,
+              " (LAMB), got ", algorithm);
+  const int64_t slots = state_slots(algorithm);
   const bool low = P == at::kBFloat16 || P == at::kHalf;
   const at::ScalarType S = low ? at::kFloat : P;
   const at::ScalarType A = P == at::kDouble ? at::kDouble : at::kFloat;

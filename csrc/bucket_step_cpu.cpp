@@ -34,8 +34,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "algo/lamb.h"
-#include "algo/lars.h"
+#include "algo/algorithms.h"
 #include "arith.h"
 #include "bucket_step.h"
 
@@ -500,11 +499,9 @@ void step_cpu(const std::vector<void*>& weights, TVLARS_BUCKET_TABLES_PARAMS) {
   const int64_t S = seg_table.size(0), C = chunk_table.size(0);
   check_tables_cpu(seg_table.const_data_ptr<int64_t>(), S, chunk_table.const_data_ptr<int64_t>(), C,
                    group_table.size(0), grads.numel(), chunk_elems);
-  if (algorithm == ALGO_LAMB) {
-    step_algorithm_cpu<Lamb>(weights, TVLARS_BUCKET_TABLES_ARGS);
-  } else {
-    step_algorithm_cpu<Lars>(weights, TVLARS_BUCKET_TABLES_ARGS);
-  }
+  with_algorithm(algorithm, [&](auto algo) {
+    step_algorithm_cpu<decltype(algo)>(weights, TVLARS_BUCKET_TABLES_ARGS);
+  });
   *step.mutable_data_ptr<float>() += 1.0f;  // not reached when found_inf is set
 }
 

@@ -32,8 +32,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "algo/lamb.h"
-#include "algo/lars.h"
+#include "algo/algorithms.h"
 #include "arith.h"
 #include "bucket_step.h"
 
@@ -418,11 +417,7 @@ void step_cuda(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
   TORCH_CHECK(chunk_table.size(0) < (int64_t(1) << 31), "tvlars_fused::bucket_step: too many chunks (",
               chunk_table.size(0), "); use a larger chunk_elems");
   const c10::cuda::CUDAGuard guard(grads.device());
-  if (algorithm == ALGO_LAMB) {
-    launch<Lamb>(base, TVLARS_BUCKET_TABLES_ARGS);
-  } else {
-    launch<Lars>(base, TVLARS_BUCKET_TABLES_ARGS);
-  }
+  with_algorithm(algorithm, [&](auto algo) { launch<decltype(algo)>(base, TVLARS_BUCKET_TABLES_ARGS); });
 }
 
 }  // namespace

@@ -18,6 +18,20 @@ reference and every fused backend here (the Triton interpreter's runs are marked
   TVLARS (authors)      Barlow Twins' LARS times phi(t) = 1/(0.1 + exp(lmbda*(t + 1))), norms
                         clamped at 10, both filters; the earlier release (10bcfd2) holds phi = 1
                         for the first epochs
+
+and the README's "Coming from another LAMB" lines that have no installable implementation here
+(pytorch-optimizer's Lamb and torch's AdamW/Adam are checked against the packages themselves in
+tests/test_lamb.py):
+
+  apex FusedLAMB        Adam moments (grad averaging), bias-corrected m/bc1, v/bc2, update
+                        m_hat/(sqrt(v_hat) + eps) + wd*w (adam_w_mode) or wd*w added to the
+                        gradient first; w -= lr*(||w||/||u||)*u where both norms are > 0, the ratio
+                        only where wd != 0 unless use_nvlamb (per group, step counted per group)
+  torch-optimizer Lamb  moments without bias correction (debias: the step times sqrt(bc2)/bc1),
+                        u = m/(sqrt(v) + eps) + wd*w, q = min(||w||, 10)/||u|| (1 for a zero norm),
+                        adam=True: q = 1
+  BERT's TF LAMB        as apex's adam_w_mode with the ratio everywhere, biases and LayerNorm (here
+                        BatchNorm) excluded from weight decay and adaptation by name
 """
 from __future__ import annotations
 
@@ -43,9 +57,9 @@ class Net(nn.Module):
     """Conv with bias, BatchNorm, Linear with bias, and `dead`: a parameter whose gradient is
     always exactly zero (it enters the loss multiplied by 0)."""
 
-    def __init__(self):
+    def __init__(self, conv_bias: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv = nn.Conv2d(3, 4, 3, bias=conv_bias)
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(4 * 4 * 4, 5)
         self.dead = nn.Parameter(torch.randn(3, 3))
@@ -54,9 +68,9 @@ class Net(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)) + 0.0 * self.dead.sum()
 
 
-def make_net() -> Net:
+def make_net(conv_bias: bool = True) -> Net:
     torch.manual_seed(11)
-    return Net().to(F64)
+    return Net(conv_bias).to(F64)
 
 
 def batches():
@@ -71,8 +85,8 @@ def lr_at(step: int, base: float) -> float:
     return base * (step + 1) / warm if step < warm else base * (1 - (step - warm) / STEPS) ** 2
 
 
-def run_ours(make_opt: Callable, base_lr: float) -> List[torch.Tensor]:
-    model = make_net()
+def run_ours(make_opt: Callable, base_lr: float, net: Callable = make_net) -> List[torch.Tensor]:
+    model = net()
     opt = make_opt(model)
     for step, (x, y) in enumerate(batches()):
         for g in opt.param_groups:
@@ -83,9 +97,9 @@ def run_ours(make_opt: Callable, base_lr: float) -> List[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def run_independent(update: Callable, base_lr: float) -> List[torch.Tensor]:
+def run_independent(update: Callable, base_lr: float, net: Callable = make_net) -> List[torch.Tensor]:
     """Train the same model with `update(named_params, state, lr, t)`, a plain loop over params."""
-    model = make_net()
+    model = net()
     named = list(model.named_parameters())
     state: Dict[str, dict] = {n: {} for n, _ in named}
     for step, (x, y) in enumerate(batches()):
@@ -106,12 +120,12 @@ def check_recipe(backend: str, independent: Callable, ours: Callable, what: str,
     assert_match(run_ours(lambda model: ours(make(backend, cls), model), LR), theirs, what)
 
 
-def assert_match(ours, theirs, what):
+def assert_match(ours, theirs, what, net: Callable = make_net):
     for a, b in zip(ours, theirs):
         scale = max(1.0, float(b.abs().max()))
         err = float((a - b).abs().max()) / scale
         assert err <= 1e-12, f"{what}: {err:.3e}"
-    moved = max(float((a - b).abs().max()) for a, b in zip(theirs, [p.detach() for p in make_net().parameters()]))
+    moved = max(float((a - b).abs().max()) for a, b in zip(theirs, [p.detach() for p in net().parameters()]))
     assert moved > 1e-3, f"{what}: the run must move the parameters"
 
 
@@ -328,3 +342,136 @@ def test_lars_param_groups_rules():
         lars_param_groups(model, exclude_from_adaptation="bias")
     with pytest.raises(TypeError, match="a parameter-group rule must be"):
         lars_param_groups(model, exclude_from_adaptation=[3])
+
+
+# -- LAMB --------------------------------------------------------------------------------------------
+LAMB_LR, LAMB_WD, LAMB_EPS = 0.01, 0.05, 1e-6
+
+
+def lamb_net() -> Net:
+    """The recipes' model without the conv bias: in front of BatchNorm its gradient is rounding
+    noise (exactly 0 in exact arithmetic), which Adam's m/(sqrt(v) + eps) amplifies by 1/eps, so
+    two correct implementations would differ there by their rounding, not their math."""
+    return make_net(conv_bias=False)
+
+
+def check_lamb_recipe(backend: str, independent: Callable, ours: Callable, what: str) -> None:
+    theirs = run_independent(independent, LAMB_LR, lamb_net)
+    assert_match(run_ours(lambda model: ours(make(backend, "LAMB"), model), LAMB_LR, lamb_net), theirs, what,
+                 lamb_net)
+
+
+def adam_moments(st: dict, g: torch.Tensor, beta1: float, beta2: float, beta3: float):
+    m = st["m"] = beta1 * st.get("m", torch.zeros_like(g)) + beta3 * g
+    v = st["v"] = beta2 * st.get("v", torch.zeros_like(g)) + (1 - beta2) * g * g
+    return m, v
+
+
+def apex_fused_lamb_update(wd, adam_w_mode=True, use_nvlamb=False, betas=(0.9, 0.999), eps=LAMB_EPS,
+                           grad_averaging=True):
+    """apex.optimizers.FusedLAMB (multi_tensor_lamb: stage 1 per element, stage 2 per tensor), no
+    global clip (max_grad_norm above the gradients' norm)."""
+    beta1, beta2 = betas
+
+    def update(named, state, lr, t):
+        step = t + 1
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        beta3 = 1 - beta1 if grad_averaging else 1.0
+        for name, p in named:
+            g = p.grad if adam_w_mode else p.grad + wd * p
+            m, v = adam_moments(state[name], g, beta1, beta2, beta3)
+            u = (m / bc1) / ((v / bc2).sqrt() + eps)
+            if adam_w_mode:
+                u = u + wd * p
+            ratio = lr
+            if use_nvlamb or wd != 0:
+                pn, un = p.norm(), u.norm()
+                ratio = torch.where((pn != 0) & (un != 0), lr * (pn / un), torch.full_like(pn, lr))
+            p.sub_(ratio * u)
+    return update
+
+
+@pytest.mark.parametrize("variant", ["default", "l2", "nvlamb"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apex_fused_lamb(backend, variant):
+    kw = dict(default=dict(), l2=dict(adam_w_mode=False), nvlamb=dict(use_nvlamb=True))[variant]
+    ours_kw = dict(default=dict(always_adapt=False), l2=dict(always_adapt=False, weight_decay_mode="l2"),
+                   nvlamb=dict())[variant]
+    check_lamb_recipe(backend, apex_fused_lamb_update(LAMB_WD, **kw),
+                      lambda LAMB, m: LAMB(m.parameters(), lr=LAMB_LR, eps=LAMB_EPS, weight_decay=LAMB_WD, **ours_kw),
+                      f"apex FusedLAMB {variant}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apex_fused_lamb_no_decay_group_takes_no_ratio(backend):
+    """use_nvlamb=False with a weight-decay-free group (BERT's biases and norms): that group steps
+    as plain Adam, the other takes the trust ratio (always_adapt=False decides per group)."""
+    def update(named, state, lr, t):
+        decayed = [(n, p) for n, p in named if not n.endswith("bias") and not n.startswith("bn")]
+        plain = [(n, p) for n, p in named if (n, p) not in decayed]
+        apex_fused_lamb_update(LAMB_WD)(decayed, state, lr, t)
+        apex_fused_lamb_update(0.0)(plain, state, lr, t)
+    check_lamb_recipe(backend, update,
+                      lambda LAMB, m: LAMB(lars_param_groups(m, exclude_from_weight_decay=[BIAS, NORM],
+                                                             exclude_from_adaptation=[]),
+                                           lr=LAMB_LR, eps=LAMB_EPS, weight_decay=LAMB_WD, always_adapt=False),
+                      "apex FusedLAMB, no-decay group")
+
+
+def torch_optimizer_lamb_update(wd, debias=False, adam=False, clamp=10.0, betas=(0.9, 0.999), eps=LAMB_EPS):
+    """torch_optimizer.Lamb (jettify/pytorch-optimizer)."""
+    beta1, beta2 = betas
+
+    def update(named, state, lr, t):
+        step = t + 1
+        corr = math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step) if debias else 1.0
+        for name, p in named:
+            m, v = adam_moments(state[name], p.grad, beta1, beta2, 1 - beta1)
+            wn = p.norm().clamp(0, clamp)
+            u = m / (v.sqrt() + eps)
+            if wd != 0:
+                u = u + wd * p
+            un = u.norm()
+            q = torch.where((wn == 0) | (un == 0), torch.ones_like(wn), wn / un)
+            if adam:
+                q = torch.ones_like(q)
+            p.sub_((lr * corr) * q * u)
+    return update
+
+
+@pytest.mark.parametrize("variant", ["default", "debias", "adam"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_optimizer_lamb(backend, variant):
+    kw = dict(default=dict(), debias=dict(debias=True), adam=dict(adam=True))[variant]
+    ours_kw = dict(default=dict(bias_correction="none"), debias=dict(bias_correction="step_size"),
+                   adam=dict(bias_correction="none", adapt=False))[variant]
+    check_lamb_recipe(backend, torch_optimizer_lamb_update(LAMB_WD, **kw),
+                      lambda LAMB, m: LAMB(m.parameters(), lr=LAMB_LR, eps=LAMB_EPS, weight_decay=LAMB_WD,
+                                           weight_norm_clip=10.0, **ours_kw),
+                      f"torch-optimizer Lamb {variant}")
+
+
+def bert_lamb_update(wd, skip=("bias", "bn"), betas=(0.9, 0.999), eps=LAMB_EPS):
+    """BERT's LAMB (TensorFlow): exclude_from_weight_decay = exclude_from_layer_adaptation = skip."""
+    beta1, beta2 = betas
+
+    def update(named, state, lr, t):
+        step = t + 1
+        for name, p in named:
+            m, v = adam_moments(state[name], p.grad, beta1, beta2, 1 - beta1)
+            u = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + eps)
+            ratio = torch.ones((), dtype=p.dtype)
+            if not any(s in name for s in skip):
+                u = u + wd * p
+                wn, gn = p.norm(), u.norm()
+                ratio = torch.where(wn > 0, torch.where(gn > 0, wn / gn, ratio), ratio)
+            p.sub_(ratio * lr * u)
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bert_lamb(backend):
+    check_lamb_recipe(backend, bert_lamb_update(LAMB_WD),
+                      lambda LAMB, m: LAMB(lars_param_groups(m, exclude_from_weight_decay=[BIAS, NORM],
+                                                             exclude_from_adaptation=[BIAS, NORM]),
+                                           lr=LAMB_LR, eps=LAMB_EPS, weight_decay=LAMB_WD), "BERT LAMB")
