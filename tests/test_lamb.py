@@ -43,10 +43,12 @@ try:   # (guarded only so that the oracle's self-checks run while the package do
     from tvlars_fused import reference
     from tvlars_fused.kernels import available_backends
     BACKENDS = available_backends("cpu")
+    CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
     IMPORT_ERROR = None
 except Exception as exc:   # every test of tvlars_fused then fails with this error; none is skipped
     tvlars_fused = reference = None
     BACKENDS = ["triton", "cpu", "torch"]
+    CUDA_BACKENDS = []
     IMPORT_ERROR = exc
 
 
@@ -80,7 +82,7 @@ IMPLS = ["reference"] + list(BACKENDS)
 def train(make_opt: Callable, init: Sequence[torch.Tensor], dtype: torch.dtype, steps: int, *,
           round_to: Optional[torch.dtype] = None, used: Optional[Callable[[int, int], bool]] = None,
           zero_grad: Sequence[int] = (), seed: int = 1, grad_scale: float = 1.0,
-          before_step: Optional[Callable] = None, after_step: Optional[Callable] = None):
+          before_step: Optional[Callable] = None, after_step: Optional[Callable] = None, device: str = "cpu"):
     """parity.train's loop (loss sum_p (p * c_p).sum(), so grad = c_p exactly; backward, the fast
     path) with the initial weights and the gradients rounded through `round_to` first: runs in
     float64 and in `round_to` then start from the same weights and see the same gradients, and
@@ -88,12 +90,12 @@ def train(make_opt: Callable, init: Sequence[torch.Tensor], dtype: torch.dtype, 
     for powers of two); `used(step, i)` False leaves parameter i's .grad None on that step."""
     def rnd(t):
         return t.to(round_to).to(F64) if round_to is not None else t
-    params = [torch.nn.Parameter(rnd(x).to(dtype, copy=True)) for x in init]
+    params = [torch.nn.Parameter(rnd(x).to(device=device, dtype=dtype, copy=True)) for x in init]
     opt = make_opt(params)
     shapes = [tuple(x.shape) for x in init]
     for s in range(steps):
         opt.zero_grad()
-        cs = [rnd(c) for c in grads_for_step(shapes, s, seed)]
+        cs = [rnd(c).to(device) for c in grads_for_step(shapes, s, seed)]
         terms = [(p * (torch.zeros_like(c) if i in zero_grad else c * grad_scale).to(dtype)).sum()
                  for i, (p, c) in enumerate(zip(params, cs)) if used is None or used(s, i)]
         if terms:
@@ -425,9 +427,9 @@ def _init_options():
     return init
 
 
-def run_options(impl: str, k: int, dtype: torch.dtype, round_to: Optional[torch.dtype] = None):
+def run_options(impl: str, k: int, dtype: torch.dtype, round_to: Optional[torch.dtype] = None, device: str = "cpu"):
     return train(lamb(impl, **{**HYPER, **OPTION_SETS[k]}), _init_options(), dtype, STEPS, round_to=round_to,
-                 used=some_none_grads, zero_grad=ZERO_GRAD)
+                 used=some_none_grads, zero_grad=ZERO_GRAD, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -468,7 +470,36 @@ def test_options_fp32_parity(backend, k):
     assert_parity_per_param(f32, reference_options(k, torch.float32), r64, f"{backend} fp32 {OPTION_IDS[k]}")
 
 
-BF16_SETS = (0, 6, 17)
+CUDA_SETS = ("defaults", "bias_correction=first_moment", "weight_decay_mode=l2",
+             "weight_decay_mode=decoupled,weight_decay=0.2", "weight_decay_filter=True,adaptation_filter=True",
+             "combined")
+
+
+def _cuda_cases():
+    """Every CUDA backend present (ids "cuda-<backend>", which .ci/gpu selects) over the option
+    sets that reach different kernel code (the rest run with `make test-all`)."""
+    return [pytest.param(b, k, id=f"cuda-{b}-{ident}", marks=[] if ident in CUDA_SETS else [pytest.mark.slow])
+            for b in CUDA_BACKENDS for k, ident in enumerate(OPTION_IDS)]
+
+
+@pytest.mark.parametrize("backend,k", _cuda_cases())
+def test_cuda_options_fp64_and_fp32(backend, k):
+    """On a GPU: float64 within 1e-12 of the oracle (parameters, moments, t) and the float32 parity
+    rule against the reference's float32 run, for every option set."""
+    ps_o, o = oracle_options(k)
+    ps, opt = run_options(backend, k, F64, device="cuda")
+    what = f"cuda-{backend} {OPTION_IDS[k]}"
+    cpu = [p.detach().cpu() for p in ps]
+    assert_match(cpu, [p.detach() for p in ps_o], what, _init_options())
+    for p in ps:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].device.type == "cuda"
+    r64 = [p.detach() for p in oracle_options(k, torch.float32)[0]]
+    f32 = [p.detach().cpu() for p in run_options(backend, k, torch.float32, device="cuda")[0]]
+    assert_parity_per_param(f32, reference_options(k, torch.float32), r64, f"{what} fp32")
+
+
+BF16_SETS = tuple(OPTION_IDS.index(i) for i in ("defaults", "weight_decay_mode=decoupled,weight_decay=0.2", "combined"))
 
 
 @pytest.mark.parametrize("k", BF16_SETS, ids=[OPTION_IDS[k] for k in BF16_SETS])
