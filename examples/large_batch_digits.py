@@ -8,21 +8,23 @@ test), trained with batches of 512 (3 steps per epoch, 60 epochs = 180 steps by 
       (SequentialLR of LinearLR + CosineAnnealingLR), the paper's baseline;
   (b) TVLARS: fused tvlars_fused.TVLARS, no warm-up: phi(t) starts near 1 and decays (a sigmoid
       centred at delay_steps = 1/3 of the run);
-  (c) LAMB (examples/lamb_choice.py: tvlars_fused.LAMB when the package has it, else
-      pytorch-optimizer's Lamb at the version pinned in examples/requirements.txt), with the same
-      warm-up + cosine schedule as (a);
+  (c) LAMB: the project's fused tvlars_fused.LAMB with the LAMB paper's defaults (Algorithm 2:
+      bias-corrected moments, weight decay in the update; examples/lamb_choice.py), with the same
+      warm-up + cosine schedule as (a); --lamb pytorch-optimizer runs pytorch-optimizer's Lamb
+      (other math, tuned on its own) instead, for comparison;
 
 each from the same initial weights and batch order for a given training seed, over 10 training
 seeds (--seeds). Each optimizer runs at its own base learning rate (5 for the LARS pair, 0.02 for
 LAMB) times a scale, by default the scale --grid chose (below): lr 30 for WA-LARS, 40 for TVLARS,
-0.02 for LAMB. It prints, and writes as Markdown + CSV next to the figure: final test accuracy
-mean +- std over the seeds, the accuracy at an early epoch (--early-epoch), the total learning
-rate of each run (sum over steps of lr(t) * phi(t), in units of the base lr), and the per-seed
-paired differences TVLARS - WA-LARS, TVLARS - LAMB and WA-LARS - LAMB (mean +- std, 95% t
-interval, how many seeds higher / tied / lower). The figure: mean +- std curves of test accuracy
-and train loss, phi(t) next to WA-LARS's LR multiplier, and per layer the weight norm, gradient
-norm ||g + wd*w|| and trust ratio of TVLARS at every step of the first seed (from layer_stats():
-the view of the paper's Figure 3).
+0.02 for LAMB (x1; also x1, lr 0.02, for --lamb pytorch-optimizer: each LAMB tuned on its own).
+It prints, and writes as Markdown + CSV next to the figure: final test accuracy mean +- std over
+the seeds, the accuracy at an early epoch (--early-epoch), the total learning rate of each run
+(sum over steps of lr(t) * phi(t), in units of the base lr), and the per-seed paired differences
+TVLARS - WA-LARS, TVLARS - LAMB and WA-LARS - LAMB (mean +- std, 95% t interval, how many seeds
+higher / tied / lower). The figure: mean +- std curves of test accuracy and train loss, phi(t)
+next to WA-LARS's LR multiplier, and per layer the weight norm, gradient norm ||g + wd*w|| and
+trust ratio of TVLARS at every step of the first seed (from layer_stats(): the view of the paper's
+Figure 3).
 
 --grid tunes every optimizer over the same grid of lr scales (--grid-scales, default 0.25 0.5 1
 1.5 2 3 4 6 8 12 times its base lr: steps of x1.33 to x2, with pairs of TVLARS and WA-LARS runs
@@ -31,9 +33,12 @@ is trained once on the training set minus a stratified 20% validation split and 
 split (selection), and once on the whole training set and evaluated on the test set (reported
 for every grid point). Each optimizer's scale is the one with the best mean validation accuracy;
 the final table is then rerun at those scales (and checked to be identical to the grid's test
-runs). DEFAULT_SCALES are what that selection gave in the run recorded in examples/README.md, so
-the default command reproduces its final table without the grid. The grid's tables go to
-<figure stem>_grid.md / _grid.csv.
+runs). DEFAULT_SCALES are what that selection gave in the runs recorded in examples/README.md,
+so the default command reproduces its final table without the grid (DEFAULT_LAMB_SCALES: LAMB's,
+for each --lamb). --grid-optimizers limits the grid to some optimizers (the others run at their
+default or --scales scale): each optimizer's scale is chosen from its own validation runs only, so
+that changes nothing in the selection, but the grid's tables then hold only those optimizers. The
+grid's tables go to <figure stem>_grid.md / _grid.csv.
 
 It also checks the fused TVLARS against the eager reference (tvlars_fused.reference.TVLARS) on
 the first seed:
@@ -51,6 +56,8 @@ curves differing by up to a few percent at some epochs), so that comparison cann
     pip install -r examples/requirements.txt      # torch installed first, separately
     PYTHONPATH=. python examples/large_batch_digits.py            # 10 seeds, ~1.5 min on 1 core
     PYTHONPATH=. python examples/large_batch_digits.py --grid     # the lr grid too, ~25 min
+    PYTHONPATH=. python examples/large_batch_digits.py --grid --grid-optimizers LAMB   # LAMB's only
+    PYTHONPATH=. python examples/large_batch_digits.py --lamb pytorch-optimizer   # the other LAMB
     PYTHONPATH=. python examples/large_batch_digits.py --quick    # 2 seeds x 4 epochs (tests)
 
 Exit status 1 when the fused-vs-reference check fails.
@@ -79,7 +86,8 @@ except ImportError:  # pragma: no cover
 from tvlars_fused import reference
 
 sys.path.insert(0, HERE)
-from lamb_choice import lamb_source, lamb_warning, make_lamb  # noqa: E402
+import lamb_choice  # noqa: E402
+from lamb_choice import lamb_missing, lamb_source, lamb_warning, make_lamb  # noqa: E402
 from pins import version_report  # noqa: E402
 
 try:
@@ -92,8 +100,12 @@ OPTIMIZERS = ("WA-LARS", "TVLARS", "LAMB")
 DEFAULT_SEEDS = tuple(range(10))
 GRID_SCALES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 # The scales --grid selected (best mean validation accuracy over seeds 0-9, split seed 0, 60
-# epochs, batch 512) in the run recorded in examples/README.md.
+# epochs, batch 512) in the runs recorded in examples/README.md (large_batch_digits_grid.md).
+# LAMB's depends on which LAMB (--lamb), each tuned on the same grid: tvlars_fused.LAMB (the
+# paper's defaults) by --grid --grid-optimizers LAMB, pytorch-optimizer's Lamb 4.1.0 (and WA-LARS,
+# TVLARS) by the earlier --grid over all three, from before tvlars_fused had a LAMB.
 DEFAULT_SCALES = {"WA-LARS": 6.0, "TVLARS": 8.0, "LAMB": 1.0}
+DEFAULT_LAMB_SCALES = {"tvlars_fused": DEFAULT_SCALES["LAMB"], "pytorch-optimizer": 1.0}
 # two-sided 95% quantiles of Student's t, by degrees of freedom (1.96 beyond 30)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
@@ -620,9 +632,17 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", type=float, nargs=3, metavar=("WA_LARS", "TVLARS", "LAMB"),
                     default=None, help="lr scale of each optimizer without --grid (default: the "
                     "scales the recorded --grid run chose: "
-                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_SCALES.items()) + ")")
+                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_SCALES.items())
+                    + "; LAMB " + ", ".join(f"{v:g} for --lamb {k}" for k, v in
+                                            DEFAULT_LAMB_SCALES.items()) + ")")
+    ap.add_argument("--lamb", choices=lamb_choice.LAMB_CHOICES, default=lamb_choice.DEFAULT_LAMB,
+                    help="which LAMB (examples/lamb_choice.py): tvlars_fused.LAMB with the paper's "
+                    "defaults (default), or pytorch-optimizer's Lamb for comparison")
     ap.add_argument("--grid", action="store_true",
                     help="tune each optimizer's lr scale over --grid-scales on a validation split")
+    ap.add_argument("--grid-optimizers", nargs="+", choices=OPTIMIZERS, default=None,
+                    help="--grid: tune only these (default all; the others run at their default "
+                    "or --scales scale)")
     ap.add_argument("--grid-scales", type=float, nargs="+", default=list(GRID_SCALES))
     ap.add_argument("--val-fraction", type=float, default=0.2,
                     help="--grid: validation share of the training split")
@@ -648,7 +668,9 @@ def main(argv=None) -> int:
         args.seeds = [0, 1] if args.quick else list(DEFAULT_SEEDS)
     if args.log_every is None:
         args.log_every = args.epochs
-    scales = dict(DEFAULT_SCALES) if args.scales is None else dict(zip(OPTIMIZERS, args.scales))
+    lamb_choice.use(args.lamb)
+    scales = (dict(DEFAULT_SCALES, LAMB=DEFAULT_LAMB_SCALES[args.lamb]) if args.scales is None
+              else dict(zip(OPTIMIZERS, args.scales)))
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -666,14 +688,14 @@ def main(argv=None) -> int:
           f"batch {args.batch_size} -> {setup.steps_per_epoch} steps/epoch, {args.epochs} epochs = "
           f"{setup.total} steps; training seeds {args.seeds}; {torch.get_num_threads()} thread(s)")
     print(f"versions: {versions}, tvlars_fused {getattr(tvlars_fused, '__version__', '?')}; "
-          f"LAMB: {lamb or 'not installed (skipped: pip install -r examples/requirements.txt)'}")
+          f"LAMB: {lamb or 'skipped: ' + lamb_missing()}")
     for w in warnings + [lamb_warning()]:
         if w:
             print(w)
     print(f"WA-LARS: base lr {args.lr:g}, eta {args.eta:g}, wd {args.weight_decay:g}, warm-up "
           f"{setup.warmup} steps + cosine | TVLARS: base lr {args.lr:g}, lmbda {setup.lmbda:.4g}, "
           f"delay_steps {setup.delay:.4g} (phi(0) = {setup.phi[0]:.3f}), no warm-up | LAMB: base lr "
-          f"{args.lamb_lr:g}, same schedule as WA-LARS")
+          f"{args.lamb_lr:g}, wd {args.weight_decay:g}, same schedule as WA-LARS")
 
     grid_md: List[str] = []
     grid_rows: List[Dict] = []
@@ -684,21 +706,27 @@ def main(argv=None) -> int:
               f"selection on a stratified {100 * args.val_fraction:g}% validation split of the "
               f"training set ({len(data_val[0])} train / {len(data_val[2])} validation), report on "
               f"the test set")
-        val, grid_test, scales = run_grid(setup, names, data_val, data, log)
+        grid_names = [n for n in names if args.grid_optimizers is None or n in args.grid_optimizers]
+        if grid_names != names:
+            print("lr grid for " + ", ".join(grid_names) + " only; "
+                  + ", ".join(f"{n} at scale {scales[n]:g}" for n in names if n not in grid_names))
+        val, grid_test, chosen = run_grid(setup, grid_names, data_val, data, log)
+        scales.update(chosen)
         gt = grid_table(val, grid_test, scales, setup, args.early_epoch)
         eq = equal_total_lr_lines(grid_test, setup)
         print("\n" + "\n".join(gt) + ("\n\n" + "\n".join(eq) if eq else "") + "\n")
         print("chosen scales (best mean validation accuracy): "
-              + ", ".join(f"{n} {scales[n]:g} (lr {setup.lr(n, scales[n]):g})" for n in names))
+              + ", ".join(f"{n} {scales[n]:g} (lr {setup.lr(n, scales[n]):g})" for n in grid_names))
         on_test = {n: max(args.grid_scales, key=lambda s: (statistics.fmean(
-            final_pct(h) for h in grid_test[(n, s)]), -s)) for n in names}
+            final_pct(h) for h in grid_test[(n, s)]), -s)) for n in grid_names}
         best_test = ("had the scales been picked on the test set instead (optimistic): " + ", ".join(
             f"{n} x{on_test[n]:g} {pm([final_pct(h) for h in grid_test[(n, on_test[n])]])}%"
-            for n in names))
+            for n in grid_names))
         print(best_test)
         gt += ["", best_test[0].upper() + best_test[1:] + "."]
         grid_md += [f"## large_batch_digits.py --grid: lr scales {args.grid_scales}, "
-                    f"{len(args.seeds)} seeds, {args.epochs} epochs, batch {args.batch_size}", "",
+                    f"{len(args.seeds)} seeds, {args.epochs} epochs, batch {args.batch_size}"
+                    + (f" ({', '.join(grid_names)} only)" if grid_names != names else ""), "",
                     f"versions: {versions}; LAMB: {lamb}", "",
                     f"Selection on a stratified {100 * args.val_fraction:g}% validation split of the "
                     f"training set, report on the test set; mean ± sample std over seeds "
@@ -721,7 +749,7 @@ def main(argv=None) -> int:
                 shadow=setup.reference_tvlars(scales[name]) if first_tv and check else None,
                 log=log))
     if grid_test is not None:   # the same runs as the grid's test runs: deterministic, so equal
-        for name in names:
+        for name in grid_names:
             same = ([h["correct"] for h in runs[name]]
                     == [h["correct"] for h in grid_test[(name, scales[name])]])
             print(f"{name}: final runs {'identical to' if same else 'DIFFER from'} the grid's test "

@@ -58,13 +58,18 @@ paper's own experimental section could not be consulted while writing this scrip
   WA-LARS      peak lr = s * B/256 with s in {0.1, 0.3, 0.5}; linear warm-up from 0 over 20
                epochs, then cosine to 0.001 * peak [A script/lars/script.json "warm",
                scheduler/lars_warmup.py].
-  LAMB         examples/lamb_choice.py (tvlars_fused.LAMB when the package has it, else
-               pytorch-optimizer's Lamb at the version pinned in examples/requirements.txt; both
-               like the authors' opt/lamb.py: LAMB v3 without bias correction, eps 1e-6, weight
-               norm clamped at 10 [A]), weight decay 5e-4, the WA-LARS schedule [A clf.py: LAMB
-               gets the "lars-warm" schedule]; peak lr in {0.005, 0.01, 0.02} * sqrt(B/512) [C: the
-               authors' LAMB lr grid is not in their scripts; square-root scaling as in the LAMB
-               paper].
+  LAMB         examples/lamb_choice.py: the fused tvlars_fused.LAMB with the LAMB paper's
+               defaults (Algorithm 2: bias-corrected moments, weight decay added to the update,
+               eps 1e-6, no weight-norm clip) [C]. The authors' opt/lamb.py (from
+               cybertronai/pytorch-lamb) is LAMB v3: no bias correction, weight decay in the
+               update, weight norm clamped at 10 [A] (tvlars_fused.LAMB(bias_correction="none",
+               weight_norm_clip=10), docs/SPEC.md "LAMB"); --lamb pytorch-optimizer runs
+               pytorch-optimizer's Lamb (pinned in examples/requirements.txt: no moment bias
+               correction, step x 1/(1 - beta1^t), decoupled decay, the same clamp) for
+               comparison. Weight decay 5e-4, the WA-LARS schedule [A
+               clf.py: LAMB gets the "lars-warm" schedule]; peak lr in {0.005, 0.01, 0.02} *
+               sqrt(B/512) [C: the authors' LAMB lr grid is not in their scripts; square-root
+               scaling as in the LAMB paper].
   LARS         (optional, --optimizers ... lars) constant lr, the TVLARS lr grid
                [A script/lars/script.json "non-warm"].
   selection    the best grid point per (batch size, optimizer) by final test accuracy (mean over
@@ -107,7 +112,8 @@ except ImportError:  # pragma: no cover
     import tvlars_fused
 
 sys.path.insert(0, HERE)
-from lamb_choice import lamb_source, lamb_warning, make_lamb  # noqa: E402
+import lamb_choice  # noqa: E402
+from lamb_choice import lamb_missing, lamb_source, lamb_warning, make_lamb  # noqa: E402
 from pins import version_report  # noqa: E402
 
 # -- the settings (see the module docstring for their sources) -----------------------------------
@@ -778,6 +784,9 @@ def parse_args(argv=None):
     ap.add_argument("--lamb-lrs", type=float, nargs="+", default=None,
                     help="override: peak lr = value * sqrt(B/512)")
     ap.add_argument("--lars-lrs", type=float, nargs="+", default=None)
+    ap.add_argument("--lamb", choices=lamb_choice.LAMB_CHOICES, default=lamb_choice.DEFAULT_LAMB,
+                    help="which LAMB (examples/lamb_choice.py): tvlars_fused.LAMB with the paper's "
+                    "defaults (default), or pytorch-optimizer's Lamb for comparison")
     ap.add_argument("--delay-epochs", type=float, default=10.0)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--base-batch", type=int, default=256, help="B_base in gamma_min = B/B_base*1e-3")
@@ -829,10 +838,10 @@ def main(argv=None) -> int:
     args.channels_last = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    lamb_choice.use(args.lamb)
     lamb = lamb_source()
     if "lamb" in args.optimizers and lamb is None:
-        print("LAMB skipped: neither tvlars_fused.LAMB nor pytorch-optimizer is installed "
-              "(pip install -r examples/requirements.txt)")
+        print(f"LAMB skipped: {lamb_missing()}")
         args.optimizers = [o for o in args.optimizers if o != "lamb"]
 
     if args.synthetic:   # the stand-in data set goes next to the results (a temp dir by default)
