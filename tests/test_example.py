@@ -112,3 +112,31 @@ def test_example_full(tmp_path):
     assert acc["WA-LARS"] > 90 and acc["TVLARS"] > 90, stdout
     if "LAMB" in acc:
         assert acc["LAMB"] > 90, stdout
+
+
+def test_example_lamb_choice(tmp_path):
+    """The LAMB baseline is tvlars_fused.LAMB with the paper's options by default; --lamb
+    pytorch-optimizer swaps in pytorch-optimizer's Lamb (each named in the output)."""
+    stdout, acc, _ = run_example(tmp_path, "--quick", "--epochs", "2", "--no-check", timeout=120, check=False)
+    assert "LAMB: tvlars_fused.LAMB (" in stdout and "bias_correction='moments'" in stdout, stdout
+    assert "LAMB" in acc
+    if importlib.util.find_spec("pytorch_optimizer") is None:
+        pytest.skip("pytorch-optimizer is not installed")
+    other, acc2, _ = run_example(tmp_path, "--quick", "--epochs", "2", "--no-check", "--lamb", "pytorch-optimizer",
+                                 timeout=120, check=False)
+    assert "LAMB: pytorch_optimizer.Lamb " in other, other
+    assert acc2["WA-LARS"] == acc["WA-LARS"] and acc2["TVLARS"] == acc["TVLARS"]   # only LAMB changes
+    assert acc2["LAMB"] != acc["LAMB"]
+
+
+def test_example_grid_for_one_optimizer(tmp_path):
+    """--grid-optimizers LAMB tunes only LAMB: the grid's tables hold LAMB alone, the others run at
+    their default scales."""
+    stdout, acc, _ = run_example(tmp_path, "--quick", "--epochs", "2", "--grid", "--grid-optimizers", "LAMB",
+                                 "--grid-scales", "1", "2", "--no-check", timeout=120, check=False)
+    assert "lr grid for LAMB only; WA-LARS at scale" in stdout, stdout
+    assert stdout.count("final runs identical to the grid's test runs") == 1
+    with open(tmp_path / "digits_grid.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["optimizer"] for r in rows} == {"LAMB"} and len(rows) == 2 * 2 * 2
+    assert set(acc) == {"WA-LARS", "TVLARS", "LAMB"}
