@@ -109,7 +109,8 @@ def pass1(st, sl, act: List[int], w: torch.Tensor, gs: torch.Tensor, state: List
     if not dec:
         return w, u
     wd_ = st.row(6, sl).copy_(w)
-    torch._foreach_mul_([sl.views(wd_)[k] for k in dec], _pick(ctx.factor, sl, dec))
+    WD = sl.views(wd_)
+    torch._foreach_mul_([WD[k] for k in dec], _pick(ctx.factor, sl, dec))
     return wd_, u
 
 
