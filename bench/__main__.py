@@ -1,13 +1,25 @@
-"""python -m bench: time TVLARS/LARS optimizer steps (fused backends, eager reference, a foreach
-step, torch.compile, and torch's SGD as the floor) on real parameter shapes.
+"""python -m bench: time TVLARS/LARS and LAMB optimizer steps (fused backends, eager reference, a
+foreach step, torch.compile, and torch's SGD / AdamW as the floors) on real parameter shapes.
 
-    python -m bench                 quick subset (~2 min on a 2-core CPU): ResNet-50 and 2000 tiny
-                                    tensors in float32, ResNet-50 in bfloat16, torch.compile once,
-                                    and step() host overhead (161 / 2000 tensors of 16 elements:
-                                    fused against torch's fused and foreach SGD)
+    python -m bench                 quick subset (a few minutes on a 2-core CPU): ResNet-50 and 2000
+                                    tiny tensors in float32, ResNet-50 in bfloat16, TVLARS's
+                                    torch.compile once, and step() host overhead (161 / 2000 tensors
+                                    of 16 elements: fused against torch's fused and foreach SGD /
+                                    AdamW); TVLARS and LAMB rows
     python -m bench --full          every set x float32/bfloat16 x every implementation, and the
                                     host-overhead rows
     python -m bench --sets resnet18,big64m --dtypes bfloat16 --impls eager,fused-cpu --steps 20
+    python -m bench --algorithms lamb  only the LAMB rows (lamb-*, and AdamW as their floor)
+
+LAMB rows (names lamb-*, implementations.py) run one configuration (pytorch-optimizer's default
+Lamb as tvlars_fused options, implementations.LAMB_OPTIONS), beside TVLARS's in the same runs,
+with their own eager reference ("x eager" against lamb-eager), floor (28 B per float32 parameter:
+read w, g, m, v, write w, m, v; 22 B for bfloat16 with float32 moments) and foreach floor (torch's
+AdamW foreach in the "/sgd-foreach" column). Their check: exp_avg, exp_avg_sq and the parameter
+update after the first step against the float64 spec. The fused LAMB step moves 40 B per float32
+parameter (32 B bfloat16): pass 1 reads w, g, m, v and writes m, v, pass 2 reads w, m, v and writes
+w (docs/DESIGN.md); torch's fused AdamW reads w, g, m, v and writes w, m, v once (its state in the
+parameter dtype).
 
 Per (parameter set, dtype) all implementations are built over identical copies of the same weights
 and gradients, checked against the spec in float64 after their first step, warmed up, and then
@@ -15,8 +27,9 @@ timed in interleaved rounds (each round runs a block of steps of every implement
 big-tensor copy_ that gives the copy bandwidth under the same conditions), so that a machine shared
 with other jobs slows them all alike and the ratios stay meaningful. Reported: the median step time,
 speed-ups, effective bandwidth at the floor (20 B per float32 parameter: read w, g, state, write w,
-state; 14 B for bfloat16 with float32 state), the bytes each design moves, and ops per step (CPU:
-dispatcher ops from torch.profiler) or kernel launches and host syncs per step (GPU).
+state; 14 B for bfloat16 with float32 state; LAMB's own floor for its rows), the bytes each design
+moves, and ops per step (CPU: dispatcher ops from torch.profiler) or kernel launches and host syncs
+per step (GPU).
 
 Output: a table on stdout, progress on stderr, and bench/results/<device>[-quick|-custom].csv/.png/.md.
 """
@@ -62,7 +75,11 @@ def parse_args(argv=None):
     ap.add_argument("--sets", help="comma-separated parameter sets (resnet18, resnet50, gpt2s, tiny2000, big64m)")
     ap.add_argument("--impls", help="comma-separated implementations (eager, foreach, compiled, fused-cpu, "
                     "fused-cpu-grad, fused-torch, fused-triton, fused-triton-grad, fused-triton-graph, "
-                    "fused-cuda, sgd-foreach, sgd-fused; -grad: denominator='grad')")
+                    "fused-cuda, sgd-foreach, sgd-fused; -grad: denominator='grad'; LAMB: lamb-eager, "
+                    "lamb-foreach, lamb-compiled, lamb-fused-cpu, lamb-fused-torch, lamb-fused-triton, "
+                    "lamb-fused-triton-graph, lamb-fused-cuda, lamb-pytorch-optimizer, adamw-foreach, adamw-fused)")
+    ap.add_argument("--algorithms", help="comma-separated: tvlars (TVLARS rows and the SGD floors), lamb (LAMB "
+                    "rows and the AdamW floors); default both")
     ap.add_argument("--dtypes", help="comma-separated: float32, bfloat16")
     ap.add_argument("--steps", type=int, help="timed steps per implementation (default: adapt to the "
                     "step time within --time seconds per configuration)")
@@ -97,18 +114,26 @@ def _split(s: Optional[str]) -> Optional[List[str]]:
 def plan(args, all_sets: Sequence[str], all_impls: Sequence[str]) -> Tuple[str, List[Tuple[str, str, List[str]]]]:
     """(mode, [(set, dtype, impls)])."""
     sets, impls, dtypes = _split(args.sets), _split(args.impls), _split(args.dtypes)
+    algos = _split(getattr(args, "algorithms", None))
     for s in sets or ():
         if s not in all_sets:
             raise SystemExit(f"unknown set {s!r}; choose from {', '.join(all_sets)}")
     for d in dtypes or ():
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    from bench.implementations import ALL
+    from bench.implementations import ALL, FAMILIES, is_compiled
     for i in impls or ():
         if i not in ALL:
             raise SystemExit(f"unknown implementation {i!r}; choose from {', '.join(ALL)}")
-    # step() host overhead: tensors too small to matter, the fused step against torch's fused SGD
-    host = [i for i in all_impls if i.startswith("fused-") and i != "fused-torch" or i in ("sgd-fused", "sgd-foreach")]
+    for a in algos or ():
+        if a not in FAMILIES:
+            raise SystemExit(f"unknown algorithm {a!r}; choose from {', '.join(FAMILIES)}")
+    if algos:
+        all_impls = [i for i in all_impls if any(i in FAMILIES[a] for a in algos)]
+    # step() host overhead: tensors too small to matter, the fused steps against torch's fused
+    # SGD / AdamW
+    host = [i for i in all_impls if i.startswith(("fused-", "lamb-fused-")) and i not in ("fused-torch", "lamb-fused-torch")
+            or i in ("sgd-fused", "sgd-foreach", "adamw-fused", "adamw-foreach")]
     host_configs = [(s, "float32", host) for s in HOST_SETS]
     if args.full:
         sets, dtypes = sets or [s for s in all_sets if s not in HOST_SETS], dtypes or list(DTYPES)
@@ -117,11 +142,12 @@ def plan(args, all_sets: Sequence[str], all_impls: Sequence[str]) -> Tuple[str, 
     if sets is None and impls is None and dtypes is None:
         # torch.compile once (it takes ~1-2 min on a 2-core CPU); the slow portable fused-torch path
         # only where it is cheap (tiny tensors)
-        no_compile = [i for i in all_impls if i != "compiled"]
-        big = [i for i in all_impls if i != "fused-torch"]
+        # (TVLARS's only: lamb-compiled runs with --full or --impls)
+        no_compile = [i for i in all_impls if not is_compiled(i)]
+        big = [i for i in all_impls if i not in ("fused-torch", "lamb-fused-torch", "lamb-compiled")]
         return "quick", [("resnet50", "float32", big),
                          ("tiny2000", "float32", no_compile),
-                         ("resnet50", "bfloat16", [i for i in big if i != "compiled"])] + host_configs
+                         ("resnet50", "bfloat16", [i for i in big if not is_compiled(i)])] + host_configs
     sets, dtypes = sets or ["resnet50", "tiny2000"], dtypes or ["float32"]
     impls = [i for i in all_impls if i in (impls or all_impls)]
     return "custom", [(s, d, impls) for s in sets for d in dtypes]
@@ -311,15 +337,80 @@ def count_ops(torch, impl, steps: int) -> float:
     return Count.n / steps
 
 
-def profile_counts(torch, impl, device, steps: int, ops_from_profiler: bool) -> Dict[str, float]:
+# torch.cuda.set_sync_debug_mode("warn")'s warning for every synchronizing CUDA operation torch
+# performs (c10/cuda/CUDAFunctions.cpp: item(), a blocking copy, stream synchronize, nonzero, ...)
+SYNC_WARNING = "called a synchronizing"
+_WARMED_UP: set = set()   # (device type, index) whose counters warm_up_counters has run
+
+
+def count_syncs(torch, step, steps: int) -> Tuple[float, List[str]]:
+    """Host syncs per step as torch.cuda.set_sync_debug_mode("warn") reports them, and where they
+    came from (the Python file:line that called the synchronizing operation, as the warning names
+    it). Only that warning counts: any other warning the step raises is not a sync."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.synchronize()
+    syncs = [w for w in caught if SYNC_WARNING in str(w.message).lower()]
+
+    def short(path: str) -> str:   # the repo's files relative to it, an installed package's from it
+        rel = os.path.relpath(path, os.path.join(HERE, os.pardir))
+        return rel if not rel.startswith(os.pardir) else path.split("site-packages" + os.sep)[-1]
+
+    where = {f"{short(w.filename)}:{w.lineno}": None for w in syncs}
+    return len(syncs) / steps, list(where)
+
+
+def warm_up_counters(torch, device) -> None:
+    """Once per process, before the first real count: run the whole count (dispatcher ops, host
+    syncs, the profiler) over a trivial step (x.add_(1): one launch, no sync) and throw it away.
+    A GPU run counted one host sync for whichever implementation was profiled first in a process
+    (eager 3808/1 in the first configuration and 0 after; fused-triton 2/1 only when it came
+    first): a one-off of the process's first profiler session / first sync-debug window, not the
+    step's. Warming up on a step that has no sync takes it out of every row; the log shows what
+    the trivial step got (and from where), so a recurrence is visible. A real sync is a warning in
+    every step's window, and is still counted."""
+    key = (device.type, getattr(device, "index", None))
+    if key in _WARMED_UP:
+        return
+    _WARMED_UP.add(key)
+    x = torch.zeros(16, device=device)
+
+    class Trivial:
+        @staticmethod
+        def step():
+            x.add_(1)
+
+    got = profile_counts(torch, Trivial, device, 1, ops_from_profiler=False)
+    log("counters warmed up on a trivial step (x.add_(1)), discarded: "
+        f"{got.get('launches_per_step', 0):.0f} launches, {got.get('syncs_per_step', 0):.0f} host syncs"
+        + (f" (from {got['syncs_at']})" if got.get("syncs_at") else ""))
+
+
+def profile_counts(torch, impl, device, steps: int, ops_from_profiler: bool) -> Dict[str, object]:
     """ops_per_step: outermost dispatcher ops per step (TorchDispatchMode; from torch.profiler
     for compiled code, which a dispatch mode would make Dynamo recompile). On a GPU also
-    launches_per_step (device-side kernel, memcpy and memset events in torch.profiler) and
-    syncs_per_step (warnings of torch.cuda.set_sync_debug_mode)."""
+    syncs_per_step (count_syncs; syncs_at: where they came from) and launches_per_step
+    (device-side kernel, memcpy and memset events in torch.profiler). The sync window runs before
+    the profiler session, never right after one, and the first count in a process is preceded by
+    warm_up_counters."""
     cuda = device.type == "cuda"
-    out: Dict[str, float] = {}
+    if cuda:
+        warm_up_counters(torch, device)
+    out: Dict[str, object] = {}
     if not ops_from_profiler:
         out["ops_per_step"] = count_ops(torch, impl, steps)
+    if cuda:
+        out["syncs_per_step"], where = count_syncs(torch, impl.step, steps)
+        if where:
+            out["syncs_at"] = ", ".join(where)
     if ops_from_profiler or cuda:
         from torch.profiler import ProfilerActivity, profile, record_function
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -352,19 +443,6 @@ def profile_counts(torch, impl, device, steps: int, ops_from_profiler: bool) -> 
             out["ops_per_step"] = top / steps
         if cuda:
             out["launches_per_step"] = launches / steps
-    if cuda:
-        import warnings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            prev = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode(1)
-            try:
-                for _ in range(steps):
-                    impl.step()
-            finally:
-                torch.cuda.set_sync_debug_mode(prev)
-        torch.cuda.synchronize()
-        out["syncs_per_step"] = sum("synchroniz" in str(w.message).lower() for w in caught) / steps
     return out
 
 
@@ -401,10 +479,116 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
     impls: Dict[str, object] = {}
     est: Dict[str, float] = {}
     truths: Dict[str, List] = {}   # per denominator: float64 momentum after step 1, stored as float32
+    lamb_truth: Dict[str, List] = {}   # exp_avg, exp_avg_sq, update (w1 - w0) after step 1, as float32
 
-    def check(impl) -> float:
+    def rel_err(got, want) -> float:
+        den = float(want.double().square().sum().sqrt())
+        num = float((got.detach().double() - want.double()).square().sum().sqrt())
+        return num / den if den > 0 else num
+
+    def check_lamb(impl) -> Tuple[float, str]:
+        """Largest per-tensor relative error, after the first step, of exp_avg, exp_avg_sq and the
+        parameter update w1 - w0 against the spec evaluated in float64 from the same weights and
+        gradients, for the benchmark's LAMB configuration (step 1: m = (1-b1) g, v = (1-b2) g^2,
+        u = m / (sqrt(v) + eps), w1 = w0 (1 - lr wd) - lr / (1-b1) q u).
+
+        bfloat16 parameters: the new weight is stored in bfloat16, so an implementation that computes
+        it in float32, exactly as the spec, still lands one ulp away from the float64 spec rounded to
+        bfloat16 wherever its value lies within its float32 error of a rounding tie: LAMB's first
+        update is about one ulp of the weight for the large tensors (the clip at 10), so those flips,
+        from float32 norms that are off by ~1e-4 (torch's CPU norm over millions of elements), count
+        for ~1% of the update (resnet18: eager 1.3e-2, fused cpu 5e-3). The update is therefore
+        checked at the parameter dtype's resolution: per element only the error beyond one ulp (at
+        the spec's unrounded value) counts, relative to ||w1 - w0|| before rounding; that catches a
+        wrong trust ratio, clip or bias correction wherever the update spans a few ulps (the small
+        weights of every tensor), not a rounding-mode error (the float32 row checks the arithmetic
+        and tests/ the bits). The moments are float32 and checked strictly, except where an
+        implementation keeps them and its arithmetic in the parameter dtype
+        (impl.state_in_param_dtype: pytorch-optimizer's Lamb): the moments at that dtype's
+        resolution, and its update may also be two epsilons of the dtype off relative to itself.
+        The strict figures are in the detail (the log, and the row's note).
+
+        float32 is checked strictly: an implementation whose norms are float32 sums (torch's CPU
+        linalg.vector_norm / _foreach_norm: eager, foreach, pytorch-optimizer) carries their error
+        into q and the update; ||u|| of a 2.4M-element ResNet-50 conv, whose |u| are all close to
+        (1-b1)/sqrt(1-b2) at step 1, comes out 4.6e-4 off on a CPU (the sum of squares in float32:
+        7e-8), which the check shows ("warn"), with the moments' and the update's errors apart in
+        the detail."""
+        low = dtype in (torch.bfloat16, torch.float16)
+        if not lamb_truth:
+            hp, opt = I.LAMB_HP, I.LAMB_OPTIONS
+            assert (opt["bias_correction"], opt["weight_decay_mode"]) == ("first_moment", "decoupled"), \
+                "the float64 check below is written for LAMB_OPTIONS' bias correction and decay mode"
+            b1, b2 = hp["betas"]
+            lr, wd, eps = hp["lr"], hp["weight_decay"], hp["eps"]
+            for k in ("exp_avg", "exp_avg_sq", "update", "update_exact"):
+                lamb_truth[k] = []
+            for o, s, g in zip(offsets, shape_list, grads):
+                w64 = master_w[o:o + shapes.numel(s)].view(s).double()
+                g64 = g.double()
+                m = (1 - b1) * g64
+                v = (1 - b2) * (g64 * g64)
+                u = m / (v.sqrt() + eps)
+                wp = w64 * (1 - lr * wd)
+                wn = min(float(wp.square().sum().sqrt()), opt["weight_norm_clip"])
+                un = float(u.square().sum().sqrt())
+                q = wn / (un + opt["ratio_eps"]) if wn > 0 and un > 0 else 1.0
+                w1 = wp - (lr / (1 - b1) * q) * u
+                lamb_truth["exp_avg"].append(m.float())
+                lamb_truth["exp_avg_sq"].append(v.float())
+                lamb_truth["update"].append((w1.to(dtype).double() - w64).float())
+                if low:
+                    lamb_truth["update_exact"].append((w1 - w64).float())
+        st = impl.check_state()
+        w0s = [master_w[o:o + shapes.numel(s)].view(s).double() for o, s in zip(offsets, shape_list)]
+        got = dict(exp_avg=list(st["exp_avg"]), exp_avg_sq=list(st["exp_avg_sq"]),
+                   update=[p.detach().double() - w0 for p, w0 in zip(st["param"], w0s)])
+
+        def worst(key):
+            return max((rel_err(a, b) for a, b in zip(got[key], lamb_truth[key])), default=0.0)
+
+        strict = {k: worst(k) for k in ("exp_avg", "exp_avg_sq", "update")}
+        detail = ", ".join(f"{k} {v:.1e}" for k, v in strict.items())
+        if not low:
+            return max(strict.values()), detail
+        ulp0 = torch.finfo(dtype).eps
+
+        def beyond_one_ulp(a, exact, ref, norm_of, rel: float = 0.0) -> float:
+            # elementwise |a - exact| beyond one ulp of the parameter dtype at ref (plus rel * |exact|),
+            # over ||norm_of||
+            e = ref.double().abs()
+            ulp = torch.where(e > 0, ulp0 * torch.exp2(torch.floor(torch.log2(e))),
+                              torch.full_like(e, torch.finfo(dtype).tiny * ulp0))
+            excess = ((a.detach().double() - exact.double()).abs() - ulp - rel * exact.double().abs()).clamp_(min=0)
+            den = float(norm_of.double().square().sum().sqrt())
+            num = float(excess.square().sum().sqrt())
+            return num / den if den > 0 else num
+
+        res = dict(strict)
+        # arithmetic in the parameter dtype (impl.state_in_param_dtype): the moments at that dtype's
+        # resolution, and the update may also be two epsilons of the dtype off relative to itself:
+        # ~7 roundings to the dtype (the two norms and their ratio; sqrt, +eps, reciprocal, *m of u),
+        # which exceed one ulp of the weight where the update spans hundreds of its ulps (the
+        # smallest weights: pytorch-optimizer's q for a 512-element ResNet-50 norm weight is 0.5%
+        # off, its update 1.4%). A wrong bias correction or clip is off by far more.
+        arith = 2 * ulp0 if impl.state_in_param_dtype else 0.0
+        if impl.state_in_param_dtype:
+            for k in ("exp_avg", "exp_avg_sq"):
+                res[k] = max((beyond_one_ulp(a, t, t, t) for a, t in zip(got[k], lamb_truth[k])), default=0.0)
+        res["update"] = max((beyond_one_ulp(a, t, t + w0, t, arith) for a, t, w0 in
+                             zip(got["update"], lamb_truth["update_exact"], w0s)), default=0.0)
+        what = (f"moments and update at {dtype_name} arithmetic's resolution (error beyond one ulp of the weight "
+                "and two epsilons of the update)" if impl.state_in_param_dtype else
+                f"update checked at {dtype_name} resolution (error beyond one ulp)")
+        return max(res.values()), (f"{what}: " + ", ".join(f"{k} {v:.1e}" for k, v in res.items())
+                                   + f"; strict: {detail}")
+
+    def check(impl) -> Tuple[float, str]:
         """Largest per-tensor relative error of the momentum after the first step against the
-        spec evaluated in float64 from the same weights and gradients (step 1: buf = q * d)."""
+        spec evaluated in float64 from the same weights and gradients (step 1: buf = q * d).
+        LAMB rows: check_lamb."""
+        if impl.algorithm == "lamb":
+            return check_lamb(impl)
         denominator = getattr(impl, "denominator", "update")
         if denominator not in truths:
             truth = truths[denominator] = []
@@ -419,27 +603,26 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
                 truth.append((d64 * q).float())
         worst = 0.0
         for m, t in zip(impl.momentum(), truths[denominator]):
-            den = float(t.double().square().sum().sqrt())
-            num = float((m.detach().double() - t.double()).square().sum().sqrt())
-            worst = max(worst, num / den if den > 0 else num)
-        return worst
+            worst = max(worst, rel_err(m, t))
+        return worst, ""
 
     for name in names:
-        row = dict(set=set_name, dtype=dtype_name, impl=name, tensors=n_tensors, params=n_params)
+        row = dict(set=set_name, dtype=dtype_name, impl=name, tensors=n_tensors, params=n_params,
+                   algorithm=I.algorithm_of(name))
         rows[name] = row
-        if name == "compiled" and 0 < args.compile_max_tensors < n_tensors:
+        if I.is_compiled(name) and 0 < args.compile_max_tensors < n_tensors:
             row["note"] = (f"skipped: {n_tensors} tensors > --compile-max-tensors {args.compile_max_tensors} "
                            "(Inductor compile time grows with the tensor count)")
             log(f"{tag}: {row['note']}")
             continue
         try:
             impl = I.make(name, device)
-            log(f"{tag}: setting up {name}" + (" (compiling)" if name == "compiled" else ""))
-            if name == "compiled":
+            log(f"{tag}: setting up {name}" + (" (compiling)" if I.is_compiled(name) else ""))
+            if I.is_compiled(name):
                 import torch._dynamo.utils as du
                 hits0 = du.counters["inductor"]["fxgraph_cache_hit"]
             impl.setup(fresh_params())
-            if name == "compiled":
+            if I.is_compiled(name):
                 hit = du.counters["inductor"]["fxgraph_cache_hit"] > hits0
                 row["compile_s"] = impl.compile_s
                 row["compile_cache"] = "warm" if hit else "cold"
@@ -456,18 +639,25 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
             continue
         impl.label = getattr(impl, "label", name)
         row["label"] = impl.label
-        if not args.no_check and impl.tvlars:
-            rel = check(impl)
+        if not args.no_check and impl.checked:
+            rel, detail = check(impl)
             row["check_rel_err"] = rel
+            what = "momentum" if impl.algorithm == "tvlars" else "state or update"
+            if detail:
+                log(f"{tag}: {name} check against the float64 spec (worst tensor, relative): {detail}")
+            if impl.algorithm == "lamb" and rel < CHECK_FAIL and (dtype != torch.float32 or not rel < CHECK_OK):
+                row["note"] = (row.get("note", "") + f" check: {detail}").strip()
             if not rel < CHECK_FAIL:
-                row["note"] = (row.get("note", "") + f" CHECK FAILED: momentum after step 1 differs from "
-                               f"the float64 spec by {rel:.1e} (relative, worst tensor)").strip()
+                row["note"] = (row.get("note", "") + f" CHECK FAILED: {what} after step 1 differs from "
+                               f"the float64 spec by {rel:.1e} (relative, worst tensor"
+                               + (f"; {detail})" if detail else ")")).strip()
                 log(f"{tag}: {name} CHECK FAILED (rel err {rel:.1e})")
         # warm-up, and a first estimate of the step time
         w = timer.run(impl.step, max(args.warmup, 1))
         est[name] = min(w)
         impls[name] = impl
-    truth = None
+    truths.clear()       # the float64 spec's results: not needed while timing
+    lamb_truth.clear()
 
     yard = {"copy": Copy(torch, device, copy_numel), "axpy": Axpy(torch, device, copy_numel)}
     for k, y in yard.items():
@@ -485,8 +675,8 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
     axpy_gbs = yard["axpy"].bytes / statistics.median(times.pop("axpy")) / 1e9
     del yard, runners
 
-    floor = I.floor_bytes(dtype)
     for name, impl in impls.items():
+        floor = impl.floor_bytes(dtype)
         ts = sorted(times[name])
         med = statistics.median(ts)
         row = rows[name]
@@ -506,14 +696,20 @@ def run_config(torch, I, shapes, set_name: str, dtype_name: str, names: List[str
         for name, impl in impls.items():
             log(f"{tag}: profiling {name}")
             try:
-                rows[name].update(profile_counts(torch, impl, device, 1,
-                                                 ops_from_profiler=(name == "compiled")))
+                counts = profile_counts(torch, impl, device, 1, ops_from_profiler=I.is_compiled(name))
+                if counts.get("syncs_at"):
+                    rows[name]["note"] = (rows[name].get("note", "") + " host syncs from "
+                                          + str(counts.pop("syncs_at"))).strip()
+                rows[name].update(counts)
             except Exception as exc:  # profiling is a nice-to-have
                 rows[name]["note"] = (rows[name].get("note", "") + f" profile failed: {exc}").strip()
-    base = rows.get("eager", {}).get("median_ms")
-    sgd = rows.get("sgd-foreach", {}).get("median_ms")
+    # per family: TVLARS/SGD rows against eager and sgd-foreach, LAMB/AdamW rows against
+    # lamb-eager and adamw-foreach (the same columns)
     for row in rows.values():
         if "median_ms" in row:
+            eager_name, floor_name = I.BASELINES[I.family(row["impl"])]
+            base = rows.get(eager_name, {}).get("median_ms")
+            sgd = rows.get(floor_name, {}).get("median_ms")
             if base:
                 row["speedup_vs_eager"] = base / row["median_ms"]
             if sgd:
@@ -530,7 +726,7 @@ COLUMNS = ["device", "device_name", "mode", "set", "dtype", "impl", "label", "te
            "floor_bytes_per_param", "floor_gbs", "copy_gbs", "pct_copy_bw", "axpy_gbs", "pct_axpy_bw", "design_bytes_per_param",
            "design_gbs", "design_how", "ops_per_step", "launches_per_step",
            "syncs_per_step", "compile_s", "compile_cache", "check_rel_err", "note", "torch", "threads",
-           "commit", "extension", "date", "loadavg_start", "loadavg_end"]
+           "commit", "extension", "date", "loadavg_start", "loadavg_end", "algorithm"]
 
 
 def fmt(v, spec):
@@ -610,17 +806,20 @@ def chart(path: str, results: List[dict], title: str) -> None:
     by = {(r["set"], r["dtype"], r["impl"]): r for r in ok}
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(configs) + 3), 8), sharex=True)
     width = 0.8 / len(impls)
-    cmap = plt.get_cmap("tab10")
+    ncol = 10 if len(impls) <= 10 else 20   # tab20 once the TVLARS and LAMB rows share a chart
+    cmap = plt.get_cmap(f"tab{ncol}")
     for k, impl in enumerate(impls):
         xs = [i + (k - (len(impls) - 1) / 2) * width for i, c in enumerate(configs) if (*c, impl) in by]
         rs = [by[(*c, impl)] for c in configs if (*c, impl) in by]
-        axes[0].bar(xs, [r["median_ms"] for r in rs], width, label=impl, color=cmap(k % 10))
-        axes[1].bar(xs, [r["pct_copy_bw"] for r in rs], width, color=cmap(k % 10))
+        axes[0].bar(xs, [r["median_ms"] for r in rs], width, label=impl, color=cmap(k % ncol))
+        axes[1].bar(xs, [r["pct_copy_bw"] for r in rs], width, color=cmap(k % ncol))
     axes[0].set_yscale("log")
     axes[0].set_ylabel("median ms / step (log)")
     axes[0].legend(ncol=min(len(impls), 5), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.08))
     axes[0].grid(axis="y", alpha=0.3, which="both")
-    axes[1].set_ylabel("% of copy bandwidth at the floor\n(20 B/param float32, 14 B bfloat16)")
+    lamb = any(r["impl"].startswith(("lamb-", "adamw-")) for r in ok)
+    axes[1].set_ylabel("% of copy bandwidth at the floor\n" + (
+        "(B/param float32 / bfloat16: 20 / 14,\nLAMB and AdamW 28 / 22)" if lamb else "(20 B/param float32, 14 B bfloat16)"))
     axes[1].axhline(100, color="k", lw=0.8, ls="--")
     axes[1].grid(axis="y", alpha=0.3)
     labels = []
@@ -655,7 +854,8 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     all_impls = I.names_for(device)
     mode, configs = plan(args, list(shapes.SETS), all_impls)
-    skipped = [n for n in I.ALL if n not in all_impls]
+    families = _split(args.algorithms) or list(I.FAMILIES)   # valid: plan() checked them
+    skipped = [n for n in I.ALL if n not in all_impls and any(n in I.FAMILIES[a] for a in families)]
     if gpu:
         dev_name = torch.cuda.get_device_name(device)
         dev_slug = "cuda-" + slug(dev_name)
@@ -694,7 +894,9 @@ def main(argv=None) -> int:
     write_csv(base + ".csv", results)
 
     head, rows = table_rows(results, gpu)
-    hdr = (f"TVLARS step benchmark ({mode}) on {dev_name}; torch {torch.__version__}; commit {meta['commit']}; "
+    lamb_rows = any(I.family(r["impl"]) == "lamb" for r in results)
+    what = "TVLARS/LAMB" if lamb_rows else "TVLARS"
+    hdr = (f"{what} step benchmark ({mode}) on {dev_name}; torch {torch.__version__}; commit {meta['commit']}; "
            f"{meta['date']}\nextension: tvlars_fused._C {meta['extension']}\ncopy_ bandwidth alone: {copy_start:.1f} GB/s at start, {copy_end:.1f} GB/s at end; "
            f"load average "
            f"{meta['loadavg_start']} -> {meta['loadavg_end']}\n"
@@ -704,8 +906,21 @@ def main(argv=None) -> int:
            f"that as a share of copy_ (2 x bytes) / a += alpha*b (3 x bytes) bandwidth timed in the same "
            f"rounds; B/param: bytes the design moves; " + ("launch/syncs: kernel launches / host syncs per step" if gpu else
                                      "ops/step: outermost dispatcher ops per step (TorchDispatchMode; profiler for compiled)"))
-    if skipped:
-        hdr += f"\nnot run on {device.type}: {', '.join(skipped)} (need a CUDA device)"
+    if lamb_rows:
+        hdr += (f"\nLAMB rows (lamb-*, adamw-*): one configuration, pytorch-optimizer's default Lamb "
+                f"({', '.join(f'{k}={v}' for k, v in {**I.LAMB_HP, **I.LAMB_OPTIONS}.items())}); "
+                f"x eager: over lamb-eager; /sgd-foreach: relative to torch AdamW foreach; GB/s@floor: "
+                f"{I.floor_bytes(torch.float32, 'lamb')} B (float32) / {I.floor_bytes(torch.bfloat16, 'lamb')} B "
+                f"(bfloat16, float32 moments) per parameter (read w, g, m, v; write w, m, v); B/param of the "
+                f"fused rows: {I.lamb_fused_bytes(torch.float32)[0]} B / {I.lamb_fused_bytes(torch.bfloat16)[0]} B "
+                f"(pass 1 reads w, g, m, v, writes m, v; pass 2 reads w, m, v, writes w); check: exp_avg, "
+                f"exp_avg_sq and w1 - w0 after step 1 against the float64 spec (bfloat16: w1 - w0 at bfloat16 "
+                f"resolution, the error beyond one ulp)")
+    if skipped:   # grouped by what they need: "fused-cpu, ... (CPU only)", "fused-triton, ... (need a CUDA device)"
+        by_need: Dict[str, List[str]] = {}
+        for n in skipped:
+            by_need.setdefault(I.requirement(n) or f"not available on {device.type}", []).append(n)
+        hdr += f"\nnot run on {device.type}: " + "; ".join(f"{', '.join(ns)} ({need})" for need, ns in by_need.items())
     print(hdr)
     print(text_table(head, rows))
     for r in results:
@@ -718,7 +933,7 @@ def main(argv=None) -> int:
         f.write(hdr.replace("\n", "\n\n") + "\n\n" + md_table(head, rows) + "\n")
     if not args.no_chart:
         try:
-            chart(base + ".png", results, f"TVLARS step, {dev_name}, torch {torch.__version__}, {mode} run, "
+            chart(base + ".png", results, f"{what} step, {dev_name}, torch {torch.__version__}, {mode} run, "
                                           f"{meta['commit']}")
         except Exception as exc:
             log(f"chart failed: {exc}")
