@@ -29,7 +29,6 @@ from parity import (SHAPES, assert_close_ulps, assert_parity_fp32, grads_for_ste
 
 triton_backend = pytest.importorskip("tvlars_fused.kernels.triton_backend", reason="triton is not installed")
 from tvlars_fused.kernels import triton_math  # noqa: E402
-from triton.compiler import CompiledKernel  # noqa: E402
 
 TRITON = triton_backend.BACKEND
 
@@ -306,23 +305,16 @@ def test_determinism_same_bits(device, monkeypatch):
 # -- launches -------------------------------------------------------------------------------------
 
 class LaunchCounter:
-    """Counts Triton kernel launches (JITFunction.run, or the interpreter's, and the direct launches
-    of a compiled kernel that triton_backend._BoundLaunch makes after the first) by kernel name."""
+    """Counts Triton kernel launches (JITFunction.run, or the interpreter's) by kernel name."""
 
     def __init__(self, monkeypatch):
         self.counts = {}
-        counter = self
-        compiled_getitem = CompiledKernel.__getitem__
-
-        def counting_getitem(self_, grid):
-            counter.counts[self_.name] = counter.counts.get(self_.name, 0) + 1
-            return compiled_getitem(self_, grid)
-        monkeypatch.setattr(CompiledKernel, "__getitem__", counting_getitem)
         for k in triton_backend.KERNELS:
             cls = type(k)
             if getattr(cls.run, "_counting", False):
                 continue
             orig = cls.run
+            counter = self
 
             def counting_run(self_, *args, _orig=orig, **kwargs):
                 if not kwargs.get("warmup", False):
@@ -370,110 +362,6 @@ def test_two_launches_per_bucket_two_buckets(device, monkeypatch):
     opt.step()
     assert len(opt._buckets) == 2
     assert counter.counts == {"_norms_kernel": 2, "_update_kernel": 2}, counter.counts
-
-
-# -- launches after the first: the compiled kernel, called directly ----------------------------------
-
-BOUND_LAUNCH_SCRIPT = textwrap.dedent(r"""
-    # Run without the interpreter, so the kernels are JITFunctions; no GPU needed. Each kernel is
-    # wrapped: its JIT launch records what Triton's own binder binds (the values JITFunction.run
-    # hands the compiled kernel) and returns a stand-in compiled kernel recording its direct
-    # launches. bucket_step's later launches must pass exactly those values, the per-call tensors
-    # replaced, and take the JIT again only for a new specialization key.
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import CompiledKernel, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    import tvlars_fused
-    from tvlars_fused.kernels import triton_backend as tb
-    assert not tb._interpreted()
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    log = []
-
-    class Compiled(CompiledKernel):
-        module = None    # (nothing loaded: CompiledKernel.__del__ unloads nothing)
-
-        def __init__(self, name):
-            self.name = name
-        def __getitem__(self, grid):
-            return lambda *args: log.append(("direct", self.name, grid, list(args)))
-
-    class Wrapped:
-        def __init__(self, k):
-            self.k, self.fn, self.arg_names = k, k.fn, k.arg_names
-            self.binder = create_function_from_signature(k.signature, k.params, backend)
-            self.compiled = Compiled(k.fn.__name__)
-        def __getitem__(self, grid):
-            def jit(*args, **kwargs):
-                bound, _, _ = self.binder(*args, **kwargs, debug=False, instrumentation_mode="")
-                log.append(("jit", self.fn.__name__, grid, list(bound.values())))
-                return self.compiled
-            return jit
-
-    tb._norms_kernel, tb._update_kernel = Wrapped(tb._norms_kernel), Wrapped(tb._update_kernel)
-    ps = [torch.nn.Parameter(torch.randn(*s)) for s in [(3, 4), (17,), (2, 2, 5)]]
-    for cls in (tvlars_fused.TVLARS, tvlars_fused.LAMB):
-        view = cls(ps, lr=0.5, backend="torch")._buckets[0].view
-        amp = [(torch.full((1,), 2.0), torch.zeros(1)) for _ in range(3)]
-        log.clear()
-        for scale, inf in amp:
-            tb.BACKEND.bucket_step(view, scale, inf)
-        tb.BACKEND.bucket_step(view, None, None)    # another key: the JIT again
-        kinds = [(e[0], e[1]) for e in log]
-        assert kinds == [("jit", "_norms_kernel"), ("jit", "_update_kernel")] + [
-            ("direct", "_norms_kernel"), ("direct", "_update_kernel")] * 2 + [
-            ("jit", "_norms_kernel"), ("jit", "_update_kernel")], kinds
-        for name, first in (("_norms_kernel", 0), ("_update_kernel", 1)):
-            names = tb._norms_kernel.arg_names if name == "_norms_kernel" else tb._update_kernel.arg_names
-            jit_values = log[first][3]
-            for step in (1, 2):
-                kind, _, grid, values = log[2 * step + first]
-                assert grid == tuple(log[first][2]) + (1, 1), grid
-                assert len(values) == len(jit_values) == len(names)
-                for n, v, j in zip(names, values, jit_values):
-                    want = {"scale_ptr": amp[step][0], "inf_ptr": amp[step][1]}.get(n, j)
-                    assert v is want if isinstance(want, torch.Tensor) else v == want, (cls.__name__, name, n, v, want)
-    print("BOUND LAUNCH OK")
-""")
-
-
-def test_bound_launch_passes_what_the_jit_binds():
-    """After its first launch, a kernel is called as the compiled kernel with the argument list
-    Triton's binder produced for the JIT call (per-call AMP tensors replaced), and a new
-    specialization key goes through the JIT again (a subprocess without the interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", BOUND_LAUNCH_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
-    assert out.returncode == 0 and "BOUND LAUNCH OK" in out.stdout, out.stderr[-4000:]
-
-
-@requires_cuda
-@pytest.mark.parametrize("algo", ["TVLARS", "LAMB"])
-def test_bound_launch_same_bits_as_the_jit(algo, monkeypatch):
-    """Steps launched through the bound compiled kernels give the bits of the same steps launched
-    through Triton's JIT every time (AMP on, a found_inf step in the middle)."""
-    init = make_init(SHAPES[:6])
-    kw = dict(HYPER, **TV_ONLY) if algo == "TVLARS" else dict(lr=0.01, weight_decay=0.01)
-
-    def run(bind):
-        if not bind:   # nothing is a compiled kernel: every launch goes through the JIT
-            monkeypatch.setattr(triton_backend, "CompiledKernel", type("Never", (), {}))
-        ps = [torch.nn.Parameter(x.float().cuda()) for x in init]
-        opt = getattr(tvlars_fused, algo)(ps, backend="triton", **kw)
-        for t in range(5):
-            opt.grad_scale = torch.full((1,), 4.0, device="cuda")
-            opt.found_inf = torch.full((1,), float(t == 2), device="cuda")
-            for p, g in zip(ps, grads_for_step(SHAPES[:6], t)):
-                p.grad = (g.float() * 4.0).cuda()
-            opt.step()
-        monkeypatch.undo()
-        return [p.detach().clone() for p in ps], len(opt._buckets[0].plan_cache["triton"].bound)
-    got, n_bound = run(True)
-    want, n_jit = run(False)
-    assert (n_bound, n_jit) == (2, 0)    # one key (AMP tensors on every step): norms and update
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
 
 
 # -- no host sync ---------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
-from triton.compiler import CompiledKernel
 
 from .. import abi as B
 from . import Backend
@@ -331,54 +330,11 @@ def block_and_warps(chunk_elems: int, acc_dtype: torch.dtype = torch.float32, al
     return block, max(1, min(8, block // (128 if lamb else 256)))
 
 
-class _BoundLaunch:
-    """One kernel launch with Triton's JIT dispatch done once.
-
-    `kernel[grid](...)` binds and specializes every argument and hashes a cache key on every call:
-    ~50 us of Python per launch for these kernels (triton 3.6 and 3.9, measured on the development
-    machine), more than the ResNet-50 kernels take on an H200. A plan's tensors and integers never
-    change (the plan is rebuilt when they could), so the first call goes through the JIT, which
-    specializes and compiles, and the compiled kernel it returns is then called directly with the
-    same arguments in the kernel's parameter order. `key` (the caller's) must hold everything else
-    Triton specializes on: constexpr values and the 16-byte alignment of the per-call tensors."""
-
-    __slots__ = ("compiled", "values", "slots")
-
-    def __init__(self, kernel, compiled, args, kwargs, per_call):
-        self.compiled = compiled
-        names = kernel.arg_names
-        by_name = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
-        self.values = [by_name[n] for n in names]
-        self.slots = [names.index(n) for n in per_call]   # the per-call tensors' positions
-
-    def __call__(self, grid, per_call):
-        values = self.values
-        for i, v in zip(self.slots, per_call):
-            values[i] = v
-        self.compiled[grid + (1,) * (3 - len(grid))](*values)   # (a compiled kernel takes x, y, z)
-
-
-def _launch(cache: dict, key, kernel, grid, args, kwargs: Callable[[], dict], per_call: dict) -> None:
-    """kernel[grid](*args, **per_call, **kwargs()), from cache[key] after the first call
-    (_BoundLaunch). Under the Triton interpreter (no compiled kernel comes back) always the JIT."""
-    bound = cache.get(key)
-    if bound is not None:
-        bound(grid, per_call.values())
-        return
-    kw = kwargs()
-    compiled = kernel[grid](*args, **per_call, **kw)
-    if isinstance(compiled, CompiledKernel):
-        cache[key] = _BoundLaunch(kernel, compiled, args, dict(kw, **per_call), per_call)
-
-
 class _Launch:
     """Everything bucket_step passes to the two kernels that does not change between steps (the
-    bucket's plan: rebuilt when a parameter moves), and the launches bound to it."""
+    bucket's plan: rebuilt when a parameter moves)."""
 
-    __slots__ = ("grid", "norms_args", "num_segs", "update_args", "consts", "warps", "step", "bound")
+    __slots__ = ("grid", "norms_args", "num_segs", "update_args", "consts", "warps", "step")
 
     def __init__(self, b):
         ce = b.chunk_elems
@@ -395,7 +351,6 @@ class _Launch:
         self.consts = dict(ALGO=b.algorithm.id, CHUNK=ce, BLOCK=block, HAS_CHUNKS=b.num_chunks > 0,
                            W_ALIGNED=b.w_aligned, HAS_TAIL=b.has_tail)
         self.step = b.step
-        self.bound = {}
 
 
 class _NoGuard:
@@ -463,21 +418,16 @@ class TritonBackend(Backend):
         inf = found_inf if has_inf else cfg.step
         variant = _variant(b)
         tile = self.REDUCE_TILE
-        per_call = dict(scale_ptr=scale, inf_ptr=inf)
-        # what may change between calls with one plan: the flags below and the AMP tensors' alignment
-        key = (has_scale, has_inf, scale.data_ptr() % 16 == 0, inf.data_ptr() % 16 == 0, b.has_empty,
-               tuple(variant.values()))
         with _on_device(b.device):
-            _launch(cfg.bound, ("norms",) + key, _norms_kernel, cfg.grid, cfg.norms_args,
-                    lambda: dict(num_segs=cfg.num_segs, **cfg.consts, **variant, HAS_SCALE=has_scale, HAS_INF=has_inf,
-                         TILE=tile, LOG2_TILE=tile.bit_length() - 1, HAS_EMPTY=b.has_empty,
-                         num_warps=cfg.warps, enable_fp_fusion=False), per_call)
+            _norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, cfg.num_segs, **cfg.consts, **variant,
+                                    HAS_SCALE=has_scale, HAS_INF=has_inf, TILE=tile, LOG2_TILE=tile.bit_length() - 1,
+                                    HAS_EMPTY=b.has_empty, num_warps=cfg.warps, enable_fp_fusion=False)
         if between is not None:
             between(b)
         with _on_device(b.device):
-            _launch(cfg.bound, ("update",) + key, _update_kernel, cfg.grid, cfg.update_args,
-                    lambda: dict(**cfg.consts, **variant, HAS_SCALE=has_scale, HAS_INF=has_inf,
-                         BF16=b.dtype == torch.bfloat16, num_warps=cfg.warps, enable_fp_fusion=False), per_call)
+            _update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, **variant, HAS_SCALE=has_scale,
+                                     HAS_INF=has_inf, BF16=b.dtype == torch.bfloat16, num_warps=cfg.warps,
+                                     enable_fp_fusion=False)
 
 
 BACKEND = TritonBackend()
