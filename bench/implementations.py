@@ -231,18 +231,26 @@ class Eager(_TorchOptim):
         return 78, "as float32 plus the casts of w and g to float32 and back"
 
 
+def foreach_setup(impl: Impl, params: List[torch.Tensor], states, scratches) -> None:
+    """A foreach implementation's lists: the parameters and their gradients, each of `states` as
+    zeros (float32 for bfloat16/float16 parameters, as the fused kernels keep it), the step t, and
+    each of `scratches` as float32 working copies (None for float32/float64 parameters)."""
+    impl.params = params
+    impl.grads = [p.grad for p in params]
+    sdt = torch.float32 if params[0].dtype in (torch.bfloat16, torch.float16) else params[0].dtype
+    for name in states:
+        setattr(impl, name, [torch.zeros_like(p, dtype=sdt) for p in params])
+    impl.t = torch.zeros((), dtype=torch.float32, device=impl.device)
+    low = sdt != params[0].dtype
+    for name in scratches:
+        setattr(impl, name, [torch.empty_like(p, dtype=sdt) for p in params] if low else None)
+
+
 class Foreach(Impl):
     name, label = "foreach", "multi-tensor torch._foreach_* step"
 
     def setup(self, params):
-        self.params = params
-        self.grads = [p.grad for p in params]
-        sdt = torch.float32 if params[0].dtype in (torch.bfloat16, torch.float16) else params[0].dtype
-        self.bufs = [torch.zeros_like(p, dtype=sdt) for p in params]
-        self.t = torch.zeros((), dtype=torch.float32, device=self.device)
-        low = sdt != params[0].dtype
-        self.w32 = [torch.empty_like(b) for b in self.bufs] if low else None
-        self.d32 = [torch.empty_like(b) for b in self.bufs] if low else None
+        foreach_setup(self, params, ("bufs",), ("w32", "d32"))
         self.fn: Callable = foreach_tvlars_step
 
     @torch.no_grad()
@@ -266,22 +274,56 @@ class Compiled(Foreach):
     def setup(self, params):
         super().setup(params)
         self.w32 = self.d32 = None   # let Inductor fuse the casts
-        import torch._dynamo
-        torch._dynamo.reset()        # a fresh cache per configuration (no cache_size_limit fallback)
-        self.fn = torch.compile(foreach_tvlars_step, dynamic=False)
-        # the first call compiles; the runner times it apart as compile_s
-        t0 = time.perf_counter()
-        self.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.compile_s = time.perf_counter() - t0
-        self.stepped_in_setup = True
+        compile_first_step(self, foreach_tvlars_step)
 
     def design_bytes(self, dtype):
         # the best Inductor can do: a norm pass (reads w, g) and an update pass, like the fused design
         p = _nbytes(dtype)
         s = 4 if p == 2 else p
         return 2 * p + (2 * p + s + p + s), "ideal if Inductor fuses to 2 passes (like fused); not measured"
+
+
+def compile_first_step(impl: Impl, fn: Callable) -> None:
+    """impl.fn = torch.compile(fn) on a fresh Dynamo cache (per configuration: no cache_size_limit
+    fallback); the first call compiles, timed apart as impl.compile_s."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    impl.fn = torch.compile(fn, dynamic=False)
+    t0 = time.perf_counter()
+    impl.step()
+    if impl.device.type == "cuda":
+        torch.cuda.synchronize(impl.device)
+    impl.compile_s = time.perf_counter() - t0
+    impl.stepped_in_setup = True
+
+
+def fused_optimizer(cls, backend: str, params: List[torch.Tensor], **kwargs):
+    """cls(params, backend=backend, **kwargs) with its gradients on the fast path; Unavailable when
+    that backend cannot run here (or resolves to another)."""
+    try:
+        opt = cls(params, backend=backend, **kwargs)
+        got = opt.backends          # builds the buckets: raises when it cannot run here
+    except Exception as exc:
+        raise Unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+    if got != [backend] * len(got):
+        raise Unavailable(f"backend {backend!r} resolved to {got}")
+    take_fast_path(opt, params)
+    return opt
+
+
+def capture_step(impl: Impl) -> "torch.cuda.CUDAGraph":
+    """impl.opt's step captured in a CUDA graph, after two warm-up steps on a side stream (as
+    capture requires); the caller has taken (and kept what it checks of) the first step."""
+    side = torch.cuda.Stream(impl.device)
+    side.wait_stream(torch.cuda.current_stream(impl.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            impl.opt.step()
+    torch.cuda.current_stream(impl.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        impl.opt.step()
+    return graph
 
 
 def take_fast_path(opt, params: List[torch.Tensor]) -> None:
@@ -306,14 +348,7 @@ class Fused(_TorchOptim):
 
     def setup(self, params):
         self.params = params
-        try:
-            self.opt = tvlars_fused.TVLARS(params, backend=self.backend, denominator=self.denominator, **HP)
-            got = self.opt.backends          # builds the buckets: raises when it cannot run here
-        except Exception as exc:
-            raise Unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
-        if got != [self.backend] * len(got):
-            raise Unavailable(f"backend {self.backend!r} resolved to {got}")
-        take_fast_path(self.opt, params)
+        self.opt = fused_optimizer(tvlars_fused.TVLARS, self.backend, params, denominator=self.denominator, **HP)
 
     def design_bytes(self, dtype):
         p = _nbytes(dtype)
@@ -341,15 +376,7 @@ class FusedGraph(Fused):
         self.opt.step()
         self.stepped_in_setup = True
         self.first = [m.clone() for m in super().momentum()]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):        # warm-up off the capture stream, as capture requires
-            for _ in range(2):
-                self.opt.step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.opt.step()
+        self.graph = capture_step(self)
 
     def momentum(self):
         return self.first
@@ -487,15 +514,7 @@ class LambForeach(Impl):
     algorithm = "lamb"
 
     def setup(self, params):
-        self.params = params
-        self.grads = [p.grad for p in params]
-        sdt = torch.float32 if params[0].dtype in (torch.bfloat16, torch.float16) else params[0].dtype
-        self.m = [torch.zeros_like(p, dtype=sdt) for p in params]
-        self.v = [torch.zeros_like(p, dtype=sdt) for p in params]
-        self.t = torch.zeros((), dtype=torch.float32, device=self.device)
-        low = sdt != params[0].dtype
-        self.w32 = [torch.empty_like(b) for b in self.m] if low else None
-        self.g32 = [torch.empty_like(b) for b in self.m] if low else None
+        foreach_setup(self, params, ("m", "v"), ("w32", "g32"))
         self.fn: Callable = foreach_lamb_step
 
     @torch.no_grad()
@@ -525,15 +544,7 @@ class LambCompiled(LambForeach):
     def setup(self, params):
         super().setup(params)
         self.w32 = self.g32 = None   # let Inductor fuse the casts
-        import torch._dynamo
-        torch._dynamo.reset()
-        self.fn = torch.compile(foreach_lamb_step, dynamic=False)
-        t0 = time.perf_counter()
-        self.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.compile_s = time.perf_counter() - t0
-        self.stepped_in_setup = True
+        compile_first_step(self, foreach_lamb_step)
 
     def design_bytes(self, dtype):
         return lamb_fused_bytes(dtype)[0], "ideal if Inductor fuses to 2 passes (like fused); not measured"
@@ -548,14 +559,7 @@ class LambFused(_LambTorchOptim):
 
     def setup(self, params):
         self.params = params
-        try:
-            self.opt = tvlars_fused.LAMB(params, backend=self.backend, **LAMB_HP, **LAMB_OPTIONS)
-            got = self.opt.backends          # builds the buckets: raises when it cannot run here
-        except Exception as exc:
-            raise Unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
-        if got != [self.backend] * len(got):
-            raise Unavailable(f"backend {self.backend!r} resolved to {got}")
-        take_fast_path(self.opt, params)
+        self.opt = fused_optimizer(tvlars_fused.LAMB, self.backend, params, **LAMB_HP, **LAMB_OPTIONS)
 
     def design_bytes(self, dtype):
         total, how = lamb_fused_bytes(dtype)
@@ -581,15 +585,7 @@ class LambFusedGraph(LambFused):
         self.stepped_in_setup = True
         first = super().check_state()
         self.first = {k: [x.detach().clone() for x in v] for k, v in first.items()}
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.opt.step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.opt.step()
+        self.graph = capture_step(self)
 
     def check_state(self):
         return self.first
