@@ -76,6 +76,15 @@ def _operands(p: torch.Tensor, group: Dict[str, Any]):
     return w, g, wd, lr
 
 
+def _lr_float64(group: Dict[str, Any], device: torch.device) -> torch.Tensor:
+    """lr as a 0-dim float64 tensor: products of lr with other hyperparameters are formed in
+    float64 and rounded once (docs/SPEC.md), whether lr is a float or a tensor of any dtype."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().reshape(()).to(device=device, dtype=torch.float64)
+    return torch.tensor(float(lr), dtype=torch.float64, device=device)
+
+
 def _adapts(group: Dict[str, Any], p: torch.Tensor, filter_name: str) -> bool:
     return adapts(group) and not (group[filter_name] and p.ndim == 1)
 
@@ -185,7 +194,7 @@ class LAMB(ReferenceOptimizer):
         super().__init__(params, options(locals()))
 
     def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
-        w, g, wd, lr = _operands(p, group)
+        w, g, wd, _ = _operands(p, group)
         mode = group["weight_decay_mode"]
         decay = wd != 0.0
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -203,7 +212,8 @@ class LAMB(ReferenceOptimizer):
         moments = bias_correction_mode(group["bias_correction"]) == "moments"
         m_hat, v_hat = (m / bc1, v / bc2) if moments else (m, v)
         r = m_hat / (v_hat.sqrt() + group["eps"])
-        w_d = w * (1.0 - lr * wd) if mode == "decoupled" and decay else w
+        lr64 = _lr_float64(group, w.device)   # SPEC: 1 - lr*wd and lr*s in float64, rounded once
+        w_d = w * (1.0 - lr64 * wd).to(w.dtype) if mode == "decoupled" and decay else w
         u = r + w * wd if mode == "update" and decay else r
         q = torch.ones((), dtype=w.dtype, device=w.device)
         if _adapts(group, p, "adaptation_filter"):
@@ -213,4 +223,4 @@ class LAMB(ReferenceOptimizer):
             q = torch.where((wn > 0) & (un > 0), wn / (un + group["ratio_eps"]), q)
         s = {"step_size": math.sqrt(bc2) / bc1, "first_moment": 1.0 / bc1}.get(
             bias_correction_mode(group["bias_correction"]), 1.0)
-        p.copy_(w_d - u * ((lr * s) * q))
+        p.copy_(w_d - u * ((lr64 * s).to(w.dtype) * q))
