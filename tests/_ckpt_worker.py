@@ -4,8 +4,9 @@ and optimizer that both halves build from the same seeds.
     python tests/_ckpt_worker.py CKPT_DIR START STOP CASE [CASE ...]
 
 CASE is a case id of tests/backend_cases.py: a backend on the CPU ("torch", "cpu", "triton",
-"reference") or on a CUDA device ("cuda-triton", "cuda-cuda", "cuda-torch", "cuda-reference").
-For each case: build the model (on the case's device) and optimizer exactly as the test does, load
+"reference") or on a CUDA device ("cuda-triton", "cuda-cuda", "cuda-torch", "cuda-reference"),
+running TVLARS, or LAMB with "-LAMB" appended ("torch-LAMB", "cuda-reference-LAMB"). For each
+case: build the model (on the case's device) and optimizer exactly as the test does, load
 CKPT_DIR/ckpt_<case>.pt (model, optimizer and LR-scheduler state_dicts saved after START steps),
 train steps START..STOP-1 and save the result to CKPT_DIR/resumed_<case>.pt. The test compares it
 bit for bit with the run that was never interrupted.
@@ -26,12 +27,12 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import tvlars_fused  # noqa: E402
-from tvlars_fused import reference  # noqa: E402
-
 from backend_cases import BackendCase  # noqa: E402  (this file's folder is on sys.path)
 
-HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
+# Per class: the hyperparameters of both groups (the second group adds the class's other form,
+# AlgorithmSpec.other_form, and its own lr).
+HYPER = {"TVLARS": dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2),
+         "LAMB": dict(lr=0.04, betas=(0.8, 0.95), weight_decay=1e-2)}
 THREADS = 1   # both processes use the same intra-op thread count (bitwise-identical forward/backward)
 
 
@@ -67,18 +68,14 @@ def make_model(seed: int = 0, device="cpu") -> Net:
     return Net().to(device)
 
 
-def make_optimizer(model: torch.nn.Module, backend: str):
-    """Two groups (the paper's momentum form on the 1-D parameters, with both filters), a tensor-free
-    scheduler: everything a state_dict has to carry."""
+def make_optimizer(model: torch.nn.Module, case: BackendCase):
+    """The case's class on its backend (or the reference), with two groups (on the 1-D parameters
+    the class's other form with both filters: TVLARS the paper's momentum form, LAMB decoupled
+    weight decay), and a tensor-free scheduler: everything a state_dict has to carry."""
     weights = [p for p in model.parameters() if p.ndim > 1]
     vectors = [p for p in model.parameters() if p.ndim == 1]
-    groups = [{"params": weights},
-              {"params": vectors, "momentum_form": "paper", "weight_decay_filter": True,
-               "lars_adaptation_filter": True, "lr": 0.2}]
-    if backend == "reference":
-        opt = reference.TVLARS(groups, **HYPER)
-    else:
-        opt = tvlars_fused.TVLARS(groups, backend=backend, **HYPER)
+    groups = [{"params": weights}, {"params": vectors, **case.spec.other_form, "lr": 0.2}]
+    opt = case.optimizer(**HYPER[case.algo])(groups)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     return opt, sched
 
@@ -116,7 +113,7 @@ def result(model, opt) -> dict:
 def resume(ckpt_dir: str, case_id: str, start: int, stop: int) -> None:
     case = BackendCase.from_id(case_id)
     model = make_model(device=case.device)
-    opt, sched = make_optimizer(model, case.backend)
+    opt, sched = make_optimizer(model, case)
     ck = torch.load(os.path.join(ckpt_dir, f"ckpt_{case_id}.pt"), weights_only=True)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])

@@ -10,8 +10,9 @@ steps) and torch.saves a `snapshot` of each to OUT_DIR/rank<r>.pt. The test comp
 the rank and the phase that failed.
 
 Implementations (`impl`): "fused-<backend>" (tvlars_fused.TVLARS(backend=...)), "reference"
-(tvlars_fused.reference.TVLARS) and "sgd" (torch.optim.SGD with momentum, the control that proves
-a test passes on a correct torch optimizer).
+(tvlars_fused.reference.TVLARS), the same for LAMB with "-LAMB" appended ("fused-cpu-LAMB",
+"reference-LAMB"), and "sgd" (torch.optim.SGD with momentum, the control that proves a test passes
+on a correct torch optimizer).
 """
 from __future__ import annotations
 
@@ -35,11 +36,19 @@ WORLD = 2
 K, M = 3, 3            # steps before the checkpoint, steps after it
 N = K + M
 TIMEOUT_S = 60         # a collective that one rank never joins fails instead of hanging the test
-HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
-# the second group: the paper's momentum form with both filters (they act on its 1-D parameters;
-# its 2-D head.weight is still decayed and adapted) and its own lr
-PAPER_GROUP = dict(momentum_form="paper", weight_decay_filter=True, lars_adaptation_filter=True, lr=0.2)
-PAPER_MODULES = ("norm", "head")
+# Per class: the constructor's hyperparameters, and the second group's own options: TVLARS the
+# paper's momentum form, LAMB decoupled weight decay with torch-optimizer's step-size bias
+# correction; both filters (they act on its 1-D parameters; its 2-D head.weight is still decayed
+# and adapted) and its own lr.
+HYPER = {"TVLARS": dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2),
+         "LAMB": dict(lr=0.04, betas=(0.8, 0.95), weight_decay=1e-2)}
+SECOND_GROUP = {
+    "TVLARS": dict(momentum_form="paper", weight_decay_filter=True, lars_adaptation_filter=True, lr=0.2),
+    "LAMB": dict(weight_decay_mode="decoupled", bias_correction="step_size", weight_decay_filter=True,
+                 adaptation_filter=True, lr=0.02),
+}
+PAPER_GROUP = SECOND_GROUP["TVLARS"]
+PAPER_MODULES = ("norm", "head")   # the second group's modules
 SGD_HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3)
 SCHED = dict(step_size=2, gamma=0.5)   # the lr halves after steps 2 and 4: the checkpoint (K=3) falls mid-period
 BATCH = 8
@@ -87,10 +96,14 @@ def optimizer_spec(impl: str):
     """(class, constructor kwargs, the second group's own options) of an implementation."""
     if impl == "sgd":
         return torch.optim.SGD, dict(SGD_HYPER), {"lr": PAPER_GROUP["lr"]}
+    algo = "TVLARS"
+    for name in HYPER:
+        if impl.endswith(f"-{name}"):
+            algo, impl = name, impl[:-len(name) - 1]
     if impl == "reference":
-        return reference.TVLARS, dict(HYPER), dict(PAPER_GROUP)
+        return getattr(reference, algo), dict(HYPER[algo]), dict(SECOND_GROUP[algo])
     if impl.startswith("fused-"):
-        return tvlars_fused.TVLARS, dict(HYPER, backend=impl[len("fused-"):]), dict(PAPER_GROUP)
+        return getattr(tvlars_fused, algo), dict(HYPER[algo], backend=impl[len("fused-"):]), dict(SECOND_GROUP[algo])
     raise ValueError(f"unknown implementation {impl!r}")
 
 

@@ -4,11 +4,12 @@ test/test_optim.py::TestOptimRenewed.
 
 One `OptimCase` per optimizer class configuration:
 
-- kind "fused": `tvlars_fused.TVLARS` and `tvlars_fused.LARS` on every backend that can run CPU
-  tensors (`available_backends("cpu")`: triton under the Triton interpreter, the C++ "cpu" op,
+- kind "fused": `tvlars_fused.TVLARS`, `tvlars_fused.LARS` and `tvlars_fused.LAMB` on every backend
+  that can run CPU tensors (`available_backends("cpu")`: triton under the Triton interpreter, the C++ "cpu" op,
   "torch"); on a CUDA machine also every backend of `available_backends("cuda")` on CUDA tensors.
   The device is part of the case.
-- kind "ref": the eager `tvlars_fused.reference.TVLARS` / `.LARS` (on CPU, and on CUDA when present).
+- kind "ref": the eager `tvlars_fused.reference.TVLARS` / `.LARS` / `.LAMB` (on CPU, and on CUDA when
+  present).
 - kind "control": `torch.optim.SGD(momentum=0.9)`, a known-correct torch optimizer. It is left out
   of a normal run; with the environment variable TVLARS_CONTRACT_CONTROL=1 it is included, so
 
@@ -18,9 +19,16 @@ One `OptimCase` per optimizer class configuration:
   torch does not do. Tests of the project's own contract skip the control case (`case.project`).
 
 Each case carries several hyperparameter sets (`OptimInput`, torch's `OptimizerInput`); `lr` has
-no default in these classes, so every set names it. Under the Triton interpreter (triton kernels on
-CPU tensors, about 50 ms a step) only the sets in FAST_UNDER_INTERPRETER run by default; the others
-are marked `slow` (`make test-all` / `pytest -m slow` runs them).
+no default in TVLARS/LARS, so every set names it (LAMB's default, 1e-3, is too small for the few
+steps these tests take).
+
+What differs between the algorithms is asked of the case, not spelled out in the tests: the state
+keys (`state_keys`, `state_tensor_keys`, `all_state_tensor_keys`), the default weight decay, the
+invalid hyperparameters that must raise (`invalid_kwargs`), whether lr has a default. Under the Triton interpreter (triton kernels on
+CPU tensors, about 50 ms a step) only the sets in FAST_UNDER_INTERPRETER of the classes in
+INTERPRETED_BY_DEFAULT run by default; the others are marked `slow` (`make test-all` / `pytest -m
+slow` runs them): LAMB's interpreted cases are slow as a whole (`fused-triton-LAMB-*`; the default
+run holds its Triton kernels to the oracle in tests/test_lamb.py).
 """
 from __future__ import annotations
 
@@ -46,6 +54,8 @@ INCLUDE_CONTROL = os.environ.get(CONTROL_ENV, "") not in ("", "0")
 # Hyperparameter sets that run by default on interpreted (triton-on-CPU) cases; there, the other
 # sets, and every variant of a test but the first (see `variants` below), are marked slow.
 FAST_UNDER_INTERPRETER = ("default",)
+# The classes whose interpreted cases run (their FAST_UNDER_INTERPRETER sets) by default
+INTERPRETED_BY_DEFAULT = ("TVLARS", "LARS")
 
 
 @dataclass(frozen=True)
@@ -67,17 +77,26 @@ class OptimInput:
         return isinstance(self.kwargs.get("lr"), torch.Tensor)
 
 
+# The state tensors (besides "step") an algorithm's entry may hold, over all its options.
+ALL_STATE_TENSOR_KEYS = {
+    "TVLARS": frozenset({"momentum_buffer", "m"}),
+    "LARS": frozenset({"momentum_buffer", "m"}),
+    "LAMB": frozenset({"exp_avg", "exp_avg_sq"}),
+    "SGD": frozenset({"momentum_buffer"}),
+}
+
+
 @dataclass(frozen=True)
 class OptimCase:
     kind: str                          # "fused" | "ref" | "control"
-    name: str                          # "TVLARS" | "LARS" | "SGD"
+    name: str                          # "TVLARS" | "LARS" | "LAMB" | "SGD"
     cls: type
     device: str = "cpu"
     backend: Optional[str] = None      # fused only
     inputs: Tuple[OptimInput, ...] = ()
     default_weight_decay: float = 0.0
     interpreted: bool = False          # triton kernels under TRITON_INTERPRET (slow)
-    slow: bool = False                 # the whole case is slow (no case is, today)
+    slow: bool = False                 # the whole case is slow (LAMB on the Triton interpreter)
     extra_marks: Tuple[Any, ...] = field(default_factory=tuple)
 
     # -- what kind of optimizer ------------------------------------------------------------
@@ -97,6 +116,15 @@ class OptimCase:
     @property
     def tvlars(self) -> bool:
         return self.name == "TVLARS"
+
+    @property
+    def lamb(self) -> bool:
+        return self.name == "LAMB"
+
+    @property
+    def lr_has_default(self) -> bool:
+        """LAMB's lr defaults to 1e-3 (torch's Adam, apex FusedLAMB); TVLARS/LARS require it."""
+        return self.lamb
 
     @property
     def id(self) -> str:
@@ -123,16 +151,37 @@ class OptimCase:
         """The eager reference class with the same algorithm (None for the control)."""
         return getattr(reference, self.name) if self.project else None
 
+    @property
+    def invalid_kwargs(self) -> List[Dict[str, Any]]:
+        """Hyperparameters the constructor must reject with ValueError (torch's test_errors)."""
+        common = [dict(lr=-0.1), dict(weight_decay=-1e-3)]
+        if self.lamb:
+            return common + [dict(betas=(-0.5, 0.999)), dict(betas=(0.9, 1.0)), dict(eps=-1e-8)]
+        return common + [dict(momentum=-0.5)]
+
     # -- the expected state layout (docs/SPEC.md, the target contract) ----------------------
     @staticmethod
     def momentum_key(kwargs: Dict[str, Any]) -> str:
+        """TVLARS/LARS: the momentum state's key for these constructor arguments."""
         return "m" if kwargs.get("momentum_form", "heavy_ball") == "paper" else "momentum_buffer"
+
+    def state_tensor_keys(self, kwargs: Dict[str, Any]) -> Tuple[str, ...]:
+        """The state tensors (every key but "step") of opt.state[p] after p's first update."""
+        if self.control:
+            return ("momentum_buffer",)   # torch.optim.SGD with momentum != 0 (every control input)
+        if self.lamb:
+            return ("exp_avg", "exp_avg_sq")
+        return (self.momentum_key(kwargs),)
+
+    @property
+    def all_state_tensor_keys(self) -> frozenset:
+        """Every state tensor key this class may hold, whatever its options."""
+        return ALL_STATE_TENSOR_KEYS[self.name]
 
     def state_keys(self, kwargs: Dict[str, Any]) -> set:
         """The keys of opt.state[p] after p's first update."""
-        if self.control:
-            return {"momentum_buffer"}   # torch.optim.SGD with momentum != 0 (every control input)
-        return {"step", self.momentum_key(kwargs)}
+        keys = set(self.state_tensor_keys(kwargs))
+        return keys if self.control else keys | {"step"}
 
     def step_device_type(self, p: torch.Tensor) -> str:
         """Where state[p]["step"] lives: the parameter's device (fused), the host (reference)."""
@@ -165,6 +214,34 @@ def _lars_family_inputs(name: str) -> List[OptimInput]:
     return common
 
 
+# LAMB's step moves each layer by about lr * ||w|| (the trust ratio), Adam's (adapt off) each element
+# by about lr: ~0.04 trains the tests' small problems in a few steps without overshooting. LAMB forms
+# lr * s and 1 - lr * wd in float64 (docs/SPEC.md, "LAMB"), so a float32 tensor lr acts as the float lr
+# only when that is a float32 value: 5/128 is one (and not a power of two: lr * x must round).
+LAMB_LR = 5 / 128
+
+
+def _lamb_inputs() -> List[OptimInput]:
+    return [
+        OptimInput("default", dict(lr=LAMB_LR)),   # the paper / apex FusedLAMB: wd 0.01 in the update
+        OptimInput("tensor-lr", dict(lr=torch.tensor(LAMB_LR))),
+        OptimInput("decoupled", dict(lr=LAMB_LR, weight_decay_mode="decoupled", weight_decay=0.1)),
+        OptimInput("l2", dict(lr=LAMB_LR, weight_decay_mode="l2")),   # apex adam_w_mode=False
+        OptimInput("filters", dict(lr=LAMB_LR, weight_decay_filter=True, adaptation_filter=True)),
+        OptimInput("no-bias-correction", dict(lr=LAMB_LR, bias_correction="none")),
+        OptimInput("step-size", dict(lr=LAMB_LR, bias_correction="step_size", grad_averaging=False)),
+        # pytorch-optimizer's Lamb (docs/SPEC.md, "LAMB")
+        OptimInput("pytorch-optimizer", dict(lr=LAMB_LR, bias_correction="first_moment",
+                                             weight_decay_mode="decoupled", weight_norm_clip=10.0, ratio_eps=1e-6)),
+        # apex's use_nvlamb=False without weight decay: no trust ratio, Adam (zero grads stay put)
+        OptimInput("adam", dict(lr=LAMB_LR, weight_decay=0.0, always_adapt=False)),
+    ]
+
+
+def _inputs(name: str) -> List[OptimInput]:
+    return _lamb_inputs() if name == "LAMB" else _lars_family_inputs(name)
+
+
 def _control_inputs() -> List[OptimInput]:
     return [
         OptimInput("momentum", dict(lr=0.05, momentum=0.9)),
@@ -181,7 +258,8 @@ def _mark_slow(inputs: List[OptimInput], interpreted: bool) -> Tuple[OptimInput,
                  for i in inputs)
 
 
-DEFAULT_WEIGHT_DECAY = {"TVLARS": 5e-4, "LARS": 0.0, "SGD": 0.0}
+DEFAULT_WEIGHT_DECAY = {"TVLARS": 5e-4, "LARS": 0.0, "LAMB": 0.01, "SGD": 0.0}
+NAMES = ("TVLARS", "LARS", "LAMB")
 
 
 def build_db(include_control: bool = INCLUDE_CONTROL) -> List[OptimCase]:
@@ -190,14 +268,14 @@ def build_db(include_control: bool = INCLUDE_CONTROL) -> List[OptimCase]:
     for dev in devices:
         for backend in available_backends(dev):
             interpreted = backend == "triton" and dev == "cpu"
-            for name in ("TVLARS", "LARS"):
+            for name in NAMES:
                 cases.append(OptimCase(
                     "fused", name, getattr(tvlars_fused, name), dev, backend,
-                    _mark_slow(_lars_family_inputs(name), interpreted),
-                    DEFAULT_WEIGHT_DECAY[name], interpreted))
-        for name in ("TVLARS", "LARS"):
+                    _mark_slow(_inputs(name), interpreted), DEFAULT_WEIGHT_DECAY[name], interpreted,
+                    slow=interpreted and name not in INTERPRETED_BY_DEFAULT))
+        for name in NAMES:
             cases.append(OptimCase("ref", name, getattr(reference, name), dev, None,
-                                   tuple(_lars_family_inputs(name)), DEFAULT_WEIGHT_DECAY[name]))
+                                   tuple(_inputs(name)), DEFAULT_WEIGHT_DECAY[name]))
         if include_control:
             cases.append(OptimCase("control", "SGD", torch.optim.SGD, dev, None,
                                    tuple(_control_inputs()), 0.0))

@@ -26,9 +26,11 @@ runs): t must come back from the parameters' "step" entries.
 
 Implementations: the fused tvlars_fused.TVLARS with every CPU backend available ("torch", and
 "cpu" when the C++ extension is built; not "cpu" under FSDP2, which that backend refuses, see
-tests/test_distributed.py), and the eager tvlars_fused.reference.TVLARS. Two groups: default
-options, and momentum_form="paper" with weight_decay_filter/lars_adaptation_filter and its own lr;
-a StepLR scheduler whose period straddles the checkpoint.
+tests/test_distributed.py), and the eager tvlars_fused.reference.TVLARS; the same for LAMB (ids
+`fused-torch-LAMB`, `fused-cpu-LAMB`, `reference-LAMB`: its state entries hold "step", "exp_avg"
+and "exp_avg_sq"). Two groups: default options, and the class's other form (TVLARS
+momentum_form="paper", LAMB weight_decay_mode="decoupled" with bias_correction="step_size") with
+both filters and its own lr; a StepLR scheduler whose period straddles the checkpoint.
 
 Control: with TVLARS_CONTRACT_CONTROL=1 in the environment, every test also runs with
 torch.optim.SGD(momentum=0.9) (implementation id "sgd"), which must pass all of them: it shows
@@ -46,10 +48,12 @@ import torch.multiprocessing as mp
 from tvlars_fused.kernels import available_backends
 
 import _dist_ckpt_worker as w
+from backend_cases import ALGORITHMS
 
 CONTROL = os.environ.get("TVLARS_CONTRACT_CONTROL") == "1"
 BACKENDS = available_backends("cpu", ("torch", "cpu"))
-IMPLS = [f"fused-{b}" for b in BACKENDS] + ["reference"] + (["sgd"] if CONTROL else [])
+IMPLS = ([f"fused-{b}" for b in BACKENDS] + ["reference"] + [f"fused-{b}-LAMB" for b in BACKENDS] + ["reference-LAMB"]
+         + (["sgd"] if CONTROL else []))
 
 
 def _free_port() -> int:
@@ -90,9 +94,20 @@ def _assert_same(expected, got, what: str) -> None:
         pytest.fail(f"{what}: {len(problems)} difference(s)\n  {shown}{more}", pytrace=False)
 
 
-def _assert_resumed(results, engine: str) -> None:
+def _state_keys(impl: str) -> set:
+    """The keys a state entry of the implementation may hold (in either group: a rank may hold
+    entries of one group only)."""
+    if impl == "sgd":
+        return {"momentum_buffer"}
+    spec = ALGORITHMS[w.optimizer_spec(impl)[0].__name__]
+    return {"step", *spec.state_keys(), *spec.state_keys(w.SECOND_GROUP[spec.name])}
+
+
+def _assert_resumed(results, engine: str, impl: str) -> None:
     for r, res in enumerate(results):
         assert w.all_finite(res["uninterrupted"]), f"rank {r}: the {engine} run diverged (non-finite parameters)"
+        keys = {k for entry in res["uninterrupted"]["state"].values() if isinstance(entry, dict) for k in entry}
+        assert keys and keys <= _state_keys(impl), f"rank {r}: state keys {sorted(keys)} are not {impl}'s"
         _assert_same(res["never_saved"], res["uninterrupted"],
                      f"rank {r}, {engine}: saving the checkpoint changed the run that goes on after it")
         _assert_same(res["uninterrupted"], res["resumed"],
@@ -101,7 +116,7 @@ def _assert_resumed(results, engine: str) -> None:
 
 # -- 1. torch.distributed.checkpoint ----------------------------------------------------------------
 DCP_CASES = [(engine, impl) for engine in ("plain", "ddp", "fsdp2") for impl in IMPLS
-             if not (engine == "fsdp2" and impl == "fused-cpu")]
+             if not (engine == "fsdp2" and impl.startswith("fused-cpu"))]
 
 
 @pytest.mark.parametrize("engine,impl", DCP_CASES)
@@ -111,14 +126,14 @@ def test_dcp_resume_is_bit_identical(engine, impl, tmp_path):
         numels = [res["local_numels"] for res in results]
         assert numels[1]["head.weight"] == 0 and numels[1]["head.bias"] == 0, "rank 1 must hold an empty shard"
         assert numels[0]["fc1.weight"] != numels[1]["fc1.weight"], "and an uneven one"
-    _assert_resumed(results, engine)
+    _assert_resumed(results, engine, impl)
 
 
 # -- 2. ZeroRedundancyOptimizer: consolidated state_dict -------------------------------------------
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_consolidated_resume_is_bit_identical(impl, tmp_path):
     results = _spawn(w.zero_resume_worker, impl, out_dir=tmp_path)
-    _assert_resumed(results, "ZeroRedundancyOptimizer")
+    _assert_resumed(results, "ZeroRedundancyOptimizer", impl)
     # ZeRO spreads the state over the ranks: each rank must have held (and resumed) some of it.
     for r, res in enumerate(results):
         assert res["uninterrupted"]["state"], f"rank {r} owns no optimizer state: the test would not cover it"

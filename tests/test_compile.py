@@ -1,7 +1,9 @@
 """torch.compile: a compiled training step (forward, backward, optimizer.step) with
 fullgraph=True — no graph break — gives the eager result; a tensor lr changed in place needs no
-recompile. Dynamo traces backward only with torch._dynamo.config.trace_autograd_ops = True."""
-import copy
+recompile. Dynamo traces backward only with torch._dynamo.config.trace_autograd_ops = True.
+
+Each test for both classes, TVLARS and LAMB (ids `[cpu-TVLARS]`, `[cpu-LAMB]`; the other CPU
+backend's compile is slow, as before, for both); HYPER holds each class's options."""
 
 import pytest
 import torch
@@ -11,18 +13,29 @@ from tvlars_fused.kernels import resolve
 
 from parity import max_err
 
+# Per class: the options besides lr (a tensor, set by each test)
+HYPER = {"TVLARS": dict(momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05),
+         "LAMB": dict(betas=(0.8, 0.95), weight_decay=1e-2)}
+LR = {"TVLARS": 0.5, "LAMB": 0.05}
+ALGOS = tuple(HYPER)
 
-def _cpu_backends():
-    """The extension backend (or torch when it is not built) in the default run; the other slow,
-    since each compile takes tens of seconds on a small CPU machine."""
+
+def _cpu_backend_names():
     out = []
     for name in ("cpu", "torch"):
         try:
             resolve(name, torch.device("cpu"))
-            out.append(pytest.param(name, marks=pytest.mark.slow) if out else name)
+            out.append(name)
         except RuntimeError:
             pass
     return out
+
+
+def _cpu_backends():
+    """(backend, class) params: the extension backend (or torch when it is not built) in the
+    default run; the other slow, since each compile takes tens of seconds on a small CPU machine."""
+    return [pytest.param(name, algo, id=f"{name}-{algo}", marks=[pytest.mark.slow] if i else [])
+            for i, name in enumerate(_cpu_backend_names()) for algo in ALGOS]
 
 
 def _net():
@@ -40,14 +53,15 @@ def train_step(model, opt, x):
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                     reason=f"torch {torch.__version__}: Dynamo cannot trace backward "
                            "(no torch._dynamo.config.trace_autograd_ops)")
-@pytest.mark.parametrize("backend", _cpu_backends())
-def test_compiled_training_step_fullgraph_matches_eager(backend):
+@pytest.mark.parametrize("backend,algo", _cpu_backends())
+def test_compiled_training_step_fullgraph_matches_eager(backend, algo):
     torch._dynamo.reset()
     m_c, m_e = _net(), _net()
-    lr = torch.tensor(0.5)
-    kw = dict(lr=lr, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05)
-    o_c = tvlars_fused.TVLARS(m_c.parameters(), backend=backend, **kw)
-    o_e = tvlars_fused.TVLARS(m_e.parameters(), backend=backend, **dict(kw, lr=lr.clone()))
+    lr0 = LR[algo]
+    lr = torch.tensor(lr0)
+    cls = getattr(tvlars_fused, algo)
+    o_c = cls(m_c.parameters(), backend=backend, lr=lr, **HYPER[algo])
+    o_e = cls(m_e.parameters(), backend=backend, lr=lr.clone(), **HYPER[algo])
     compiled = torch.compile(train_step, fullgraph=True)
     g = torch.Generator().manual_seed(1)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
@@ -55,7 +69,7 @@ def test_compiled_training_step_fullgraph_matches_eager(backend):
             x = torch.randn(16, 6, generator=g)
             for o in (o_c, o_e):
                 o.zero_grad()
-                o.param_groups[0]["lr"].fill_(0.5 / (step + 1))
+                o.param_groups[0]["lr"].fill_(lr0 / (step + 1))
             with torch._dynamo.config.patch(error_on_recompile=step >= 2):
                 lc = compiled(m_c, o_c, x)
             le = train_step(m_e, o_e, x)
@@ -68,14 +82,16 @@ def test_compiled_training_step_fullgraph_matches_eager(backend):
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                     reason=f"torch {torch.__version__}: Dynamo cannot trace backward")
-def test_readme_recipe_with_globals_does_not_recompile():
+@pytest.mark.parametrize("algo", ALGOS)
+def test_readme_recipe_with_globals_does_not_recompile(algo):
     """The README's compiled training step, written as it is there (model and optimizer as
     globals, a backward whose gradients take the copy path): after the first steps no recompile
     (grad_copies is not counted while tracing: a counter changing every step would fail a guard
     every step, and fullgraph=True hard-fails at the recompile limit)."""
     torch._dynamo.reset()
     model = _net()
-    opt = tvlars_fused.TVLARS(model.parameters(), lr=torch.tensor(0.1), backend=_cpu_backends()[0])
+    opt = getattr(tvlars_fused, algo)(model.parameters(), lr=torch.tensor(LR[algo] / 5), backend=_cpu_backend_names()[0],
+                                      **HYPER[algo])
     g = globals()
     g["_README_MODEL"], g["_README_OPT"] = model, opt
 

@@ -1,6 +1,8 @@
 """Contract suite: what torch's generic optimizer tests (test/test_optim.py::TestOptimRenewed, driven
 by optim_db) check, written for this project's optimizers and driven by the case database in
-tests/optim_cases.py (one case per class x backend x device, several hyperparameter sets each).
+tests/optim_cases.py (one case per class x backend x device, several hyperparameter sets each):
+TVLARS, LARS and LAMB, fused on every backend and the eager reference. What differs between the
+algorithms (state keys, default weight decay, invalid options, lr's default) comes from the case.
 
 It tests the target contract of docs/SPEC.md (per-parameter "step", state keyed by parameters only,
 named parameters, copies that keep working, ...). Comparisons between two runs of the same
@@ -8,9 +10,10 @@ optimizer are exact (torch.equal); between different classes (fused vs reference
 1e-12, the project's rule (tests/parity.py).
 
 Parametrization: `case` params (the case's default hyperparameters) or `case, inp` params (every
-hyperparameter set), ids like `fused-cpu-TVLARS-paper`, `ref-LARS-default`. Triton cases run under
-the Triton interpreter on CPU: only their first set and first variant run by default, the rest are
-marked slow (`pytest -m slow`, `make test-all`).
+hyperparameter set), ids like `fused-cpu-TVLARS-paper`, `ref-LARS-default`, `fused-torch-LAMB-l2`
+(on a GPU `fused-cuda@cuda-LAMB-...`). Triton cases run under the Triton interpreter on CPU: only
+their first set and first variant run by default (TVLARS, LARS; LAMB's none), the rest are marked
+slow (`pytest -m slow`, `make test-all`).
 
 The torch SGD control case (TVLARS_CONTRACT_CONTROL=1 pytest tests/test_contract.py -k control; see
 optim_cases.py) runs every generic test here, to show the tests encode torch's behaviour; the tests
@@ -68,7 +71,8 @@ NOT_APPLICABLE = {
         "exempts AdamW the same way): test_zero_grad_step_moves_only_with_weight_decay checks both sides",
     "lr default (optim_cls(params), test_param_group_with_lrscheduler_goes_right_direction's "
     "top-level lr, SGD(params) in test_step_all_hooks for the case under test)":
-        "lr is a required argument of these classes: every case passes it (test_lr_is_required)",
+        "lr is a required argument of TVLARS/LARS: every case passes it (test_lr_is_required); LAMB's "
+        "default (1e-3, as torch's Adam) is checked by test_lr_default_is_documented",
     "integer parameters (test_step_pre_hook/test_step_post_hook use int tensors)":
         "only floating-point parameters can be optimized: the hook tests use float tensors",
     "test_state_dict_pre_hook / test_load_state_dict_post_hook writing optimizer.state['test']":
@@ -429,7 +433,8 @@ def test_save_load_equality_with_weights_only(case):
 def test_state_layout(case, inp):
     """opt.state is keyed by parameters only; after a parameter's first update its entry holds
     "step" (0-dim float32 t, the same for every parameter; on the parameter's device for the fused
-    classes, on the host for the reference) and "momentum_buffer" or "m", nothing else; the
+    classes, on the host for the reference) and the algorithm's state tensors ("momentum_buffer" or
+    "m"; LAMB: "exp_avg" and "exp_avg_sq"), nothing else; the
     state_dict's "state" keys are ints (and every entry is non-empty: torch's test_non_empty_state)."""
     dev = case.device
     kw = inp.make_kwargs(dev)
@@ -615,31 +620,33 @@ def test_step_is_noop_when_params_have_no_grad(case):
     opt.step()
     for p, o in zip(params, old):
         assert torch.equal(p, o)
-        assert not (set(opt.state.get(p, {})) & {"momentum_buffer", "m"})
+        assert not (set(opt.state.get(p, {})) & case.all_state_tensor_keys)
 
 
 @pytest.mark.parametrize("case, inp", INPUTS)
 def test_params_with_grad_none_are_skipped(case, inp):
-    """A parameter whose .grad is None is skipped: value and momentum state untouched (its "step"
-    shows the optimizer-wide t); a parameter never given a gradient gets no momentum state."""
+    """A parameter whose .grad is None is skipped: value and state tensors (momentum; LAMB's two
+    moments) untouched (its "step" shows the optimizer-wide t); a parameter never given a gradient
+    gets no state tensors."""
     dev = case.device
     kw = inp.make_kwargs(dev)
     prob = Problem(dev, seed=21, extra=[(3, 3), (4,)])
     p = prob.params()
     opt = case.make(p, **kw)
-    key = case.momentum_key(kw) if not case.control else "momentum_buffer"
+    keys = case.state_tensor_keys(kw)
     prob.run(opt, p, range(2), use=lambda i: i == 2)          # p[3] never used
     skipped = p[2]
     value, state = skipped.detach().clone(), {k: v.clone() for k, v in opt.state[skipped].items()}
     prob.run(opt, p, range(2, 4), use=lambda i: False)         # p[2] skipped for two steps
     assert skipped.grad is None
     assert torch.equal(skipped.detach(), value), "a parameter with grad None must not change"
-    assert torch.equal(opt.state[skipped][key], state[key]), "its momentum state must not change"
+    for key in keys:
+        assert torch.equal(opt.state[skipped][key], state[key]), f"its state[{key!r}] must not change"
     if case.project:
         assert float(opt.state[skipped]["step"]) == 4, "'step' is the optimizer-wide t"
     never = p[3]
     assert torch.equal(never.detach(), prob.params()[3].detach())
-    assert never not in opt.state or not (set(opt.state[never]) & {"momentum_buffer", "m"})
+    assert never not in opt.state or not (set(opt.state[never]) & case.all_state_tensor_keys)
 
 
 @pytest.mark.parametrize("case, inp", INPUTS)
@@ -807,6 +814,10 @@ def test_mixed_dtypes_match_separate_optimizers(case):
 # ===============================================================================================
 @pytest.mark.parametrize("case, inp", FLOAT_LR_INPUTS)
 def test_tensor_lr_matches_float_lr(case, inp):
+    """A float lr and a tensor lr of the same value step identically (LAMB: the float is a float32
+    value, see optim_cases.LAMB_LR). The reference LAMB once formed lr * s in float32 for a tensor
+    lr instead of in float64 rounded once (SPEC "LAMB"): the "pytorch-optimizer" set, where s =
+    1/(1 - beta1^t), differed in the last bit from step 2."""
     dev = case.device
     prob = Problem(dev, seed=34)
     pa, pb = prob.params(), prob.params()
@@ -1009,12 +1020,12 @@ def test_load_state_dict_post_hook(case):
     ("pre-hook returns", "pre-hook-returns"), ("post-hook edits in place", "post-hook-edits-in-place"),
     ("post-hook replaces", "post-hook-replaces")]))
 def test_load_state_dict_hook_changes_are_used(case, where):
-    """What a load_state_dict pre-hook returns, or a post-hook edits (lr and the momentum state, in
-    place or by assigning a new tensor), is what the optimizer then uses: the run equals one edited
-    by hand after load_state_dict."""
+    """What a load_state_dict pre-hook returns, or a post-hook edits (lr and every state tensor:
+    momentum, LAMB's exp_avg and exp_avg_sq; in place or by assigning a new tensor), is what the
+    optimizer then uses: the run equals one edited by hand after load_state_dict."""
     dev = case.device
     kw = case.default_input.make_kwargs(dev)
-    key = case.momentum_key(kw) if case.project else "momentum_buffer"
+    keys = case.state_tensor_keys(kw)
     prob = Problem(dev, seed=45)
     p0 = prob.params()
     opt0 = case.make(p0, **kw)
@@ -1025,19 +1036,21 @@ def test_load_state_dict_hook_changes_are_used(case, where):
         s = copy.deepcopy(s)
         s["param_groups"][0]["lr"] = 0.125
         for st in s["state"].values():
-            if isinstance(st, dict) and key in st:
-                st[key].mul_(0.5)
+            for key in keys:
+                if isinstance(st, dict) and key in st:
+                    st[key].mul_(0.5)
         return s
 
     def post(o, replace=False):
         o.param_groups[0]["lr"] = 0.125
         for p in opt_params(o):
             st = o.state.get(p, {})
-            if key in st:
-                if replace:
-                    st[key] = st[key] * 0.5
-                else:
-                    st[key].mul_(0.5)
+            for key in keys:
+                if key in st:
+                    if replace:
+                        st[key] = st[key] * 0.5
+                    else:
+                        st[key].mul_(0.5)
 
     ph, pm, pu = clones(p0), clones(p0), clones(p0)
     hooked = case.make(ph, **case.default_input.make_kwargs(dev))
@@ -1165,7 +1178,7 @@ def test_errors(case):
         case.make_default([{"params": [a]}, {"params": [a, b]}])
     with pytest.raises(ValueError):            # lr must have one element
         case.make_default([a], lr=torch.tensor([0.1, 0.1]))
-    for bad in (dict(lr=-0.1), dict(momentum=-0.5), dict(weight_decay=-1e-3)):
+    for bad in case.invalid_kwargs:
         with pytest.raises(ValueError):
             case.make_default([a], **bad)
     # a parameter twice in one group: torch warns, this project refuses; either way it is flagged
@@ -1179,10 +1192,26 @@ def test_errors(case):
     assert raised or any("duplicate" in str(x.message) for x in w)
 
 
-@pytest.mark.parametrize("case", PROJECT_CASES)
+@pytest.mark.parametrize("case", case_params(lambda c: c.project and not c.lr_has_default))
 def test_lr_is_required(case):
     with pytest.raises(TypeError):
         case.make([Parameter(torch.randn(2).to(case.device))])
+
+
+LR_DEFAULTS = {"LAMB": 1e-3}   # docs/SPEC.md's signature (torch's Adam, apex FusedLAMB)
+
+
+@pytest.mark.parametrize("case", case_params(lambda c: c.project and c.lr_has_default))
+def test_lr_default_is_documented(case):
+    """Where lr has a default (LAMB), the optimizer built without one steps exactly as one given
+    that default, and the group says so."""
+    dev = case.device
+    prob = Problem(dev, seed=48)
+    pa, pb = prob.params(), prob.params()
+    a = case.make(pa)
+    b = case.make(pb, lr=LR_DEFAULTS[case.name])
+    assert a.param_groups[0]["lr"] == LR_DEFAULTS[case.name]
+    step_both(prob, (a, pa), (b, pb), range(2))
 
 
 @pytest.mark.parametrize("case", PROJECT_CASES)
@@ -1203,11 +1232,14 @@ def test_sparse_grad_rejected(case):
     assert torch.equal(p.detach(), old)
 
 
-LARS_FAMILY_ARGS = {
+HYPERPARAMETERS = {
     "TVLARS": ["params", "lr", "momentum", "weight_decay", "eta", "lmbda", "delay_steps", "alpha",
                "gamma_min", "weight_decay_filter", "lars_adaptation_filter", "norm_clip", "momentum_form"],
     "LARS": ["params", "lr", "momentum", "weight_decay", "eta", "weight_decay_filter",
              "lars_adaptation_filter", "norm_clip", "momentum_form"],
+    "LAMB": ["params", "lr", "betas", "eps", "weight_decay", "bias_correction", "weight_decay_mode",
+             "grad_averaging", "weight_norm_clip", "ratio_eps", "adapt", "always_adapt", "weight_decay_filter",
+             "adaptation_filter", "maximize"],
 }
 
 
@@ -1218,8 +1250,11 @@ def test_signature_lists_the_hyperparameters(case):
     assert inspect.Parameter.VAR_POSITIONAL not in kinds and inspect.Parameter.VAR_KEYWORD not in kinds, str(sig)
     names = list(sig.parameters)
     assert names[:3] == ["self", "params", "lr"], str(sig)
-    assert sig.parameters["lr"].default is inspect.Parameter.empty, "lr has no default"
-    missing = [n for n in LARS_FAMILY_ARGS[case.name] if n not in names]
+    if case.lr_has_default:
+        assert sig.parameters["lr"].default == LR_DEFAULTS[case.name], str(sig)
+    else:
+        assert sig.parameters["lr"].default is inspect.Parameter.empty, "lr has no default"
+    missing = [n for n in HYPERPARAMETERS[case.name] if n not in names]
     assert not missing, f"{case.cls.__qualname__}{sig} lacks {missing}"
     assert ("backend" in names) == case.fused, str(sig)
     if case.fused:

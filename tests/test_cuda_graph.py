@@ -1,20 +1,21 @@
 """Capturable: on a GPU the whole optimizer step is captured in a CUDA graph and replayed, and a
-step after warm-up allocates nothing and never syncs. Skipped without a GPU."""
-import copy
+step after warm-up allocates nothing and never syncs. Skipped without a GPU.
 
+The cases are tests/backend_cases.py's on the CUDA device, for every backend that can run there
+("triton", "cuda", "torch") and both classes: ids [cuda-triton], [cuda-cuda], [cuda-torch] (TVLARS)
+and [cuda-triton-LAMB], ... (LAMB); HYPER holds each class's options."""
 import pytest
 import torch
 
-import tvlars_fused
-from tvlars_fused.kernels import available_backends
-
+from backend_cases import backend_cases, params
 from conftest import requires_cuda
 
 pytestmark = requires_cuda
 
-
-def _gpu_backends():
-    return available_backends("cuda", ("triton", "cuda", "torch"))
+# every CUDA backend of every class (generated on any machine: without a GPU they are skipped)
+GPU_CASES = params(backend_cases(["cuda"], names=("triton", "cuda", "torch")))
+HYPER = {"TVLARS": dict(lr=0.3, momentum=0.9, weight_decay=1e-3, lmbda=0.05),
+         "LAMB": dict(lr=0.02, betas=(0.8, 0.95), weight_decay=1e-2)}
 
 
 def _net():
@@ -22,12 +23,12 @@ def _net():
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).cuda()
 
 
-@pytest.mark.parametrize("backend", _gpu_backends() or ["none"])
-def test_step_captured_in_cuda_graph_replays_like_eager(backend):
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_step_captured_in_cuda_graph_replays_like_eager(case):
     m_g, m_e = _net(), _net()
-    kw = dict(lr=torch.tensor(0.3, device="cuda"), momentum=0.9, weight_decay=1e-3, lmbda=0.05)
-    o_g = tvlars_fused.TVLARS(m_g.parameters(), backend=backend, **kw)
-    o_e = tvlars_fused.TVLARS(m_e.parameters(), backend=backend, **dict(kw, lr=kw["lr"].clone()))
+    kw = dict(HYPER[case.algo], lr=torch.tensor(HYPER[case.algo]["lr"], device="cuda"))
+    o_g = case.optimizer(**kw)(m_g.parameters())
+    o_e = case.optimizer(**dict(kw, lr=kw["lr"].clone()))(m_e.parameters())
     x = torch.randn(32, 64, device="cuda")
     # grads fixed for the captured region: compute once, keep (same for eager)
     for m, o in ((m_g, o_g), (m_e, o_e)):
@@ -55,10 +56,10 @@ def test_step_captured_in_cuda_graph_replays_like_eager(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", _gpu_backends() or ["none"])
-def test_step_allocates_nothing_and_never_syncs_after_warmup(backend):
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_step_allocates_nothing_and_never_syncs_after_warmup(case):
     m = _net()
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=backend, lr=0.3)
+    opt = case.optimizer(**HYPER[case.algo])(m.parameters())
     x = torch.randn(32, 64, device="cuda")
 
     def it():
@@ -78,5 +79,5 @@ def test_step_allocates_nothing_and_never_syncs_after_warmup(backend):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     after = torch.cuda.memory_stats()["allocation.all.allocated"]
-    if backend != "torch":  # the torch backend allocates temporaries by design
+    if case.backend != "torch":  # the torch backend allocates temporaries by design
         assert after == before, f"{after - before} allocations in 3 steps"

@@ -5,7 +5,13 @@
 - FSDP2 (fully_shard): parameters are sharded DTensors (uneven and empty local shards included);
   the layer-wise norms come from all-reduced partial sums; the gathered parameters equal a
   single-process run.
+
+Each for TVLARS (ids `ddp-torch`, `fsdp2-auto`, ...) and LAMB (`ddp-torch-LAMB`,
+`fsdp2-auto-LAMB`, ...). Starting the two processes is what costs (~5 s here), so one spawn per
+(engine, backend) runs every class, one after the other in the same process group, and the tests
+of that (engine, backend) share its results (`_runs`).
 """
+import functools
 import os
 import socket
 
@@ -18,10 +24,15 @@ import tvlars_fused
 from tvlars_fused import reference
 from tvlars_fused.kernels import available_backends
 
+from backend_cases import ALGORITHMS
+
 WORLD = 2
 STEPS = 5
-HYPER = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2,
-             weight_decay_filter=True, norm_clip=50.0)
+HYPER = {"TVLARS": dict(lr=0.4, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2,
+                        weight_decay_filter=True, norm_clip=50.0),
+         "LAMB": dict(lr=0.05, betas=(0.8, 0.95), weight_decay=1e-2, weight_decay_filter=True,
+                      weight_norm_clip=50.0)}
+ALGOS = tuple(HYPER)
 
 
 def _backends():
@@ -47,9 +58,9 @@ def _batches():
              torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(STEPS)]
 
 
-def _single_process():
+def _single_process(algo):
     m = _model()
-    opt = reference.TVLARS(m.parameters(), **HYPER)
+    opt = getattr(reference, algo)(m.parameters(), **HYPER[algo])
     for x, y in _batches():
         opt.zero_grad()
         torch.nn.functional.mse_loss(m(x), y).backward()
@@ -57,6 +68,7 @@ def _single_process():
     return [p.detach().clone() for p in m.parameters()]
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_mesh():
     """FSDP2's default mesh is on the accelerator when there is one: these gloo runs stay on CPU."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -68,41 +80,61 @@ def _worker(rank, port, engine, backend, out_dir):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        m = _model()
-        if engine == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(m)
-        else:
-            from torch.distributed.fsdp import fully_shard
-            mesh = _cpu_mesh()
-            for layer in m:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            model = fully_shard(m, mesh=mesh)
-        opt = tvlars_fused.TVLARS(model.parameters(), backend=backend, **HYPER)
-        for x, y in _batches():
-            half = slice(rank * 4, rank * 4 + 4)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
-            opt.step()
-        params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-        info = {"params": [p.detach().clone() for p in params], "backends": opt.backends,
-                "local_numels": [(p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters()],
-                "grad_copies": opt.grad_copies, "step": float(opt.step_count)}
+        info = {algo: _run_one(rank, engine, backend, algo) for algo in ALGOS}
         torch.save(info, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()   # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
-CASES = [("ddp", b) for b in _backends()] + [("fsdp2", "auto"), ("fsdp2", "torch")]
+def _run_one(rank, engine, backend, algo):
+    """STEPS steps of `algo` on a fresh (wrapped) model; what the test compares."""
+    m = _model()
+    if engine == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(m)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        mesh = _cpu_mesh()
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        model = fully_shard(m, mesh=mesh)
+    opt = getattr(tvlars_fused, algo)(model.parameters(), backend=backend, **HYPER[algo])
+    for x, y in _batches():
+        half = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+        opt.step()
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return {"params": [p.detach().clone() for p in params], "backends": opt.backends,
+            "local_numels": [(p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters()],
+            "grad_copies": opt.grad_copies, "step": float(opt.step_count),
+            "state_keys": sorted({k for st in opt.state.values() for k in st})}
 
 
-@pytest.mark.parametrize("engine,backend", CASES)
-def test_distributed_matches_single_process(engine, backend, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), engine, backend, str(tmp_path)), nprocs=WORLD, join=True)
-    expected = _single_process()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+_RUNS = {}
+
+
+def _runs(engine, backend, tmp_path_factory):
+    """Each rank's results for every class, of one spawn per (engine, backend) per session."""
+    if (engine, backend) not in _RUNS:
+        d = tmp_path_factory.mktemp(f"{engine}-{backend}")
+        mp.spawn(_worker, args=(_free_port(), engine, backend, str(d)), nprocs=WORLD, join=True)
+        _RUNS[engine, backend] = [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
+    return _RUNS[engine, backend]
+
+
+CASES = [pytest.param(engine, backend, algo, id=f"{engine}-{backend}" + ("" if algo == "TVLARS" else f"-{algo}"))
+         for algo in ALGOS for engine, backend in [("ddp", b) for b in _backends()] + [("fsdp2", "auto"), ("fsdp2", "torch")]]
+
+
+@pytest.mark.parametrize("engine,backend,algo", CASES)
+def test_distributed_matches_single_process(engine, backend, algo, tmp_path_factory):
+    expected = _single_process(algo)
+    results = [info[algo] for info in _runs(engine, backend, tmp_path_factory)]
     for r, info in enumerate(results):
         assert info["step"] == STEPS
+        assert info["state_keys"] == sorted({"step", *ALGORITHMS[algo].state_keys()}), "the class under test"
         for p, e in zip(info["params"], expected):
             assert torch.allclose(p, e, rtol=1e-10, atol=1e-12), f"rank {r}: {(p - e).abs().max()}"
     if engine == "fsdp2":
@@ -114,10 +146,12 @@ def test_distributed_matches_single_process(engine, backend, tmp_path):
 
 
 def test_backend_without_sharded_support_is_refused_for_dtensors(tmp_path):
+    """Every class (one spawn): backend="cpu" refuses FSDP2's DTensor parameters."""
     if "cpu" not in _backends():
         pytest.skip("the C++ extension is not built")
     mp.spawn(_refusal_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    assert (tmp_path / "refused").read_text().startswith("backend='cpu' cannot run FSDP2-sharded")
+    for algo in ALGOS:
+        assert (tmp_path / f"refused-{algo}").read_text().startswith("backend='cpu' cannot run FSDP2-sharded"), algo
 
 
 def _refusal_worker(rank, port, out_dir):
@@ -127,11 +161,13 @@ def _refusal_worker(rank, port, out_dir):
     try:
         from torch.distributed.fsdp import fully_shard
         model = fully_shard(_model(), mesh=_cpu_mesh())
-        try:
-            tvlars_fused.TVLARS(model.parameters(), backend="cpu", lr=0.1)
-        except ValueError as exc:
-            if rank == 0:
-                with open(os.path.join(out_dir, "refused"), "w") as f:
-                    f.write(str(exc))
+        for algo in ALGOS:
+            try:
+                getattr(tvlars_fused, algo)(model.parameters(), backend="cpu", lr=0.1)
+            except ValueError as exc:
+                if rank == 0:
+                    with open(os.path.join(out_dir, f"refused-{algo}"), "w") as f:
+                        f.write(str(exc))
+        dist.barrier()
     finally:
         dist.destroy_process_group()

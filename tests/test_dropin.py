@@ -1,12 +1,15 @@
 """Drop-in behaviour: GradScaler, LR schedulers (incl. a tensor lr), diagnostics, the schedule CLI.
 
-Every test that runs a fused optimizer runs on each (device, backend) case of
+Every test that runs a fused optimizer runs on each (device, backend, class) case of
 tests/backend_cases.py: the CPU backends (ids [torch], [cpu], [triton]) and, on a CUDA machine,
-the CUDA ones ([cuda-triton], [cuda-cuda], [cuda-torch]); the eager reference runs on the case's
-device. Not parametrized over the cases:
+the CUDA ones ([cuda-triton], [cuda-cuda], [cuda-torch]), for TVLARS, and the same for LAMB
+([torch-LAMB], ..., [cuda-torch-LAMB]; [triton-LAMB], under the Triton interpreter, is marked
+slow); the eager reference runs on the case's device. Each class's hyperparameters are in HYPER.
+Not parametrized over the cases:
 - test_schedule_cli_plots_png: runs no optimizer (it plots phi(t) in a subprocess).
 """
 import copy
+import math
 import subprocess
 import sys
 
@@ -14,14 +17,20 @@ import pytest
 import torch
 
 import tvlars_fused
-from tvlars_fused import reference
 from tvlars_fused.diagnostics import layer_stats_dict
 
-from backend_cases import CASES, params
+from backend_cases import CASES, extra_interpreted, params
 from parity import max_err
 
-BACKENDS = params(CASES)
-HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2)
+BACKENDS = params(CASES, slow=extra_interpreted)
+HYPER = {"TVLARS": dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=2),
+         # torch-optimizer's debias=True: a step scale s != 1 (layer_stats' fourth column)
+         "LAMB": dict(lr=0.05, betas=(0.9, 0.999), weight_decay=1e-2, bias_correction="step_size")}
+# layer_stats()'s fourth column on the first step with HYPER: phi(0) for TVLARS, LAMB's step scale
+# sqrt(1 - beta2) / (1 - beta1) (docs/SPEC.md)
+FIRST_STEP_SCALE = {"TVLARS": tvlars_fused.phi(0, 0.05, 2, 1.0, 0.0), "LAMB": math.sqrt(1 - 0.999) / (1 - 0.9)}
+# the LR-scheduler test: the class run (TVLARS's cases run its sibling LARS) and its options
+SCHEDULED = {"TVLARS": ("LARS", dict(lr=0.5)), "LAMB": ("LAMB", dict(lr=0.05, weight_decay=1e-2))}
 
 
 def _net(seed=0, dtype=torch.float64, device="cpu"):
@@ -37,8 +46,8 @@ def test_grad_scaler_forced_overflow(case):
     dev = case.device
     m_ref = _net(device=dev)
     m = copy.deepcopy(m_ref)
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=case.backend, **HYPER)
-    o_ref = reference.TVLARS(m_ref.parameters(), **HYPER)
+    opt = case.optimizer(**HYPER[case.algo])(m.parameters())
+    o_ref = case.reference.optimizer(**HYPER[case.algo])(m_ref.parameters())
     assert opt._step_supports_amp_scaling and not getattr(o_ref, "_step_supports_amp_scaling", False)
     amp_device = torch.device(dev).type
     s_f = torch.amp.GradScaler(amp_device, init_scale=1024.0, growth_interval=2)
@@ -82,8 +91,9 @@ def test_lr_schedulers_drive_fused_like_reference(case, sched):
 
     m_ref = _net(1, device=case.device)
     m = copy.deepcopy(m_ref)
-    opt = tvlars_fused.LARS(m.parameters(), backend=case.backend, lr=0.5)
-    o_ref = reference.LARS(m_ref.parameters(), lr=0.5)
+    cls, hyper = SCHEDULED[case.algo]
+    opt = case.optimizer(cls, **hyper)(m.parameters())
+    o_ref = case.reference.optimizer(cls, **hyper)(m_ref.parameters())
     s, s_ref = make(opt), make(o_ref)
     g = torch.Generator().manual_seed(1)
     lrs = []
@@ -104,16 +114,17 @@ def test_lr_schedulers_drive_fused_like_reference(case, sched):
 def test_tensor_lr_changes_without_sync(case, monkeypatch):
     m_ref = _net(2, torch.float32, device=case.device)
     m = copy.deepcopy(m_ref)
-    lr = torch.tensor(0.5, device=case.device)   # a device lr, as a scheduler on the GPU keeps it
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=case.backend, **dict(HYPER, lr=lr))
-    o_ref = reference.TVLARS(m_ref.parameters(), **dict(HYPER, lr=0.5))
+    lr0 = HYPER[case.algo]["lr"]
+    lr = torch.tensor(lr0, device=case.device)   # a device lr, as a scheduler on the GPU keeps it
+    opt = case.optimizer(**dict(HYPER[case.algo], lr=lr))(m.parameters())
+    o_ref = case.reference.optimizer(**HYPER[case.algo])(m_ref.parameters())
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2)).to(case.device)
 
     def boom(*a, **k):
         raise AssertionError("host sync")
     for step in range(4):
-        lr.fill_(0.5 / (step + 1))              # changed in place: no recompiles, no syncs
-        o_ref.param_groups[0]["lr"] = 0.5 / (step + 1)
+        lr.fill_(lr0 / (step + 1))              # changed in place: no recompiles, no syncs
+        o_ref.param_groups[0]["lr"] = lr0 / (step + 1)
         for model, o in ((m, opt), (m_ref, o_ref)):
             o.zero_grad()
             model(x).square().mean().backward()
@@ -130,17 +141,18 @@ def test_tensor_lr_changes_without_sync(case, monkeypatch):
 @pytest.mark.parametrize("case", BACKENDS)
 def test_layer_stats_dict_for_loggers(case):
     m = _net(3, device=case.device)
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=case.backend, **HYPER)
+    opt = case.optimizer(**HYPER[case.algo])(m.parameters())
     opt.zero_grad()
     m(torch.randn(4, 6, dtype=torch.float64).to(case.device)).sum().backward()
     w0 = m[0].weight.detach().clone()
     opt.step()
     d = layer_stats_dict(opt, m.named_parameters(), prefix="opt/")
-    assert set(d) == {f"opt/{n}/{s}" for n, _ in m.named_parameters()
-                      for s in ("weight_norm", "update_norm", "trust_ratio", "phi", "grad_norm", "weight_decay")}
+    names = case.spec.stat_names   # TVLARS: ..., "phi", ...; LAMB: ..., "step_scale", ...
+    assert set(d) == {f"opt/{n}/{s}" for n, _ in m.named_parameters() for s in names}
     assert all(isinstance(v, float) for v in d.values())
     assert d["opt/0.weight/weight_norm"] == pytest.approx(float(w0.norm()), rel=1e-12)
-    assert d["opt/0.weight/phi"] == pytest.approx(tvlars_fused.phi(0, 0.05, 2, 1.0, 0.0), rel=1e-6)
+    assert d[f"opt/0.weight/{names[3]}"] == pytest.approx(FIRST_STEP_SCALE[case.algo], rel=1e-6)
+    assert d["opt/0.weight/weight_decay"] == HYPER[case.algo]["weight_decay"]
 
 
 def test_schedule_cli_plots_png(tmp_path):

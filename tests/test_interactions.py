@@ -13,7 +13,10 @@ the documented workaround shown to give the right numbers.
 
        .venv/bin/python tests/test_interactions.py     # ResNet-50 shapes, fused "cpu" step
 
-The Lightning tests skip when `lightning` is not installed.
+Each interaction is checked for both of the project's classes, TVLARS and LAMB (ids `[TVLARS]`,
+`[LAMB]`, beside torch's own optimizers where a test compares with them), on the C++ backend (the
+torch one when the extension is not built). The Lightning tests skip when `lightning` is not
+installed.
 """
 import os
 import socket
@@ -32,7 +35,20 @@ from tvlars_fused import reference
 from tvlars_fused.kernels import available_backends
 
 CPU_BACKEND = available_backends("cpu", ("cpu", "torch"))[0]   # the C++ kernel when it is built
-HP = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=2e-2, lmbda=0.05)
+# Per class of the project: the hyperparameters of every test here (lr where the test gives none)
+HP = {"TVLARS": dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=2e-2, lmbda=0.05),
+      "LAMB": dict(lr=0.05, betas=(0.8, 0.95), weight_decay=1e-2)}
+PROJECT = tuple(HP)
+
+
+def fused(algo, params, **kw):
+    """tvlars_fused.<algo> on CPU_BACKEND with HP[algo] (updated by kw)."""
+    return getattr(tvlars_fused, algo)(params, backend=CPU_BACKEND, **{**HP[algo], **kw})
+
+
+def eager(algo, params, **kw):
+    """tvlars_fused.reference.<algo> with HP[algo] (updated by kw)."""
+    return getattr(reference, algo)(params, **{**HP[algo], **kw})
 
 
 def _net(double=False):
@@ -114,11 +130,11 @@ def _fit(L, make_opt, workaround, precision="bf16-mixed", steps=4):
 
 LIGHTNING_FUSED = {
     "torch-SGD-fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
-    "TVLARS": lambda ps: tvlars_fused.TVLARS(ps, backend=CPU_BACKEND, **HP),
+    **{algo: (lambda ps, algo=algo: fused(algo, ps)) for algo in PROJECT},
 }
 LIGHTNING_PLAIN = {   # the same update without the fused AMP protocol: Lightning clips for these
     "torch-SGD-fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-    "TVLARS": lambda ps: reference.TVLARS(ps, **HP),
+    **{algo: (lambda ps, algo=algo: eager(algo, ps)) for algo in PROJECT},
 }
 
 
@@ -142,18 +158,18 @@ def test_lightning_clipping_workaround_matches_lightnings_own_clipping(name):
     assert _max_err(got, expected) < 1e-6, _max_err(got, expected)
     unclipped = _net()
     assert _max_err(got, unclipped.parameters()) > 1e-3, "the fit must move the weights"
-    if name == "TVLARS":
+    if name in PROJECT:
         assert opt.grad_copies == 0, "Lightning's loop keeps the fast gradient path"
 
 
-def test_gradscaler_unscale_then_clip_then_fused_step_matches_reference():
+@pytest.mark.parametrize("algo", PROJECT)
+def test_gradscaler_unscale_then_clip_then_fused_step_matches_reference(algo):
     """The workaround's "16-mixed" branch (Lightning maps 16-mixed to bf16-mixed on CPU, so it is
     checked here without Lightning): GradScaler.unscale_ + clip_grad_norm_ + scaler.step on the
     fused optimizer (which then gets grad_scale=None, found_inf from unscale_) equals the same
     loop on the reference optimizer, including a step skipped for an inf."""
     results = []
-    for make in (lambda ps: tvlars_fused.TVLARS(ps, backend=CPU_BACKEND, **HP),
-                 lambda ps: reference.TVLARS(ps, **HP)):
+    for make in (lambda ps: fused(algo, ps), lambda ps: eager(algo, ps)):
         m = _net()
         opt = make(m.parameters())
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
@@ -177,14 +193,17 @@ def test_gradscaler_unscale_then_clip_then_fused_step_matches_reference():
 # =============================================================================================
 # 2. torch.compile(fullgraph=True) and LR schedulers
 # =============================================================================================
+KINDS = ["torch-SGD", *PROJECT]   # torch's SGD, then the project's classes
+
+
 def _make_opt(kind, lr):
     m = _net()
     if kind == "torch-SGD":
         return m, torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
-    return m, tvlars_fused.TVLARS(m.parameters(), backend=CPU_BACKEND, **dict(HP, lr=lr))
+    return m, fused(kind, m.parameters(), lr=lr)
 
 
-@pytest.mark.parametrize("kind", ["torch-SGD", "TVLARS"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_lr_scheduler_breaks_fullgraph(kind):
     """Dynamo alone (backend="eager": no code generation) decides this: the scheduler replaces
     opt.step by a wrapper from torch/optim/lr_scheduler.py, a file Dynamo never traces."""
@@ -199,15 +218,16 @@ def test_lr_scheduler_breaks_fullgraph(kind):
     assert "Attempted to call function marked as skipped" in msg and "lr_scheduler.py" in msg, msg
 
 
-@pytest.mark.parametrize("kind", ["torch-SGD", "TVLARS"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_fullgraph_step_without_scheduler(kind):
-    """For contrast: without a scheduler TVLARS's step compiles with fullgraph=True; torch's own
-    optimizers do not in any case (their step graph-breaks on purpose, _use_grad_for_differentiable)."""
+    """For contrast: without a scheduler the project's steps (TVLARS, LAMB) compile with
+    fullgraph=True; torch's own optimizers do not in any case (their step graph-breaks on purpose,
+    _use_grad_for_differentiable)."""
     torch._dynamo.reset()
     m, opt = _make_opt(kind, torch.tensor(0.1))
     m(torch.randn(4, 6)).sum().backward()
     compiled = torch.compile(lambda: opt.step(), fullgraph=True, backend="eager")
-    if kind == "TVLARS":
+    if kind in PROJECT:
         compiled()
         assert float(opt.step_count) == 1
     else:
@@ -242,7 +262,7 @@ def _scheduled_run(kind, compile_kw, lr, class_step, steps=4):
     return list(m.parameters()), opt
 
 
-@pytest.mark.parametrize("kind", ["torch-SGD", "TVLARS"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_lr_scheduler_float_lr_recompiles_the_step(kind):
     """Why the workarounds use a tensor lr: with fullgraph=False Dynamo compiles the step's own
     frame, guarding on a float lr, so each scheduler step recompiles it (until the recompile
@@ -253,7 +273,7 @@ def test_lr_scheduler_float_lr_recompiles_the_step(kind):
         _scheduled_run(kind, dict(fullgraph=False, backend="aot_eager"), 0.1, class_step=False)
 
 
-@pytest.mark.parametrize("kind", ["torch-SGD", "TVLARS"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_lr_scheduler_workaround_fullgraph_false_tensor_lr(kind):
     torch._dynamo.reset()
     got, opt = _scheduled_run(kind, dict(fullgraph=False), torch.tensor(0.1), class_step=False)
@@ -262,15 +282,17 @@ def test_lr_scheduler_workaround_fullgraph_false_tensor_lr(kind):
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1 / 16)
 
 
-def test_lr_scheduler_workaround_fullgraph_tensor_lr_class_step():
-    """TVLARS only (torch's optimizers cannot be fullgraph-compiled at all, see above): the
-    scheduler fills the tensor lr in place, the compiled step calls type(opt).step, one graph,
-    no recompile, the eager numbers. The scheduler, which no longer sees the step, warns once."""
+@pytest.mark.parametrize("kind", PROJECT)
+def test_lr_scheduler_workaround_fullgraph_tensor_lr_class_step(kind):
+    """The project's classes only (torch's optimizers cannot be fullgraph-compiled at all, see
+    above): the scheduler fills the tensor lr in place, the compiled step calls type(opt).step,
+    one graph, no recompile, the eager numbers. The scheduler, which no longer sees the step, warns
+    once."""
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got, opt = _scheduled_run("TVLARS", dict(fullgraph=True), torch.tensor(0.1), class_step=True)
-    expected, _ = _scheduled_run("TVLARS", None, torch.tensor(0.1), class_step=False)
+        got, opt = _scheduled_run(kind, dict(fullgraph=True), torch.tensor(0.1), class_step=True)
+    expected, _ = _scheduled_run(kind, None, torch.tensor(0.1), class_step=False)
     assert _max_err(got, expected) < 1e-6
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1 / 16)
     spurious = [w for w in caught if "Detected call of `lr_scheduler.step()` before" in str(w.message)]
@@ -304,43 +326,48 @@ def _ddp_worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         info = {}
-        for as_view in (False, True):
-            model = torch.nn.parallel.DistributedDataParallel(_net(double=True),
-                                                              gradient_as_bucket_view=as_view)
-            opt = tvlars_fused.TVLARS(model.parameters(), backend=CPU_BACKEND, **HP)
-            for x, y in _batches(DDP_STEPS):
-                half = slice(rank * 4, rank * 4 + 4)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
-                opt.step()
-            info[as_view] = {"params": [p.detach().clone() for p in model.parameters()],
-                             "grad_copies": opt.grad_copies}
+        for algo in PROJECT:   # one spawn for every class: starting the processes is the cost
+            for as_view in (False, True):
+                model = torch.nn.parallel.DistributedDataParallel(_net(double=True),
+                                                                  gradient_as_bucket_view=as_view)
+                opt = fused(algo, model.parameters())
+                for x, y in _batches(DDP_STEPS):
+                    half = slice(rank * 4, rank * 4 + 4)
+                    opt.zero_grad()
+                    torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+                    opt.step()
+                info[algo, as_view] = {"params": [p.detach().clone() for p in model.parameters()],
+                                       "grad_copies": opt.grad_copies, "class": type(opt).__name__}
         torch.save(info, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()   # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_gradient_as_bucket_view_copies_every_gradient(tmp_path):
+    """Both classes, in one spawn (info keyed by (class, as_view))."""
     mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    m = _net(double=True)
-    opt = reference.TVLARS(m.parameters(), **HP)
-    for x, y in _batches(DDP_STEPS):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(m(x), y).backward()
-        opt.step()
-    n_params = len(list(m.parameters()))
-    for r in range(WORLD):
-        info = torch.load(tmp_path / f"rank{r}.pt")
-        assert info[False]["grad_copies"] == 0, "default DDP: the all-reduce result lands in the views"
-        assert info[True]["grad_copies"] == DDP_STEPS * n_params, "as_view: every gradient, every step"
-        for as_view in (False, True):
-            err = _max_err(info[as_view]["params"], m.parameters())
-            assert err < 1e-12, f"rank {r}, gradient_as_bucket_view={as_view}: {err}"
+    infos = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for algo in PROJECT:
+        m = _net(double=True)
+        opt = eager(algo, m.parameters())
+        for x, y in _batches(DDP_STEPS):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+        n_params = len(list(m.parameters()))
+        for r, info in enumerate(infos):
+            assert info[algo, False]["class"] == algo
+            assert info[algo, False]["grad_copies"] == 0, f"{algo}: default DDP: the all-reduce result lands in the views"
+            assert info[algo, True]["grad_copies"] == DDP_STEPS * n_params, f"{algo}: as_view: every gradient, every step"
+            for as_view in (False, True):
+                err = _max_err(info[algo, as_view]["params"], m.parameters())
+                assert err < 1e-12, f"{algo}, rank {r}, gradient_as_bucket_view={as_view}: {err}"
 
 
-def _compiled_backward_run(mode, steps=3):
+def _compiled_backward_run(mode, algo, steps=3):
     m = _net()
-    opt = tvlars_fused.TVLARS(m.parameters(), backend=CPU_BACKEND, **HP)
+    opt = fused(algo, m.parameters())
     if mode == "compiled-backward":     # Dynamo traces loss.backward(): grads are graph outputs
         @torch.compile(fullgraph=True)
         def loss_and_backward(x, y):
@@ -362,11 +389,12 @@ def _compiled_backward_run(mode, steps=3):
     return list(m.parameters()), opt.grad_copies
 
 
+@pytest.mark.parametrize("algo", PROJECT)
 @pytest.mark.parametrize("mode,copies", [("compiled-backward", 3 * 4), ("compiled-model", 0)])
-def test_compiled_backward_copies_gradients_compiled_model_does_not(mode, copies):
+def test_compiled_backward_copies_gradients_compiled_model_does_not(mode, copies, algo):
     torch._dynamo.reset()
-    got, n = _compiled_backward_run(mode)
-    expected, n_eager = _compiled_backward_run("eager")
+    got, n = _compiled_backward_run(mode, algo)
+    expected, n_eager = _compiled_backward_run("eager", algo)
     assert n_eager == 0
     assert n == copies
     assert _max_err(got, expected) < 1e-6

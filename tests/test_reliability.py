@@ -1,5 +1,5 @@
-"""Reliability of the fused optimizers, on every fused backend of every device present, always
-against tvlars_fused.reference on the same inputs (on the same device):
+"""Reliability of the fused optimizers (TVLARS and LAMB), on every fused backend of every device
+present, always against tvlars_fused.reference on the same inputs (on the same device):
 
 1. bad input: a clear error (naming the parameter or argument, saying what to do) before anything
    changes, and an optimizer that still works afterwards;
@@ -10,7 +10,8 @@ against tvlars_fused.reference on the same inputs (on the same device):
 4. non-finite values: found_inf skips bit for bit, NaN/Inf gradients give what the reference gives,
    zero norms give q = 1;
 5. state: checkpoint -> fresh process -> resume is bit for bit, state_dicts move between backends
-   and the reference, float32 momentum of bfloat16 parameters survives save/load;
+   and the reference, float32 state (momentum; LAMB's moments) of bfloat16 parameters survives
+   save/load;
 6. long runs: float64 tracks the reference the whole way, float32 passes the parity rule
    (tests/parity.py) in every 250-step window;
 7. memory: a step allocates nothing after warm-up; the optimizer's overhead against the reference.
@@ -19,23 +20,27 @@ The library bugs this file found are fixed; each stays covered by the test that 
 
 The cases (tests/backend_cases.py): on the CPU "torch", "cpu" once tvlars_fused._C is built and
 "triton" under the Triton interpreter (ids [torch], [cpu], [triton]); on a CUDA machine also
-"triton", "cuda" and "torch" on CUDA tensors ([cuda-triton], [cuda-cuda], [cuda-torch]). Tensors
-are made on the CPU from CPU generators and moved to the case's device; results are compared on
-the CPU. The checkpoint test's fresh process resumes the CUDA cases on the GPU too.
+"triton", "cuda" and "torch" on CUDA tensors ([cuda-triton], [cuda-cuda], [cuda-torch]); each for
+TVLARS and for LAMB ([torch-LAMB], ..., [cuda-torch-LAMB]). What differs between the two (state
+keys, how the state starts, the option sets, the bad options) comes from the case's
+`spec` (backend_cases.ALGORITHMS); each class's hyperparameters from HYPER. LAMB on the Triton
+interpreter ([triton-LAMB]) is marked slow (tests/test_lamb.py holds those kernels to the oracle
+by default); TVLARS's interpreted cases run by default, as before. Tensors are made on the CPU
+from CPU generators and moved to the case's device; results are compared on the CPU. The
+checkpoint test's fresh process resumes the CUDA cases on the GPU too.
 
 CPU-only tests, and why:
 - test_step_allocates_nothing_after_warmup: counts allocations with torch's CPU profiler
   (profile_memory), which sees only the CPU allocator. On a GPU,
   test_cuda_step_allocates_nothing_after_warmup checks "triton" and "cuda" with the CUDA caching
   allocator's statistics.
-CUDA-only (requires_cuda, unchanged): test_cuda_step_allocates_nothing_after_warmup,
-test_module_to_cuda_after_build.
+CUDA-only (requires_cuda): test_cuda_step_allocates_nothing_after_warmup,
+test_module_to_cuda_after_build (each for both classes).
 """
 from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 import re
 import subprocess
@@ -46,19 +51,38 @@ import pytest
 import torch
 from torch import nn
 
-import tvlars_fused
-from tvlars_fused import reference
 from tvlars_fused.kernels import available_backends
 
 import _ckpt_worker as ckpt
-from backend_cases import CASES, CPU_CASES, BackendCase, params, with_reference
+from backend_cases import (ALGORITHMS, CASES, CPU_CASES, BackendCase, extra_interpreted, params, params_with,
+                           with_reference)
 from conftest import requires_cuda
 from parity import assert_close_ulps, assert_parity_fp32, make_init, max_err, train
 
-BACKENDS = params(CASES)                                # every (device, backend) present
-BACKENDS_AND_REFERENCE = params(with_reference(CASES))  # ... and the reference on each device
-CPU_BACKENDS = params(CPU_CASES)                        # the CPU-only tests (see above)
-HYPER = dict(lr=0.7, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=3)
+BACKENDS = params(CASES, slow=extra_interpreted)                                # every (device, backend, class)
+BACKENDS_AND_REFERENCE = params(with_reference(CASES), slow=extra_interpreted)  # ... and the references
+CPU_BACKENDS = params(CPU_CASES, slow=extra_interpreted)                        # the CPU-only tests (see above)
+
+
+def each_form(cases=CASES):
+    """(case, form id) params: each class's two forms (AlgorithmSpec.forms)."""
+    return params_with(cases, lambda c: [(f, f) for f, _ in c.spec.forms], slow=extra_interpreted)
+
+
+# Per class (the case's, or one a test names): the hyperparameters every test starts from.
+HYPER = {
+    "TVLARS": dict(lr=0.7, momentum=0.9, weight_decay=1e-3, eta=2e-3, lmbda=0.05, delay_steps=3),
+    "LARS": dict(lr=0.7, momentum=0.9, weight_decay=1e-3, eta=2e-3),
+    # lr: LAMB moves each layer by about lr * ||w||; betas below the default, so that the moments
+    # (and their bias correction) change visibly over the few steps these tests take. eps and
+    # weight_decay keep the float64 comparisons meaningful on _ckpt_worker's conv -> BatchNorm
+    # model: BatchNorm removes the conv bias, whose gradient is then rounding noise (~1e-17, a
+    # different noise in each run once the weights differ in the last bit); Adam divides it by
+    # eps and the trust ratio scales u = r + wd*w to lr * ||w||, so the runs end about
+    # lr * (1 - beta1) * 1e-17 / (eps * wd) apart on that bias: 2e-9 with eps=1e-6, wd=1e-3 (the
+    # defaults' order), 1e-13 with these.
+    "LAMB": dict(lr=0.05, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
+}
 F64_TOL = 1e-12   # fused vs reference, float64 parameters (as tests/test_fused.py)
 
 
@@ -72,14 +96,19 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make(case, cls="TVLARS", **kw):
+def make(case, cls=None, **kw):
     """Optimizer factory for a BackendCase (case.reference: the eager reference), or for a backend
-    name ("auto", ..., "reference"). The caller puts the parameters on the case's device."""
-    hyper = dict(HYPER) if cls == "TVLARS" else {k: HYPER[k] for k in ("lr", "momentum", "weight_decay", "eta")}
-    hyper.update(kw)
+    name ("auto", ..., "reference": TVLARS on the CPU), of the case's class (or `cls`), from
+    HYPER[class] updated by kw. The caller puts the parameters on the case's device."""
     if isinstance(case, str):
         case = BackendCase("cpu", case)
-    return case.optimizer(cls, **hyper)
+    cls = cls or case.algo
+    return case.optimizer(cls, **{**HYPER[cls], **kw})
+
+
+def state_keys(case, **options):
+    """The state tensors of a parameter updated by the case's class with these group options."""
+    return case.spec.state_keys(options)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -268,68 +297,42 @@ def test_all_groups_empty_works_like_reference(case):
     assert float(opt.step_count) == float(o_r.step_count) == 4
 
 
-# (name, bad value, regex the message must match: it names the hyperparameter and says what is valid)
-BAD_HYPER = [
-    ("lr", -0.1, r"Invalid lr: -0\.1.*>= 0"),
-    ("lr", float("nan"), r"lr must be finite"),
-    ("lr", torch.tensor([0.1, 0.2]), r"lr must be a number or a one-element tensor"),
-    ("momentum", 1.0, r"Invalid momentum: 1\.0.*\[0, 1\)"),
-    ("momentum", "0.9", r"momentum must be a real number"),
-    ("weight_decay", -1e-4, r"Invalid weight_decay.*>= 0"),
-    ("eta", 0.0, r"Invalid eta.*> 0"),
-    ("eta", torch.tensor(1e-3), r"eta must be a Python number.*only lr may be a tensor"),
-    ("lmbda", -1.0, r"Invalid lmbda.*>= 0"),
-    ("alpha", -1.0, r"Invalid alpha.*>= 0"),
-    ("gamma_min", -0.5, r"Invalid gamma_min.*>= 0"),
-    ("delay_steps", float("inf"), r"delay_steps must be finite"),
-    ("norm_clip", 0.0, r"Invalid norm_clip.*None for no clipping"),
-    ("momentum_form", "nesterov", r"Invalid momentum_form.*heavy_ball"),
-    ("weight_decay_filter", 1, r"Invalid weight_decay_filter.*True or False"),
-    ("lars_adaptation_filter", None, r"Invalid lars_adaptation_filter.*True or False"),
-    ("eps", -1e-8, r"Invalid eps.*>= 0"),
-    ("denominator", "sum", r"Invalid denominator: 'sum'.*'update'.*'grad'"),
-    ("dampening", 1.5, r"Invalid dampening.*\[0, 1\]"),
-    ("hold_steps", -1, r"Invalid hold_steps.*>= 0"),
-    ("trust_clip", "yes", r"Invalid trust_clip.*True or False"),
-    ("nesterov", 1, r"Invalid nesterov.*True or False"),
-    ("maximize", None, r"Invalid maximize.*True or False"),
-    ("alpha", 0.0, r"Invalid lmbda/delay_steps/alpha.*overflows float32.*alpha > 0"),  # with the below
-]
-LARS_OPTIONS = ("lr", "momentum", "weight_decay", "eta", "norm_clip", "momentum_form", "eps", "denominator",
-                "dampening", "trust_clip", "nesterov", "maximize")
+# (name, bad value, regex the message must match: it names the hyperparameter and says what is valid):
+# each class's AlgorithmSpec.bad_options (tests/backend_cases.py)
 OVERFLOW = dict(lmbda=1.0, delay_steps=200)   # phi(0) = 1/(alpha + e^-200): overflows for alpha = 0
-_ids = [f"{n}={v!r}" if not isinstance(v, torch.Tensor) else f"{n}=tensor{tuple(v.shape)}" for n, v, _ in BAD_HYPER]
 
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("name,value,msg", BAD_HYPER, ids=_ids)
-def test_invalid_hyperparameter_rejected_at_construction(case, name, value, msg):
+def _bad_id(name, value):
+    return f"{name}={value!r}" if not isinstance(value, torch.Tensor) else f"{name}=tensor{tuple(value.shape)}"
+
+
+BAD_HYPER = params_with(CASES, lambda c: [(_bad_id(n, v), (n, v, m)) for n, v, m in c.spec.bad_options],
+                        slow=extra_interpreted)
+
+
+@pytest.mark.parametrize("case,bad", BAD_HYPER)
+def test_invalid_hyperparameter_rejected_at_construction(case, bad):
+    name, value, msg = bad
     extra = OVERFLOW if msg.startswith("Invalid lmbda/") else {}
     with pytest.raises(ValueError, match=msg):
         make(case, **extra, **{name: value})(tiny_params(device=case.device))
-    if name in LARS_OPTIONS:
-        with pytest.raises(ValueError, match=msg):   # LARS validates its own arguments the same way
-            make(case, cls="LARS", **{name: value})(tiny_params(device=case.device))
+    for sibling, options in case.spec.siblings:   # LARS validates its own arguments the same way
+        if name in options:
+            with pytest.raises(ValueError, match=msg):
+                make(case, cls=sibling, **{name: value})(tiny_params(device=case.device))
 
 
-CONTRADICTIONS = [
-    (dict(nesterov=True, dampening=0.1), r"nesterov=True.*requires momentum > 0 and dampening = 0"),
-    (dict(nesterov=True, momentum=0.0), r"nesterov=True.*requires momentum > 0"),
-    (dict(nesterov=True, momentum_form="paper"), r"nesterov/dampening with momentum_form='paper'"),
-    (dict(dampening=0.2, momentum_form="paper"), r"nesterov/dampening with momentum_form='paper'"),
-    (dict(dampening=0.2, momentum_form="lr_scaled"), r"dampening with momentum_form='lr_scaled'"),
-    (dict(trust_clip=True, adapt=False), r"trust_clip=True.*does not adapt"),
-    (dict(trust_clip=True, always_adapt=False, weight_decay=0.0), r"trust_clip=True.*does not adapt"),
-    (dict(trust_clip=True, lr=0.0), r"trust_clip=True with lr=0"),
-]
+# each class's AlgorithmSpec.contradictions (LAMB has none: every combination of its options is valid)
+CONTRADICTIONS = params_with(CASES, lambda c: [(str(o), (o, m)) for o, m in c.spec.contradictions],
+                             slow=extra_interpreted)
 
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("options,msg", CONTRADICTIONS, ids=[str(o) for o, _ in CONTRADICTIONS])
-def test_contradictory_options_rejected(case, options, msg):
+@pytest.mark.parametrize("case,contradiction", CONTRADICTIONS)
+def test_contradictory_options_rejected(case, contradiction):
     """Each option is valid alone; together they mean nothing: a clear error at construction, and
     the same error (naming the group) when the combination is written into param_groups later."""
-    for cls in ("TVLARS", "LARS"):
+    options, msg = contradiction
+    for cls in (case.algo, *(sibling for sibling, _ in case.spec.siblings)):
         with pytest.raises(ValueError, match=msg):
             make(case, cls=cls, **options)(tiny_params(device=case.device))
     ps = tiny_params(device=case.device)
@@ -343,12 +346,12 @@ def test_contradictory_options_rejected(case, options, msg):
     assert all(torch.equal(a, b) for a, b in zip(before, ps))
 
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("name,value,msg", BAD_HYPER, ids=_ids)
-def test_invalid_hyperparameter_set_later_changes_nothing(case, name, value, msg):
+@pytest.mark.parametrize("case,bad", BAD_HYPER)
+def test_invalid_hyperparameter_set_later_changes_nothing(case, bad):
     """A bad value written into param_groups after some steps: step() raises, naming the value
     and the group, and changes nothing (parameters, state, t, layer_stats); with the value put back
     the run continues exactly like the reference's."""
+    name, value, msg = bad
     extra = OVERFLOW if msg.startswith("Invalid lmbda/") else {}
     runs = []
     for b in (case, case.reference):
@@ -449,8 +452,8 @@ def test_load_state_dict_wrong_structure_error_names_it(case, structure):
 
 @pytest.mark.parametrize("case", BACKENDS)
 def test_load_state_dict_wrong_shapes_rejected(case):
-    """Same structure, other shapes (a (3, 4) momentum for a (4, 3) weight): rejected naming the
-    entry and both shapes; the optimizer is unchanged and usable."""
+    """Same structure, other shapes (a (3, 4) momentum, or LAMB's moments, for a (4, 3) weight):
+    rejected naming the entry and both shapes; the optimizer is unchanged and usable."""
     dev = case.device
     torch.manual_seed(0)
     src = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(dev, torch.float64)
@@ -466,7 +469,8 @@ def test_load_state_dict_wrong_shapes_rejected(case):
         runs.append((dst, o))
     for dst, o in runs:
         before = snapshot(o)
-        with pytest.raises(ValueError, match=r"state\[0\]\['momentum_buffer'\] has shape \(3, 4\).*\(4, 3\).*different model"):
+        key = re.escape(repr(state_keys(case)[0]))
+        with pytest.raises(ValueError, match=rf"state\[0\]\[{key}\] has shape \(3, 4\).*\(4, 3\).*different model"):
             o.load_state_dict(sd)
         assert_unchanged(before, snapshot(o), "rejected load_state_dict")
         g = torch.Generator().manual_seed(3)
@@ -484,7 +488,7 @@ def test_load_state_dict_wrong_shapes_rejected(case):
 def test_zero_size_parameters(case, mixed):
     shapes = [(0,), (3, 4), (0, 5), (7,), (2, 0, 3)] if mixed else [(0,), (0, 5)]
     init = make_init(shapes)
-    f, o = train(make(case, momentum_form="heavy_ball"), init, torch.float64, 4, device=case.device)
+    f, o = train(make(case), init, torch.float64, 4, device=case.device)
     r, o_r = train(make(case.reference), init, torch.float64, 4, device=case.device)
     assert max_err(f, r) < F64_TOL
     assert float(o.step_count) == 4
@@ -513,24 +517,24 @@ def test_frozen_layer(case):
     assert opt.grad_copies == 0
 
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("form", ["heavy_ball", "paper"])
+@pytest.mark.parametrize("case,form", each_form())
 def test_grads_none_for_some_steps(case, form):
     """An unused branch: parameter 1 gets no gradient before step 3 (its state starts late; for the
     paper form m = w then), parameter 2 loses its gradient from step 2 on, parameter 3 every other
     step. Skipped steps leave them (and their state) untouched, as in the reference."""
+    options = case.spec.form(form)
     shapes = [(6, 5), (5,), (4, 4), (9,)]
     init = make_init(shapes)
 
     def used(step, i):
         return not ((i == 1 and step < 3) or (i == 2 and step >= 2) or (i == 3 and step % 2))
 
-    f, o = train(make(case, momentum_form=form), init, torch.float64, 5, device=case.device, used=used)
-    r, o_r = train(make(case.reference, momentum_form=form), init, torch.float64, 5, device=case.device, used=used)
+    f, o = train(make(case, **options), init, torch.float64, 5, device=case.device, used=used)
+    r, o_r = train(make(case.reference, **options), init, torch.float64, 5, device=case.device, used=used)
     assert max_err(f, r) < F64_TOL
-    key = "m" if form == "paper" else "momentum_buffer"
-    for i, (p, p_r) in enumerate(zip(f, r)):
-        assert torch.allclose(o.state[p][key], o_r.state[p_r][key], rtol=0, atol=F64_TOL), i
+    for key in state_keys(case, **options):
+        for i, (p, p_r) in enumerate(zip(f, r)):
+            assert torch.allclose(o.state[p][key], o_r.state[p_r][key], rtol=0, atol=F64_TOL), (key, i)
     assert o.grad_copies == 0
 
 
@@ -659,22 +663,25 @@ def test_several_dtypes_one_bucket_each(case):
     assert_parity_fp32(ps[:2], ps_r[:2], ps_64[:2], f"{case} float32 bucket")
     assert max_err(ps[2:4], ps_r[2:4]) < F64_TOL
     assert_close_ulps(ps[4:], ps_r[4:], torch.bfloat16, 2.0, f"{case} bfloat16 bucket")
-    assert {str(opt.state[p]["momentum_buffer"].dtype) for p in ps[4:]} == {"torch.float32"}
+    assert {str(opt.state[p][k].dtype) for p in ps[4:] for k in state_keys(case)} == {"torch.float32"}
 
 
 @pytest.mark.parametrize("case", BACKENDS)
 def test_add_param_group_after_steps(case):
     """Groups added after steps (one into an existing bucket, one making a new float32 bucket):
-    earlier state kept, t shared (phi continues), new groups' own hyperparameters used."""
+    earlier state kept, t shared (phi, LAMB's bias correction continue), new groups' own
+    hyperparameters (AlgorithmSpec.added_groups) used."""
+    first, second = case.spec.added_groups
+
     def run(b):
         ps = tiny_params(device=case.device)
         extra = [nn.Parameter(x.to(case.device)) for x in make_init([(4, 2), (2,)], seed=9)]
         extra32 = [nn.Parameter(x.to(case.device, torch.float32)) for x in make_init([(3, 5)], seed=10)]
         opt = make(b)(ps[:2])
         lockstep([ps[:2]], [opt], 3)
-        opt.add_param_group({"params": [ps[2]] + extra, "lr": 0.2, "momentum_form": "paper"})
+        opt.add_param_group({"params": [ps[2]] + extra, "lr": 0.2, **first})
         lockstep([ps + extra], [opt], 2, start=3)
-        opt.add_param_group({"params": extra32, "lr": 0.1, "lmbda": 0.5})
+        opt.add_param_group({"params": extra32, "lr": 0.1, **second})
         lockstep([ps + extra + extra32], [opt], 3, start=5)
         return ps + extra + extra32, opt
     f, opt = run(case)
@@ -904,29 +911,33 @@ def test_state_entry_reset_by_user(case, how):
                 if how == "clear":
                     o.state[ps[0]].clear()
                 elif how == "assign":
-                    o.state[ps[0]]["momentum_buffer"] = torch.zeros_like(ps[0])
+                    for key in state_keys(case):
+                        o.state[ps[0]][key] = torch.zeros_like(ps[0])
                 else:
                     del o.state[ps[0]]
         lockstep([ps], [opt], 4, before_step=before_step)
         runs.append((ps, opt))
     (ps, opt), (ps_r, o_r) = runs
     assert max_err(ps, ps_r) < F64_TOL
-    assert torch.allclose(opt.state[ps[0]]["momentum_buffer"], o_r.state[ps_r[0]]["momentum_buffer"],
-                          rtol=0, atol=F64_TOL)
+    for key in state_keys(case):
+        assert torch.allclose(opt.state[ps[0]][key], o_r.state[ps_r[0]][key], rtol=0, atol=F64_TOL), key
 
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("switch", ["heavy_ball->paper", "paper->heavy_ball"])
-def test_momentum_form_changed_after_steps(case, switch):
-    old, new = switch.split("->")
+@pytest.mark.parametrize("case,change", params_with(
+    CASES, lambda c: [(f"{old}->{new}", (opt, old, new)) for opt, old, new in c.spec.option_changes],
+    slow=extra_interpreted))
+def test_group_option_changed_after_steps(case, change):
+    """An option that changes the update's path (TVLARS: momentum_form; LAMB: weight_decay_mode,
+    bias_correction) written into param_groups after two steps: followed like the reference."""
+    option, old, new = change
     runs = []
     for b in (case, case.reference):
         ps = tiny_params(device=case.device)
-        opt = make(b, momentum_form=old)(ps)
+        opt = make(b, **{option: old})(ps)
 
         def before_step(s, ps, o):
             if s == 2:
-                o.param_groups[0]["momentum_form"] = new
+                o.param_groups[0][option] = new
         lockstep([ps], [opt], 4, before_step=before_step)
         runs.append(ps)
     assert max_err(runs[0], runs[1]) < F64_TOL
@@ -934,15 +945,15 @@ def test_momentum_form_changed_after_steps(case, switch):
 
 # ==== 4. non-finite values ==========================================================================
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("form", ["heavy_ball", "paper"])
+@pytest.mark.parametrize("case,form", each_form())
 def test_found_inf_skips_step_bit_for_bit(case, form):
     """found_inf set (GradScaler's fused protocol): parameters, state, t and layer_stats keep their
     bits, whatever the gradients hold; the next clean step is the reference's next step."""
     dev = case.device
     ps = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,), (0,), (4, 4)])]
     ps_r = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,), (0,), (4, 4)])]
-    opt, o_r = make(case, momentum_form=form)(ps), make(case.reference, momentum_form=form)(ps_r)
+    options = case.spec.form(form)
+    opt, o_r = make(case, **options)(ps), make(case.reference, **options)(ps_r)
     lockstep([ps, ps_r], [opt, o_r], 3)
     before = snapshot(opt)
     for scale in (1.0, 1024.0):
@@ -961,26 +972,26 @@ def test_found_inf_skips_step_bit_for_bit(case, form):
     assert max_err(ps, ps_r) < 1e-5 and float(opt.step_count) == 6
 
 
-@pytest.mark.parametrize("case", BACKENDS)
-@pytest.mark.parametrize("form", ["heavy_ball", "paper"])
+@pytest.mark.parametrize("case,form", each_form())
 def test_found_inf_on_first_step_creates_only_initial_state(case, form):
     """Documents a deviation from "nothing changes": a skipped *first* step still creates the state
     entries (host-side bookkeeping cannot see the device flag without a sync). They hold the
-    initial state exactly (zero momentum / m = w), so the run continues like the reference's."""
+    initial state exactly (zero momentum / m = w; LAMB: zero moments), so the run continues like
+    the reference's."""
+    options = case.spec.form(form)
     dev = case.device
     ps = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,)])]
     ps_r = [nn.Parameter(x.to(dev, torch.float32)) for x in make_init([(6, 5), (5,)])]
-    opt = make(case, momentum_form=form)(ps)
+    opt = make(case, **options)(ps)
     set_grads(ps, 0)
     opt.found_inf, opt.grad_scale = torch.ones(1, device=dev), torch.ones(1, device=dev)
     opt.step()
-    key = "m" if form == "paper" else "momentum_buffer"
     for p in ps:
-        init = p.detach() if form == "paper" else torch.zeros_like(p)
-        assert bit_equal(opt.state[p][key], init)
+        for key in state_keys(case, **options):
+            assert bit_equal(opt.state[p][key], case.spec.initial_state(key, p)), key
     assert float(opt.step_count) == 0
     del opt.found_inf, opt.grad_scale
-    o_r = make(case.reference, momentum_form=form)(ps_r)
+    o_r = make(case.reference, **options)(ps_r)
     lockstep([ps, ps_r], [opt, o_r], 3, start=1)
     assert max_err(ps, ps_r) < 1e-5
 
@@ -1057,19 +1068,23 @@ def test_zero_norm_weight_or_update_uses_q_one(case):
 
 CKPT_START, CKPT_STOP = 3, 7
 CKPT_CASES = with_reference(CASES)
+CKPT_TEST = "test_checkpoint_resume_in_fresh_process_bit_for_bit"
 
 
 @pytest.fixture(scope="module")
-def checkpoint_runs(tmp_path_factory):
-    """Per case (each backend on each device, the reference on each device): train CKPT_START
-    steps, save model/optimizer/scheduler, go on to CKPT_STOP (the uninterrupted run); then ONE
-    fresh process resumes every case from its checkpoint, on the case's device."""
+def checkpoint_runs(request, tmp_path_factory):
+    """Per case (each backend on each device, the reference on each device; each class) whose test
+    was selected (-m, -k): train CKPT_START steps, save model/optimizer/scheduler, go on to
+    CKPT_STOP (the uninterrupted run); then ONE fresh process resumes every case from its
+    checkpoint, on the case's device."""
     d = tmp_path_factory.mktemp("ckpt")
+    cases = [item.callspec.params["case"] for item in request.session.items
+             if getattr(item, "originalname", None) == CKPT_TEST]
     straight = {}
     with ckpt.same_bits():
-        for case in CKPT_CASES:
+        for case in cases:
             model = ckpt.make_model(device=case.device)
-            opt, sched = ckpt.make_optimizer(model, case.backend)
+            opt, sched = ckpt.make_optimizer(model, case)
             ckpt.train(model, opt, sched, 0, CKPT_START)
             torch.save(ckpt.checkpoint(model, opt, sched), d / f"ckpt_{case.id}.pt")
             ckpt.train(model, opt, sched, CKPT_START, CKPT_STOP)
@@ -1078,13 +1093,13 @@ def checkpoint_runs(tmp_path_factory):
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, ckpt.__file__, str(d), str(CKPT_START), str(CKPT_STOP),
-                           *[case.id for case in CKPT_CASES]], capture_output=True, text=True, env=env, timeout=600)
+                           *[case.id for case in cases]], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed = {case.id: torch.load(d / f"resumed_{case.id}.pt", weights_only=True) for case in CKPT_CASES}
+    resumed = {case.id: torch.load(d / f"resumed_{case.id}.pt", weights_only=True) for case in cases}
     return straight, resumed
 
 
-@pytest.mark.parametrize("case", params(CKPT_CASES))
+@pytest.mark.parametrize("case", params(CKPT_CASES, slow=extra_interpreted))
 def test_checkpoint_resume_in_fresh_process_bit_for_bit(case, checkpoint_runs):
     straight, resumed = checkpoint_runs
     a, b = straight[case.id], resumed[case.id]
@@ -1100,20 +1115,26 @@ def test_checkpoint_resume_in_fresh_process_bit_for_bit(case, checkpoint_runs):
         else:
             assert bit_equal(v, b["state"][k]), f"{case}: state[{k!r}] differs"
     assert all(float(v["step"]) == CKPT_STOP for v in a["state"].values()) and a["lrs"] == b["lrs"]
+    spec = case.spec   # the class under test is the case's (both groups' state keys)
+    assert {k for v in a["state"].values() for k in v} == {"step", *spec.state_keys(), *spec.state_keys(spec.other_form)}
 
 
-# Every ordered pair of (device, backend) cases and references: on a GPU also across devices.
-PAIRS = [(s, d) for s in with_reference(CASES) for d in with_reference(CASES) if s != d]
+# Every ordered pair of (device, backend) cases and references of one class: on a GPU also across
+# devices.
+PAIRS = [(s, d) for s in with_reference(CASES) for d in with_reference(CASES) if s != d and s.algo == d.algo]
 
 
-@pytest.mark.parametrize("src,dst", PAIRS, ids=[f"{s}->{d}" for s, d in PAIRS])
+@pytest.mark.parametrize("src,dst", [pytest.param(s, d, id=f"{s}->{d}", marks=[pytest.mark.slow]
+                                                  if extra_interpreted(s) or extra_interpreted(d) else [])
+                                     for s, d in PAIRS])
 def test_state_dict_moves_between_backends(src, dst):
     """A state_dict saved (torch.save) with one backend loads into another (and the reference),
-    on the same device or (on a GPU) another one, both momentum forms, and the run goes on as if it
-    had never moved."""
+    on the same device or (on a GPU) another one, both forms of the class, and the run goes on as
+    if it had never moved."""
+    (_, form0), (_, form1) = src.spec.forms
     model_a, opt_a = _net_and_opt(src, seed=6)
     for g in opt_a.param_groups[1:]:
-        g["momentum_form"] = "paper"   # set before any state exists: one group of each form
+        g.update(form1)   # set before any state exists: one group of each form
     _loop(model_a, opt_a, 3)
     buf = io.BytesIO()
     torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
@@ -1121,7 +1142,7 @@ def test_state_dict_moves_between_backends(src, dst):
     saved = torch.load(buf, weights_only=True)
     model_b, opt_b = _net_and_opt(dst, seed=7)
     for g in opt_b.param_groups[1:]:
-        g["momentum_form"] = "paper"
+        g.update(form1)
     model_b.load_state_dict(saved["model"])
     opt_b.load_state_dict(saved["opt"])
     _loop(model_a, opt_a, 2, start=3)
@@ -1130,11 +1151,16 @@ def test_state_dict_moves_between_backends(src, dst):
     assert float(opt_b.step_count) == 5
     state = opt_b.state_dict()["state"]
     keys = [sorted(state[k]) for k in sorted(state)]
-    assert keys == [["momentum_buffer", "step"]] * 2 + [["m", "step"]] * 4
+    assert keys == ([sorted(state_keys(src, **form0) + ("step",))] * 2
+                    + [sorted(state_keys(src, **form1) + ("step",))] * 4)
 
 
 @pytest.mark.parametrize("case", BACKENDS)
-def test_bf16_parameters_keep_float32_momentum_through_save_load(case):
+def test_bf16_parameters_keep_float32_state_through_save_load(case):
+    """bfloat16 parameters keep their state (momentum; LAMB's moments) in float32, through
+    torch.save/load and load_state_dict into each backend and the reference, bit for bit."""
+    keys = state_keys(case)
+
     def run(b, steps):
         ps = [nn.Parameter(x.to(case.device, torch.bfloat16)) for x in make_init([(6, 5), (5,), (3, 3)], seed=8)]
         opt = make(b)(ps)
@@ -1145,21 +1171,23 @@ def test_bf16_parameters_keep_float32_momentum_through_save_load(case):
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    assert {str(v["momentum_buffer"].dtype) for k, v in sd["state"].items() if k != "step"} == {"torch.float32"}
-    # the momentum is not representable in bfloat16: a cast anywhere would lose bits
-    assert any(not torch.equal(v["momentum_buffer"], v["momentum_buffer"].bfloat16().float())
-               for k, v in sd["state"].items() if k != "step")
+    assert {str(v[key].dtype) for k, v in sd["state"].items() if k != "step" for key in keys} == {"torch.float32"}
+    # the state is not representable in bfloat16: a cast anywhere would lose bits
+    for key in keys:
+        assert any(not torch.equal(v[key], v[key].bfloat16().float())
+                   for k, v in sd["state"].items() if k != "step"), key
     for b in (case, case.reference):
         ps2 = [nn.Parameter(p.detach().clone()) for p in ps]
         o2 = make(b)(ps2)
         o2.load_state_dict(sd)
         for p, p2 in zip(ps, ps2):
-            assert o2.state[p2]["momentum_buffer"].dtype == torch.float32
-            assert bit_equal(o2.state[p2]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+            for key in keys:
+                assert o2.state[p2][key].dtype == torch.float32
+                assert bit_equal(o2.state[p2][key], opt.state[p][key]), key
         if b.fused:
             assert o2._buckets[0].state_buf.dtype == torch.float32
             lockstep([ps2], [o2], 2, start=3)
-            assert o2.state[ps2[0]]["momentum_buffer"].dtype == torch.float32
+            assert all(o2.state[ps2[0]][key].dtype == torch.float32 for key in keys)
             ref_ps, _ = run(case, 5)     # never saved: the same bits
             assert all(bit_equal(a, b_) for a, b_ in zip(ps2, ref_ps))
 
@@ -1172,13 +1200,15 @@ def _long_model():
                          nn.Linear(16, 4))
 
 
-def _long_groups(model):
+def _long_groups(model, case):
+    """The 2-D parameters with the class's defaults; the 1-D ones with both filters and the class's
+    other form (AlgorithmSpec.other_form: TVLARS the paper form)."""
     return [{"params": [p for p in model.parameters() if p.ndim > 1]},
-            {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay_filter": True,
-             "lars_adaptation_filter": True, "momentum_form": "paper"}]
+            {"params": [p for p in model.parameters() if p.ndim == 1], **case.spec.other_form}]
 
 
-LONG_HYPER = dict(lr=0.5, momentum=0.9, weight_decay=5e-4, eta=2e-3, lmbda=2e-3, delay_steps=100)
+LONG_HYPER = {"TVLARS": dict(lr=0.5, momentum=0.9, weight_decay=5e-4, eta=2e-3, lmbda=2e-3, delay_steps=100),
+              "LAMB": dict(lr=3e-3, weight_decay=1e-2)}   # (lr=1e-2 is chaotic here: float64 runs part by step 2000)
 
 
 def _resync(dst_model, dst_opt, src_model, src_opt) -> None:
@@ -1191,8 +1221,8 @@ def _resync(dst_model, dst_opt, src_model, src_opt) -> None:
 
 
 def long_run(case: BackendCase, steps: int, window: int = 250):
-    """A small MLP (three Linear layers, a LayerNorm; 1-D parameters in a paper-form group with both
-    filters) regressing a fixed target with real, parameter-dependent gradients, for `steps` steps:
+    """A small MLP (three Linear layers, a LayerNorm; 1-D parameters in a group with both filters and
+    the class's other form: TVLARS's paper form, LAMB's decoupled weight decay) regressing a fixed target with real, parameter-dependent gradients, for `steps` steps:
     fused and reference runs in float32 and float64 in lock step.
 
     - fused float64 vs reference float64, uninterrupted: within 1e-9 the whole way (asserted at
@@ -1215,8 +1245,7 @@ def long_run(case: BackendCase, steps: int, window: int = 250):
                         ("r32w", torch.float32), ("r64", torch.float64), ("f64", torch.float64)):
         m = copy.deepcopy(base).to(dev, dtype)
         b = case if name[0] == "f" else case.reference
-        opt = (reference.TVLARS(_long_groups(m), **LONG_HYPER) if not b.fused
-               else tvlars_fused.TVLARS(_long_groups(m), backend=b.backend, **LONG_HYPER))
+        opt = b.optimizer(**LONG_HYPER[case.algo])(_long_groups(m, case))
         runs[name] = (m, opt, dtype)
     worst = dict(ratio=0.0, at=0, fused32=0.0, ref32=0.0, fused64=0.0, drift_ratio=0.0, drift_fused32=0.0,
                  drift_ref32=0.0)
@@ -1319,13 +1348,14 @@ def test_step_allocates_nothing_after_warmup(case):
 
 
 @requires_cuda
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_cuda_step_allocates_nothing_after_warmup(backend):
+def test_cuda_step_allocates_nothing_after_warmup(backend, algo):
     if backend not in available_backends("cuda"):
         pytest.skip(f"backend {backend!r} cannot run on this GPU")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).cuda()
-    opt = make(backend)(model.parameters())
+    opt = make(BackendCase("cuda", backend, algo))(model.parameters())
     x = torch.randn(64, 256, device="cuda")
     for _ in range(3):
         opt.zero_grad()
@@ -1342,12 +1372,13 @@ def test_cuda_step_allocates_nothing_after_warmup(backend):
 
 
 @requires_cuda
-def test_module_to_cuda_after_build():
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_module_to_cuda_after_build(algo):
     """module.cuda() after the optimizer was built (CPU buckets): it follows, like the reference."""
     runs = []
     for b in ("auto", "reference"):
         model = _mlp().double()
-        opt = make(b)(model.parameters())
+        opt = make(BackendCase("cpu", b, algo))(model.parameters())
 
         def hook(s, model, opt):
             if s == 0:   # before any state exists (the reference cannot follow a move later)
@@ -1425,9 +1456,10 @@ def retained_storages(opt) -> dict:
 
 @pytest.mark.parametrize("case", BACKENDS)
 def test_memory_overhead_resnet18_shapes(case):
-    """The fused optimizer's memory over parameters + gradients vs the eager reference's momentum
-    buffers (ResNet-18 shapes, float32). Bounded: the state equals the reference's buffers, plus
-    <0.5% for padding, tables and workspace."""
+    """The fused optimizer's memory over parameters + gradients vs the eager reference's state
+    (momentum buffers; LAMB's two moments) (ResNet-18 shapes, float32). Bounded: the state equals
+    the reference's, plus its padding (one row per state tensor), plus <0.5% for padding, tables
+    and workspace."""
     shapes = resnet18_shapes()
     init = [torch.zeros(s, device=case.device) for s in shapes]
     params = [nn.Parameter(x) for x in init]
@@ -1438,17 +1470,18 @@ def test_memory_overhead_resnet18_shapes(case):
     for p in ref_ps:
         p.grad = torch.zeros_like(p)
     o_r.step()
-    ref_bytes = sum(_tensor_bytes(st["momentum_buffer"]) for p, st in o_r.state.items() if isinstance(p, torch.Tensor))
+    keys = state_keys(case)
+    ref_bytes = sum(_tensor_bytes(st[k]) for p, st in o_r.state.items() if isinstance(p, torch.Tensor) for k in keys)
     over = optimizer_overhead(opt, params)
     own = own_storages(opt)
     retained = sum(n for ptr, n in retained_storages(opt).items() if ptr not in own)
     print(f"\nResNet-18 shapes ({len(shapes)} tensors, {numel / 1e6:.2f}M float32 params, {case}): "
           f"fused overhead {over['total'] / 2**20:.2f} MiB = state {over['state'] / 2**20:.2f} + padding "
           f"{over['padding'] / 2**10:.1f} KiB + tables {over['tables'] / 2**10:.1f} KiB + workspace "
-          f"{over['workspace'] / 2**10:.1f} KiB; reference momentum {ref_bytes / 2**20:.2f} MiB; "
+          f"{over['workspace'] / 2**10:.1f} KiB; reference state {ref_bytes / 2**20:.2f} MiB; "
           f"ratio {over['total'] / ref_bytes:.4f}; other storages the buckets keep alive "
           f"{retained / 2**20:.2f} MiB (see test_buckets_retain_no_storage_besides_their_buffers)")
-    assert over["state"] == ref_bytes + over["padding"]
+    assert over["state"] == ref_bytes + len(keys) * over["padding"]
     assert over["total"] <= ref_bytes * 1.005
 
 
