@@ -1262,6 +1262,17 @@ def test_signature_lists_the_hyperparameters(case):
 
 
 @pytest.mark.parametrize("case", PROJECT_CASES)
+def test_signature_defaults_are_the_algorithm_defaults(case):
+    """The defaults are written three times: the fused and the reference signatures (explicit, as
+    torch's optimizers) and the algorithm's defaults table, which load_state_dict fills into
+    param groups saved before an option existed. They must agree, option by option."""
+    sig = inspect.signature(case.cls.__init__).parameters
+    in_signature = {k: p.default for k, p in sig.items() if k not in ("self", "params", "lr", "backend")}
+    table = {k: v for k, v in case.cls.algorithm.defaults.items() if k != "lr"}
+    assert in_signature == table, (case.cls.__qualname__, set(in_signature.items()) ^ set(table.items()))
+
+
+@pytest.mark.parametrize("case", PROJECT_CASES)
 def test_fused_and_reference_are_siblings(case):
     fused_cls, ref_cls = getattr(tvlars_fused, case.name), getattr(reference, case.name)
     assert issubclass(fused_cls, torch.optim.Optimizer) and issubclass(ref_cls, torch.optim.Optimizer)
