@@ -72,7 +72,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true",
                     help="all sets x float32/bfloat16 x all implementations, torch.compile for each")
-    ap.add_argument("--sets", help="comma-separated parameter sets (resnet18, resnet50, gpt2s, tiny2000, big64m)")
+    from bench.shapes import SETS   # (no torch import: the help stays fast)
+    ap.add_argument("--sets", help=f"comma-separated parameter sets ({', '.join(SETS)})")
     ap.add_argument("--impls", help="comma-separated implementations (eager, foreach, compiled, fused-cpu, "
                     "fused-cpu-grad, fused-torch, fused-triton, fused-triton-grad, fused-triton-graph, "
                     "fused-cuda, sgd-foreach, sgd-fused; -grad: denominator='grad'; LAMB: lamb-eager, "

@@ -45,10 +45,6 @@ def use(which: Optional[str]) -> str:
     return which
 
 
-def choice() -> str:
-    return _choice
-
-
 def _tvlars_fused():
     import tvlars_fused
     return tvlars_fused
@@ -60,10 +56,6 @@ def _pytorch_optimizer_version() -> Optional[str]:
     except ImportError:
         return None
     return installed_version("pytorch_optimizer") or "unknown"
-
-
-def uses_fused_lamb() -> bool:
-    return _choice == "tvlars_fused" and hasattr(_tvlars_fused(), "LAMB")
 
 
 def lamb_source() -> Optional[str]:
@@ -88,18 +80,6 @@ def lamb_missing() -> str:
         return "this tvlars_fused has no LAMB (install the package from this checkout)"
     return (f"pytorch-optimizer is not installed "
             f"(pip install pytorch-optimizer=={PYTORCH_OPTIMIZER_PIN})")
-
-
-def lamb_warning() -> Optional[str]:
-    """A line to print when the LAMB in use is pytorch-optimizer at another version than the pin."""
-    if _choice != "pytorch-optimizer":
-        return None
-    version = _pytorch_optimizer_version()
-    if version is not None and version != PYTORCH_OPTIMIZER_PIN:
-        return (f"note: pytorch-optimizer {version} is installed; the published numbers used "
-                f"{PYTORCH_OPTIMIZER_PIN} (pip install pytorch-optimizer=={PYTORCH_OPTIMIZER_PIN}); "
-                "LAMB's results may differ")
-    return None
 
 
 def make_lamb(params, lr: float, weight_decay: float):

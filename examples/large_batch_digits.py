@@ -87,7 +87,7 @@ from tvlars_fused import reference
 
 sys.path.insert(0, HERE)
 import lamb_choice  # noqa: E402
-from lamb_choice import lamb_missing, lamb_source, lamb_warning, make_lamb  # noqa: E402
+from lamb_choice import lamb_missing, lamb_source, make_lamb  # noqa: E402
 from pins import version_report  # noqa: E402
 
 try:
@@ -689,7 +689,7 @@ def main(argv=None) -> int:
           f"{setup.total} steps; training seeds {args.seeds}; {torch.get_num_threads()} thread(s)")
     print(f"versions: {versions}, tvlars_fused {getattr(tvlars_fused, '__version__', '?')}; "
           f"LAMB: {lamb or 'skipped: ' + lamb_missing()}")
-    for w in warnings + [lamb_warning()]:
+    for w in warnings:   # (pins.version_report: pytorch-optimizer's pin included)
         if w:
             print(w)
     print(f"WA-LARS: base lr {args.lr:g}, eta {args.eta:g}, wd {args.weight_decay:g}, warm-up "

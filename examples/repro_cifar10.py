@@ -113,7 +113,7 @@ except ImportError:  # pragma: no cover
 
 sys.path.insert(0, HERE)
 import lamb_choice  # noqa: E402
-from lamb_choice import lamb_missing, lamb_source, lamb_warning, make_lamb  # noqa: E402
+from lamb_choice import lamb_missing, lamb_source, make_lamb  # noqa: E402
 from pins import version_report  # noqa: E402
 
 # -- the settings (see the module docstring for their sources) -----------------------------------
@@ -857,7 +857,7 @@ def main(argv=None) -> int:
           f"{lamb}; device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", autocast {args.amp}")
-    for w in warnings + [lamb_warning()]:
+    for w in warnings:   # (pins.version_report: pytorch-optimizer's pin included)
         if w:
             print(w)
     per = {}
