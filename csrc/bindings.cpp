@@ -1,7 +1,8 @@
 // Registers the custom ops tvlars_fused::bucket_step and ::bucket_step_at (docs/SPEC.md, "The bucket
-// ABI"; tvlars_ops.h says how they differ) with their CPU, CUDA (when built with TVLARS_WITH_CUDA)
+// ABI"; bucket_step.h says how they differ) with their CPU, CUDA (when built with TVLARS_WITH_CUDA)
 // and Meta implementations, and defines the Python module tvlars_fused._C whose import loads this
-// library (it has no functions of its own: call the ops as torch.ops.tvlars_fused.*).
+// library (the ops are called as torch.ops.tvlars_fused.*; its one function, step_signature, is the
+// fast host check of csrc/host_checks.cpp).
 #include <Python.h>
 
 #include <torch/library.h>

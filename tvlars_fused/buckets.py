@@ -144,6 +144,8 @@ class Bucket:
                                           for row in self.state_buf))
         # What each parameter must still look like for this bucket to serve it (checked every step).
         self._layouts = [_layout(p) for p in targets]
+        self._shapes = [layout[0] for layout in self._layouts]    # what step()'s fast check compares
+        self._strides = [layout[1] for layout in self._layouts]
         # Non-dense parameters are updated through a dense copy (staging), copied in and out.
         self.staging: Dict[int, torch.Tensor] = {
             i: torch.empty_strided(tuple(p.shape), _dense_strides(p), dtype=self.dtype, device=dev)
@@ -241,8 +243,6 @@ class Bucket:
         self.plan_cache: Dict[str, object] = {}   # backends' plans (BucketView.plan) name the weights
         self._sig = None
         self._ptrs = [t.data_ptr() for t in targets]
-        self._strides = [layout[1] for layout in self._layouts]
-        self._shapes = [layout[0] for layout in self._layouts]
         size = self.weights[0].element_size()
         ptrs = [w.data_ptr() for w in self.weights]
         base = ptrs[0]

@@ -123,10 +123,11 @@ class Step:
         torch._foreach_mul_(sl.views(gs), [self.gmul[i] for i in sl.segs])
         return gs
 
-    def state(self, b, sl: _Slice) -> List[torch.Tensor]:
-        """Each state slot over the slice: the buffer itself, or a scratch copy when vetoable."""
+    def state(self, b, sl: _Slice, writes: bool = True) -> List[torch.Tensor]:
+        """Each state slot over the slice: the buffer itself, or a scratch copy when the pass writes
+        it and the step is vetoable (commit_state puts it back where found_inf allows)."""
         rows = [b.state_buf[k, sl.lo:sl.hi] for k in range(b.algorithm.slots)]
-        if not self.vetoable:
+        if not (writes and self.vetoable):
             return rows
         return [self.row(self.first_slot_row + k, sl).copy_(r) for k, r in enumerate(rows)]
 
@@ -166,7 +167,7 @@ def pass1(b, st: Step, keep: torch.Tensor) -> None:
             continue
         w = st.weights(b, sl)
         gs = st.scaled_grad(b, sl)
-        state = st.state(b, sl) if writes_state or st.math.PASS1_READS_STATE else None
+        state = st.state(b, sl) if writes_state else None   # (pass 1 reads the state it writes)
         w_term, u_term = st.math.pass1(st, sl, act, w, gs, state)
         if writes_state:
             st.commit_state(b, sl, state, act, keep)
@@ -192,7 +193,7 @@ def pass2(b, st: Step, keep: torch.Tensor) -> None:
         if not act:
             continue
         w = st.weights(b, sl)
-        state = st.state(b, sl)
+        state = st.state(b, sl, writes=writes_state)   # (LAMB's pass 2 only reads m and v)
         gs = st.scaled_grad(b, sl) if st.math.PASS2_READS_GRAD else None
         st.math.pass2(st, sl, act, w, gs, state)
         # back to the parameters (rounded to their dtype), unless vetoed

@@ -17,7 +17,6 @@ from ..stats import exact_sqrt
 
 EXTRA_ROWS = 3                  # 4: x (l2), 5: sqrt(v/bc2) + eps, 6: w' (decoupled)
 WRITES_STATE = (True, False)    # pass 1 updates m and v; pass 2 only reads them
-PASS1_READS_STATE = True
 PASS2_READS_GRAD = False
 
 

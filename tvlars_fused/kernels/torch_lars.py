@@ -17,7 +17,6 @@ from ..stats import exact_sqrt
 
 EXTRA_ROWS = 0                  # scratch rows beyond the driver's
 WRITES_STATE = (False, True)    # pass 1, pass 2
-PASS1_READS_STATE = False
 PASS2_READS_GRAD = True
 
 
