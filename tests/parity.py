@@ -95,6 +95,18 @@ def assert_close_ulps(actual, expected, dtype: torch.dtype, max_ulps: float, wha
     return worst
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's raw bits (an integer view of the same width, on the CPU): exact comparisons that tell
+    -0.0 from 0.0 and compare NaN payloads."""
+    t = t.detach().reshape(-1).cpu()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
 def weights_flat(bucket) -> torch.Tensor:
     """A copy of a bucket's weights (the parameters' memory the kernels update), concatenated."""
     return torch.cat([w.detach().reshape(-1) for w in bucket.weights]).clone()

@@ -10,7 +10,7 @@ import tvlars_fused
 from tvlars_fused import reference
 from tvlars_fused.kernels import available_backends
 
-from parity import SHAPES, assert_parity_fp32, grads_for_step, make_init, max_err, train
+from parity import SHAPES, assert_parity_fp32, bits, grads_for_step, make_init, max_err, train
 
 
 def _backends():
@@ -255,14 +255,9 @@ def test_no_host_sync_in_step(backend, monkeypatch):
     assert float(opt.step_count) == 3
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 @pytest.mark.parametrize("amp", [False, True], ids=["plain", "amp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_torch_backend_slices_change_no_bits(dtype, amp, monkeypatch):
+def test_torch_backend_slices_change_nobits(dtype, amp, monkeypatch):
     """backend="torch" works through a bucket in slices of whole chunks. One-chunk slices (which
     cut segments, some with no active part) give the same bits as one slice for the whole bucket:
     both momentum forms, the weight-decay filter, None grads, and with AMP a grad_scale and one
@@ -292,8 +287,8 @@ def test_torch_backend_slices_change_no_bits(dtype, amp, monkeypatch):
         b = opt._buckets[0]
         sizes = [sl.n for sl in torch_backend.slices(b.view)]
         assert len(sizes) == 1 if slice_elems > b.numel else max(sizes) <= backend.CHUNK_ELEMS
-        runs.append([_bits(p) for p in ps] + [_bits(v) for p in ps for v in opt.state[p].values()]
-                    + [_bits(b.stats), _bits(opt.step_count)])
+        runs.append([bits(p) for p in ps] + [bits(v) for p in ps for v in opt.state[p].values()]
+                    + [bits(b.stats), bits(opt.step_count)])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
 

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from lamb_oracle import OracleLAMB
-from parity import SHAPES, assert_parity_fp32, grads_for_step, make_init
+from parity import SHAPES, assert_parity_fp32, bit_equal, grads_for_step, make_init
 from parity import used as some_none_grads
 
 F64 = torch.float64
@@ -141,15 +141,6 @@ def assert_states_match(opt, oracle, params, oracle_params, what: str) -> None:
             err = rel_err(st[key], so[key])
             assert err <= TOL, f"{what}: state[{i}][{key!r}] relative error {err:.3e}"
     assert float(opt.step_count) == oracle.t, f"{what}: t = {float(opt.step_count)}, expected {oracle.t}"
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1).cpu()
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def everything(opt, params) -> list:

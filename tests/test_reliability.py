@@ -57,7 +57,7 @@ import _ckpt_worker as ckpt
 from backend_cases import (ALGORITHMS, CASES, CPU_CASES, BackendCase, extra_interpreted, params, params_with,
                            with_reference)
 from conftest import requires_cuda
-from parity import assert_close_ulps, assert_parity_fp32, make_init, max_err, train
+from parity import assert_close_ulps, assert_parity_fp32, bit_equal, make_init, max_err, train
 
 BACKENDS = params(CASES, slow=extra_interpreted)                                # every (device, backend, class)
 BACKENDS_AND_REFERENCE = params(with_reference(CASES), slow=extra_interpreted)  # ... and the references
@@ -109,15 +109,6 @@ def make(case, cls=None, **kw):
 def state_keys(case, **options):
     """The state tensors of a parameter updated by the case's class with these group options."""
     return case.spec.state_keys(options)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
 def snapshot(opt) -> dict:
