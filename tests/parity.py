@@ -71,6 +71,14 @@ def max_err(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
                 for x, y in zip(a, b) if x.numel()] + [0.0])
 
 
+def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
+    """max |a - e| / max(1, max |e|), in float64: a parameter's error against its size."""
+    if not e.numel():
+        return 0.0
+    a64, e64 = a.detach().double().cpu(), e.detach().double().cpu()
+    return float((a64 - e64).abs().max()) / max(1.0, float(e64.abs().max()))
+
+
 def assert_parity_fp32(fused, ref32, ref64, what: str = "") -> tuple:
     e_fused, e_ref = max_err(fused, ref64), max_err(ref32, ref64)
     scale = max([float(x.detach().abs().max()) for x in ref64 if x.numel()] + [1.0])

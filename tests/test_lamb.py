@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from lamb_oracle import OracleLAMB
-from parity import SHAPES, assert_parity_fp32, bit_equal, grads_for_step, make_init
+from parity import SHAPES, assert_parity_fp32, bit_equal, grads_for_step, make_init, rel_err
 from parity import used as some_none_grads
 
 F64 = torch.float64
@@ -106,14 +106,6 @@ def train(make_opt: Callable, init: Sequence[torch.Tensor], dtype: torch.dtype, 
         if after_step is not None:
             after_step(s, opt, params)
     return params, opt
-
-
-def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
-    """max |a - e| / max(1, max |e|): the error relative to the parameter's size."""
-    if not e.numel():
-        return 0.0
-    a64, e64 = a.detach().to(F64), e.detach().to(F64)
-    return float((a64 - e64).abs().max()) / max(1.0, float(e64.abs().max()))
 
 
 def assert_match(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], what: str,

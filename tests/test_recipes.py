@@ -46,6 +46,7 @@ import tvlars_fused
 from tvlars_fused import lars_param_groups, reference
 from tvlars_fused.param_groups import BIAS, NORM, ONE_DIM
 from tvlars_fused.kernels import available_backends
+from parity import rel_err
 
 F64 = torch.float64
 STEPS = 50
@@ -122,8 +123,7 @@ def check_recipe(backend: str, independent: Callable, ours: Callable, what: str,
 
 def assert_match(ours, theirs, what, net: Callable = make_net):
     for a, b in zip(ours, theirs):
-        scale = max(1.0, float(b.abs().max()))
-        err = float((a - b).abs().max()) / scale
+        err = rel_err(a, b)
         assert err <= 1e-12, f"{what}: {err:.3e}"
     moved = max(float((a - b).abs().max()) for a, b in zip(theirs, [p.detach() for p in net().parameters()]))
     assert moved > 1e-3, f"{what}: the run must move the parameters"
