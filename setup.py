@@ -11,6 +11,23 @@ import shutil
 
 from setuptools import setup
 
+
+def find_cuda_home():
+    """The CUDA toolkit root to link against, or None (torch then guesses). torch's guess is wrong
+    where nvcc is a wrapper outside the toolkit (the link fails with `cannot find -lcudart`): a
+    root must hold bin/nvcc and a linkable libcudart.so. A CUDA_HOME set by the user always wins."""
+    def linkable(root):
+        return os.path.exists(os.path.join(root, "bin", "nvcc")) and any(
+            glob.glob(os.path.join(root, sub, "libcudart.so"))
+            for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"))
+
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    roots = [os.path.dirname(os.path.dirname(p)) for p in ((nvcc, os.path.realpath(nvcc)) if nvcc else ())]
+    roots += sorted(glob.glob("/usr/local/cuda*"), reverse=True) + ["/usr/lib/cuda"]
+    return next((root for root in roots if linkable(root)), None)
+
 # Compiler flags (tests/test_nvcc.py compiles the .cu with this NVCC_FLAGS list, read from here):
 #  - no FMA contraction on the host, so the CPU kernel's bits do not depend on the instruction set
 #    the compiler picks (the device side uses explicitly rounded intrinsics, csrc/arith.h);
@@ -25,12 +42,14 @@ NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("TVLARS_FUSED_BUILD_EXT", "1") != "0" and glob.glob("csrc/*.cpp"):
+    cuda_home = find_cuda_home()
+    if cuda_home:   # before torch.utils.cpp_extension reads it
+        os.environ["CUDA_HOME"] = cuda_home
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     force = os.environ.get("TVLARS_FUSED_BUILD_CUDA")
-    nvcc = shutil.which("nvcc") or (
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
     if force == "1":
         if torch.version.cuda is None:
             raise RuntimeError(f"TVLARS_FUSED_BUILD_CUDA=1 but torch {torch.__version__} was built without "
@@ -48,6 +67,8 @@ if os.environ.get("TVLARS_FUSED_BUILD_EXT", "1") != "0" and glob.glob("csrc/*.cp
                             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, **kwargs)
     else:
         ext = CppExtension("tvlars_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **kwargs)
+    what = f"the C++ and CUDA ops (CUDA_HOME={cuda_home or 'torch guesses'})" if with_cuda else "the C++ ops"
+    print(f"tvlars_fused: building {what}")
     ext_modules = [ext]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
