@@ -11,6 +11,8 @@ reference and every fused backend here (the Triton interpreter's runs are marked
                         else the plain gradient (no weight decay); SGD momentum of the wrapped SGD
   Lightning Bolts LARS  as LARC (no clip) but only when weight_decay != 0; SGD momentum
   SGD-Nesterov LARS     Barlow Twins' trust ratio with torch's Nesterov momentum
+  You et al. 2017       q = eta*||w|| / (||g|| + wd*||w||) for every layer, d = q*(g + wd*w),
+                        TensorFlow momentum v = m*v + lr*d, w -= v
   MLPerf ResNet-50      q as timm (eps 0), biases and BatchNorm excluded from weight decay and
                         adaptation by name; TensorFlow momentum v = m*v + lr*q*d, w -= v
   Barlow Twins          q = eta*||w||/||g + wd*w|| with the ndim == 1 filters; mu = m*mu + q*d,
@@ -278,6 +280,31 @@ def test_mlperf_resnet50_lars(backend):
                                                         exclude_from_adaptation=[BIAS, NORM]),
                                       lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, denominator="grad",
                                       momentum_form="lr_scaled"), "MLPerf")
+
+
+# -- You, Gitman, Ginsburg 2017, Algorithm 1 --------------------------------------------------------------
+
+def you2017_update(wd, eta=1e-3, momentum=0.9):
+    """The original LARS: local lr = eta*||w|| / (||g|| + wd*||w||), v = m*v + lr*local_lr*(g + wd*w),
+    w -= v, every layer adapted. Where a norm is 0 the paper's formula degenerates (||w|| = 0 gives
+    0 forever: a zero-initialized layer such as BatchNorm's bias would never move; ||g|| = 0 gives
+    eta/wd); there the recipe takes 1, as timm and the MLPerf LARS do (README)."""
+    def update(named, state, lr, t):
+        for name, p in named:
+            g = p.grad
+            wn, gn = p.norm(), g.norm()
+            local_lr = eta * wn / (gn + wd * wn) if wn > 0 and gn > 0 else 1.0
+            v = state[name].get("v", torch.zeros_like(p))
+            state[name]["v"] = momentum * v + lr * local_lr * (g + wd * p)
+            p.sub_(state[name]["v"])
+    return update
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_you_2017_lars(backend):
+    check_recipe(backend, you2017_update(WD),
+                 lambda LARS, m: LARS(m.parameters(), lr=LR, momentum=0.9, weight_decay=WD, eta=0.001,
+                                      denominator="grad", momentum_form="lr_scaled"), "You et al. 2017")
 
 
 # -- Barlow Twins ------------------------------------------------------------------------------------

@@ -641,6 +641,25 @@ def _bad_id(c):
     return f"{c[0]}={c[1]}"
 
 
+@pytest.mark.parametrize("cls_name", ["TVLARS", "LARS", "LAMB"])
+@pytest.mark.parametrize("module", ["reference", "fused"])
+def test_ambiguous_positional_arguments_are_refused(module, cls_name):
+    """The LARS codebases disagree on the third positional argument and after (torch SGD, timm,
+    Lightning: lr, momentum, dampening, weight_decay; Barlow Twins, pytorch_optimizer, the TVLARS
+    authors: lr, weight_decay, momentum), LAMB's after betas (torch Adam: eps; pytorch_optimizer:
+    weight_decay): past lr and momentum (LAMB: lr and betas) arguments are keyword-only, so such a
+    call is an error instead of silently misplaced values."""
+    import tvlars_fused
+    import tvlars_fused.reference as ref
+    cls = getattr(ref if module == "reference" else tvlars_fused, cls_name)
+    w = torch.nn.Parameter(torch.randn(3, dtype=F64))
+    second = (0.9, 0.99) if cls_name == "LAMB" else 0.8
+    opt = cls([w], 0.1, second)   # torch's order for the first two
+    assert opt.param_groups[0]["betas" if cls_name == "LAMB" else "momentum"] == second
+    with pytest.raises(TypeError, match="positional"):
+        cls([w], 0.1, second, 5e-4)
+
+
 @pytest.mark.parametrize("name,value", TV_BAD, ids=[_bad_id(c) for c in TV_BAD])
 def test_invalid_tvlars_constructor(name, value):
     w = torch.zeros(2, dtype=F64, requires_grad=True)

@@ -157,7 +157,7 @@ class TVLARS(_LarsReference):
     """Eager reference TVLARS (arXiv 2309.14053); see docs/SPEC.md."""
     algorithm = TVLARS_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 5e-4,
+    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, *, weight_decay: float = 5e-4,
                  eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
                  gamma_min: float = 0.0, hold_steps: float = 0, weight_decay_filter: bool = False,
                  lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
@@ -172,7 +172,7 @@ class LARS(_LarsReference):
     """Eager reference LARS: TVLARS with phi(t) == 1 (the Barlow Twins LARS)."""
     algorithm = LARS_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, weight_decay: float = 0.0,
+    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, *, weight_decay: float = 0.0,
                  eta: float = 1e-3, weight_decay_filter: bool = False, lars_adaptation_filter: bool = False,
                  norm_clip: Optional[float] = None, momentum_form: str = "heavy_ball", denominator: str = "update",
                  eps: float = 0.0, trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
@@ -185,7 +185,7 @@ class LAMB(ReferenceOptimizer):
     """Eager reference LAMB (You et al. 2019, Algorithm 2); see docs/SPEC.md, "LAMB"."""
     algorithm = LAMB_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), *,
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: Union[str, bool] = "moments",
                  weight_decay_mode: str = "update", grad_averaging: bool = True,
                  weight_norm_clip: Optional[float] = None, ratio_eps: float = 0.0, adapt: bool = True,
