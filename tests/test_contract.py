@@ -649,6 +649,30 @@ def test_params_with_grad_none_are_skipped(case, inp):
     assert never not in opt.state or not (set(opt.state[never]) & case.all_state_tensor_keys)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_autograd_grad_leaves_grads_alone(case):
+    """torch.autograd.grad (gradient penalties, gradient-norm probes, MAML inner loops) returns
+    gradients without touching .grad: after it every .grad is still None, so step() moves nothing
+    (as torch's SGD); backward(inputs=[...]) fills only the listed parameters' .grad."""
+    dev = case.device
+    prob = Problem(dev, seed=31, extra=[(3,)])
+    p = prob.params()
+    opt = case.make_default(p)
+    prob.run(opt, p, range(2))
+    opt.zero_grad()
+    before = [q.detach().clone() for q in p]
+    grads = torch.autograd.grad(prob.loss(p, 2), p)
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert all(q.grad is None for q in p), "autograd.grad must not set .grad"
+    opt.step()
+    assert_params_equal(p, before, "a step after autograd.grad only")
+    prob.loss(p, 3).backward(inputs=[p[0]])
+    assert p[0].grad is not None and p[1].grad is None and p[2].grad is None
+    opt.step()
+    assert not torch.equal(p[0].detach(), before[0])
+    assert_params_equal(p[1:], before[1:], "parameters left out of backward(inputs=...)")
+
+
 @pytest.mark.parametrize("case, inp", INPUTS)
 def test_grads_are_never_inplaced_into(case, inp):
     """step() never writes to gradients: after it, p.grad is the same tensor object with the same

@@ -524,3 +524,63 @@ def test_padding_stays_zero_after_a_non_finite_step(backend):
     assert torch.equal(padding(), torch.zeros_like(padding()))
     wn = float(opt.layer_stats()[ps[0]][0])
     assert wn == pytest.approx(float(good[0].double().norm()), rel=1e-6), wn
+
+
+def _backward_steps(opt, model, steps, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 3, generator=g, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_newest_optimizer_owns_the_gradients(backend):
+    """A second optimizer built over the same parameters while the first is alive (an LR finder,
+    then the real run) takes the fast path: the newest one's views receive the gradients; the
+    older one still steps correctly (its gradients are copied in)."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(3, 2).double()
+    old = tvlars_fused.TVLARS(model.parameters(), backend=backend, **HYPER)
+    _backward_steps(old, model, 2)
+    new = tvlars_fused.TVLARS(model.parameters(), backend=backend, **HYPER)
+    ref_model = copy.deepcopy(model)
+    ref = reference.TVLARS(ref_model.parameters(), **HYPER)
+    _backward_steps(new, model, 3)
+    _backward_steps(ref, ref_model, 3)
+    assert new.grad_copies == 0
+    assert max_err(model.parameters(), ref_model.parameters()) < 1e-12
+    _backward_steps(old, model, 1)   # the old one is still a working optimizer (copies its gradients)
+    assert old.grad_copies == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_unfrozen_after_construction_takes_the_fast_path(backend):
+    """A parameter frozen when the optimizer was built (fine-tuning that unfreezes layers later) has
+    its gradient copied in once, then backward accumulates into the optimizer's view."""
+    torch.manual_seed(4)
+    model = torch.nn.Linear(3, 2).double()
+    model.weight.requires_grad_(False)
+    opt = tvlars_fused.TVLARS(model.parameters(), backend=backend, **HYPER)
+    _backward_steps(opt, model, 1)
+    assert opt.grad_copies == 0
+    model.weight.requires_grad_(True)
+    _backward_steps(opt, model, 1)
+    assert opt.grad_copies == 1
+    _backward_steps(opt, model, 3)
+    assert opt.grad_copies == 1
+
+
+def test_gradient_hooks_go_with_the_optimizer():
+    """Deleting an optimizer removes its gradient hooks (none pile up on the parameters) and frees
+    its buckets."""
+    import gc
+    import weakref
+    model = torch.nn.Linear(3, 2)
+    opt = tvlars_fused.TVLARS(model.parameters(), lr=0.1)
+    bucket = opt._buckets[0]
+    hooks, alive = bucket._hooks, weakref.ref(bucket)
+    assert len(hooks) == 2
+    del opt, bucket
+    gc.collect()
+    assert alive() is None and hooks == {}

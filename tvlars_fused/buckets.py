@@ -15,9 +15,10 @@ parameter's own (dense) strides, so element k of a segment is element k of the p
 
 Gradients follow torch's semantics: a parameter whose .grad is None is skipped, and whatever .grad
 is at step() is what the step uses; step() neither writes into .grad nor replaces it. The fast path
-avoids copies: zero_grad() zeroes the grad buffer in place and sets each .grad to None; a tensor
-hook, which runs before autograd accumulates into .grad, attaches the (zeroed) bucket view as .grad
-the first time backward produces a gradient, so autograd accumulates straight into the bucket.
+avoids copies: zero_grad() zeroes the grad buffer in place and sets each .grad to None; a pre-hook
+on each parameter's AccumulateGrad node, which runs in backward() just before autograd writes .grad
+(never in torch.autograd.grad), attaches the (zeroed) bucket view as .grad, so autograd accumulates
+straight into the bucket.
 Any other .grad (assigned by hand, allocated by model.zero_grad() + backward, owned by another
 library) is copied in at step time and counted in `Bucket.grad_copies`.
 """
@@ -30,6 +31,7 @@ from operator import attrgetter, is_
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .abi import (ALIGN, CHUNK_COLS, COL_LR, FLAG_FIRST_STEP, GROUP_COLS, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
                   STAT_TRUST_RATIO)
@@ -211,9 +213,13 @@ class Bucket:
         self.has_empty = any(n == 0 for n in numels)   # a zero-size parameter (a segment without chunks)
         self.view = BucketView(self)
 
-        ref = weakref.ref(self)
-        self._hooks = [] if self.sharded else [
-            p.register_hook(_make_attach_hook(ref, i)) for i, p in enumerate(self.params) if p.requires_grad]
+        # the gradient hooks (grad views attached by backward), removed with the bucket
+        self._hooks: Dict[int, object] = {}
+        self._accumulators: Dict[int, object] = {}
+        self._finalizer = weakref.finalize(self, _remove_handles, self._hooks)
+        if not self.sharded:
+            for i in range(len(self.params)):
+                self.hook_grad(i)
         self.reduce_groups = shard_groups(self.params[0]) if self.sharded else []
 
     def _state_entry(self, view: torch.Tensor, i: int) -> torch.Tensor:
@@ -324,10 +330,25 @@ class Bucket:
             else:
                 self.clean[i] = False
 
+    def hook_grad(self, i: int) -> None:
+        """Make parameter i's backward accumulate into the bucket's view: a pre-hook on its
+        AccumulateGrad node (which runs in backward() only, not in torch.autograd.grad, whose
+        gradients must not become .grad) attaches the view as .grad before autograd writes it.
+        The newest bucket of a parameter owns its gradient (another optimizer built over the same
+        parameters later takes it over). A parameter without autograd (requires_grad False) gets
+        its hook when a gradient first has to be copied in (prepare)."""
+        p = self.params[i]
+        _OWNER[p] = weakref.ref(self)
+        if i in self._hooks or not p.requires_grad:
+            return
+        with torch.enable_grad():
+            node = p.view_as(p).grad_fn.next_functions[0][0]
+        self._accumulators[i] = node   # (autograd keeps only a weak reference: the hook would go with it)
+        self._hooks[i] = node.register_prehook(_make_attach_hook(weakref.ref(self), i))
+
     def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        _remove_handles(self._hooks)
+        self._accumulators.clear()
 
     # -- per-step host bookkeeping (no device sync) -------------------------------------------
     def gather_grads(self) -> Tuple[List[Optional[torch.Tensor]], bool]:
@@ -387,6 +408,8 @@ class Bucket:
             view = self.grad_views[i]
             if g is not view:   # (FSDP2's gradients always take this path)
                 view.copy_(local(g).detach())
+                if not (torch.compiler.is_compiling() or self.sharded or i in self._hooks):
+                    self.hook_grad(i)   # unfrozen since the bucket was built: the next backward attaches
                 # (not counted while torch.compile traces: a counter changing every step would be
                 # a guard failing every step)
                 self.grad_copies += not (self.sharded or torch.compiler.is_compiling())
@@ -536,18 +559,34 @@ class BucketView:
         return found
 
 
+# parameter -> the bucket (weak reference) whose hook attaches its gradient view: the newest
+_OWNER = WeakIdKeyDictionary()
+
+
+def _remove_handles(handles: Dict[int, object]) -> None:
+    for h in handles.values():
+        h.remove()
+    handles.clear()
+
+
 def _make_attach_hook(bucket_ref, i):
-    def hook(grad):
+    def hook(grad_outputs):
         # A backward traced by torch.compile produces .grad as a graph output instead of
         # accumulating in place, so there is nothing to attach: step() copies those grads in.
         if torch.compiler.is_compiling():
             return None
         bucket = bucket_ref()
-        # Attach only a dense grad to a parameter that still fits this bucket: a sparse grad must
-        # reach step() (which rejects it), and a parameter reshaped or moved to another dtype or
-        # device gets its own grad; step() then rebuilds the buckets.
-        if (bucket is not None and not grad.is_sparse and bucket.params[i].grad is None
-                and not bucket.layout_changed(i)):
+        if bucket is None:
+            return None
+        p = bucket.params[i]
+        owner = _OWNER.get(p)
+        owner = None if owner is None else owner()
+        # Attach only a dense grad to a parameter that still fits this bucket, and only where this
+        # bucket owns it (or its owner is gone): a sparse grad must reach step() (which rejects
+        # it), and a parameter reshaped or moved to another dtype or device gets its own grad;
+        # step() then rebuilds the buckets.
+        if ((owner is None or owner is bucket) and p.grad is None
+                and not grad_outputs[0].is_sparse and not bucket.layout_changed(i)):
             bucket.attach_grad(i)
         return None
     return hook
