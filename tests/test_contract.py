@@ -852,6 +852,27 @@ def test_tensor_lr_matches_float_lr(case, inp):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_lr_switched_between_tensor_and_float(case):
+    """A group's lr switched between a tensor and floats (0.0 included: a frozen group) steps as a
+    float lr of the same values throughout. The fused classes once kept the last tensor lr after a
+    switch to the float 0.0 (both wrote 0 into the table row, so nothing was re-uploaded)."""
+    dev = case.device
+    prob = Problem(dev, seed=37)
+    pa, pb = prob.params(), prob.params()
+    kw = case.default_input.make_kwargs(dev)
+    v = float(kw.pop("lr"))
+    a = case.make(pa, lr=torch.tensor(v, device=dev), **kw)
+    b = case.make(pb, lr=v, **kw)
+    for s, lr in enumerate([v, 0.0, torch.tensor(v / 2, device=dev), 0.0, v / 4]):
+        a.param_groups[0]["lr"] = lr
+        b.param_groups[0]["lr"] = float(lr)
+        frozen = [q.detach().clone() for q in pa] if float(lr) == 0.0 else None
+        step_both(prob, (a, pa), (b, pb), [s])
+        if frozen is not None and case.weight_decay(kw) == 0:
+            assert_params_equal(pa, frozen, f"step {s}: lr 0.0")
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_tensor_lr_num_dim_2(case):
     """lr = torch.tensor([[v]]) (a 2-D one-element tensor) with 1-D parameters == lr = v."""
     dev = case.device

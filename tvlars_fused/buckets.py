@@ -205,6 +205,7 @@ class Bucket:
         self._sig: Optional[bytes] = None   # step_signature after the last prepare
         self._fast = False                  # set by sync_params for the gather_grads right after it
         self._rows: Optional[list] = None
+        self._tensor_lr: Optional[list] = None
         self._filters: Optional[list] = None
         self._had_first = False
         # what the bucket's groups use of the options that shape the elementwise code (from
@@ -497,9 +498,11 @@ class Bucket:
             self._had_first = bool(first)
 
         rows = [algo.group_row(g) for g in param_groups]
-        if rows != self._rows:
+        # (a tensor lr's row holds 0 there: a float lr of 0 after a tensor one must still upload)
+        tensor_lr = [isinstance(g["lr"], torch.Tensor) for g in param_groups]
+        if rows != self._rows or tensor_lr != self._tensor_lr:
             upload(self.group_table, rows)
-            self._rows = rows
+            self._rows, self._tensor_lr = rows, tensor_lr
             self.variant = algo.variant([rows[gi] for gi in sorted(set(self.group_index))])
         for gi, g in enumerate(param_groups):
             if isinstance(g["lr"], torch.Tensor):  # a device lr: copied on the device, never read
