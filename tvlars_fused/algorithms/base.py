@@ -13,6 +13,7 @@ kernels/torch_<name>.py; this is the policy around it:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
@@ -37,7 +38,7 @@ def real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}{at}")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):   # (numpy's scalars are numbers.Real)
         raise ValueError(f"{name} must be a real number, got {value!r}{at}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}{at}")
