@@ -25,6 +25,8 @@ constexpr int64_t REDUCE_TILE = 1024;
 constexpr int STAT_WEIGHT_NORM = 0, STAT_UPDATE_NORM = 1, STAT_TRUST_RATIO = 2, STAT_SCALE = 3,
               STAT_GRAD_NORM = 4, STAT_WEIGHT_DECAY = 5, STAT_PUBLIC = 6;
 constexpr int LAMB_STAT_BC1 = 6, LAMB_STAT_BC2 = 7, LAMB_STAT_STEP = 8, STAT_COLS = 9;
+// LARS's first update (heavy_ball with dampening), decided on the device (abi.py)
+constexpr int LARS_STAT_FIRST = 6, LARS_STAT_PENDING = 7;
 // group_table float64 [G, GROUP_COLS]: the columns every algorithm has, then the algorithm's own
 constexpr int COL_LR = 0, COL_WEIGHT_DECAY = 1, COL_GRAD_SIGN = 2, COL_GFLAGS = 3, COL_NORM_CLIP = 4,
               GROUP_COLS = 16;
@@ -40,6 +42,6 @@ constexpr int64_t GF_NO_ADAPT = 1, GF_GRAD_DENOMINATOR = 2, GF_TRUST_CLIP = 4, G
                   GF_NESTEROV = 16, GF_WD_L2 = 32, GF_WD_DECOUPLED = 64, GF_BC_MOMENTS = 128,
                   GF_BC_STEP_SIZE = 256, GF_BC_FIRST_MOMENT = 512;
 // bits of seg_table[:, SEG_FLAGS]
-constexpr int64_t FLAG_SKIP_WEIGHT_DECAY = 1, FLAG_SKIP_ADAPTATION = 2, FLAG_FIRST_STEP = 4;
+constexpr int64_t FLAG_SKIP_WEIGHT_DECAY = 1, FLAG_SKIP_ADAPTATION = 2;
 
 }  // namespace tvlars

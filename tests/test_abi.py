@@ -42,6 +42,8 @@ def test_columns_are_distinct_and_dense():
     # stats: the public columns, then each algorithm's hand-off from pass 1 to pass 2
     assert sorted(_ints("STAT_").values()) == list(range(abi.STAT_PUBLIC))
     assert sorted(_ints("LAMB_STAT_").values()) == list(range(abi.STAT_PUBLIC, abi.STAT_COLS))
+    lars = sorted(_ints("LARS_STAT_").values())
+    assert len(set(lars)) == len(lars) and min(lars) >= abi.STAT_PUBLIC and max(lars) < abi.STAT_COLS
     # the group table: the columns every algorithm has, then each algorithm's own, distinct within it
     common = sorted(_ints("COL_").values())
     assert common == list(range(len(common)))

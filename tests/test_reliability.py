@@ -987,6 +987,39 @@ def test_found_inf_on_first_step_creates_only_initial_state(case, form):
     assert max_err(ps, ps_r) < 1e-5
 
 
+@pytest.mark.parametrize("case", params([c for c in CASES if c.algo == "TVLARS"], slow=extra_interpreted))
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+def test_first_update_after_found_inf_is_torchs_first_buffer(case, nesterov):
+    """With dampening, torch's SGD makes the first momentum buffer the update itself (no dampening),
+    and a step skipped by GradScaler is no update: the first real step still takes buf = u. (The
+    fused classes once marked the first update on the host, which cannot see found_inf: a skipped
+    first step used it up, and the real first step was dampened.) LARS(adapt=False) is torch's SGD
+    exactly, so the float64 run is held to torch.optim.SGD itself and to the reference TVLARS."""
+    dev = case.device
+    dampening = 0.0 if nesterov else 0.3
+    init = make_init([(6, 5), (5,)])
+    runs = {}
+    for who in ("fused", "torch", "reference"):
+        ps = [nn.Parameter(x.to(dev, torch.float64, copy=True)) for x in init]
+        kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=dampening, nesterov=nesterov)
+        if who == "torch":
+            opt = torch.optim.SGD(ps, **kw)
+        else:
+            opt = make(case if who == "fused" else case.reference, cls="LARS", adapt=False, **kw)(ps)
+        for s in range(4):
+            set_grads(ps, s)
+            if s == 0:   # skipped: GradScaler found an inf (non-fused optimizers: step() not called)
+                if who != "fused":
+                    continue
+                opt.found_inf, opt.grad_scale = torch.ones(1, device=dev), torch.ones(1, device=dev)
+            elif s == 1 and who == "fused":
+                del opt.found_inf, opt.grad_scale
+            opt.step()
+        runs[who] = [p.detach().cpu() for p in ps]
+    assert max_err(runs["fused"], runs["torch"]) < 1e-13
+    assert max_err(runs["fused"], runs["reference"]) < 1e-13
+
+
 @pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("kind", ["nan", "inf", "huge"])

@@ -37,6 +37,10 @@ STAT_WEIGHT_NORM, STAT_UPDATE_NORM, STAT_TRUST_RATIO, STAT_SCALE, STAT_GRAD_NORM
 STAT_PUBLIC = 6
 LAMB_STAT_BC1, LAMB_STAT_BC2 = 6, 7   # LAMB's bias corrections (1 unless bias_correction="moments")
 LAMB_STAT_STEP = 8                    # LAMB's (lr*s)*q: w = w' - that*u
+# LARS's first update (heavy_ball with dampening: buf = u, as torch's SGD), decided on the device so
+# that a step skipped by found_inf does not count: the host sets PENDING when it starts a
+# parameter's state; pass 1 of the step that updates it moves PENDING to FIRST (pass 2 reads FIRST)
+LARS_STAT_FIRST, LARS_STAT_PENDING = 6, 7
 STAT_COLS = 9
 # STAT_SCALE is phi(t) for TVLARS/LARS, LAMB's step-size bias correction s (docs/SPEC.md)
 LARS_STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "phi", "grad_norm", "weight_decay")
@@ -80,4 +84,3 @@ GF_BC_FIRST_MOMENT = 512   # LAMB bias_correction="first_moment": lr / (1 - beta
 # bits of seg_table[:, SEG_FLAGS]
 FLAG_SKIP_WEIGHT_DECAY = 1   # weight_decay_filter and ndim == 1
 FLAG_SKIP_ADAPTATION = 2     # the adaptation filter and ndim == 1
-FLAG_FIRST_STEP = 4          # LARS: the parameter's first update (heavy_ball with dampening: buf = u, as torch)

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .abi import (ALIGN, CHUNK_COLS, COL_LR, FLAG_FIRST_STEP, GROUP_COLS, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
+from .abi import (ALIGN, CHUNK_COLS, COL_LR, GROUP_COLS, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
                   STAT_TRUST_RATIO)
 from .algorithms import Algorithm
 from .algorithms.base import WEIGHTS
@@ -207,7 +207,6 @@ class Bucket:
         self._rows: Optional[list] = None
         self._tensor_lr: Optional[list] = None
         self._filters: Optional[list] = None
-        self._had_first = False
         # what the bucket's groups use of the options that shape the elementwise code (from
         # prepare; Algorithm.variant): backends may compile for just that
         self.variant: tuple = ()
@@ -389,10 +388,10 @@ class Bucket:
         step's and no state entry changed, nothing is done per parameter."""
         keys = [self.algorithm.state_keys(g) for g in param_groups]
         if same_grads and self._state_intact(state, keys):
-            replaced_steps, first = [], set()
+            replaced_steps = []
         else:
-            replaced_steps, first = self._prepare_params(param_groups, state, grads, keys)
-        self._upload_tables(param_groups, first)
+            replaced_steps = self._prepare_params(param_groups, state, grads, keys)
+        self._upload_tables(param_groups)
         return replaced_steps
 
     def _prepare_params(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
@@ -400,7 +399,6 @@ class Bucket:
         """prepare()'s per-parameter work; caches what the next step's fast check compares."""
         active = []
         replaced_steps = []
-        first = set()   # state created now where the algorithm marks the first update (LARS dampening)
         for i, p in enumerate(self.params):
             g = grads[i]
             if g is None:
@@ -423,8 +421,7 @@ class Bucket:
                 self._check_entries(i, st, mine)
             if not self.has_state[i]:
                 st = state[p]
-                if self._start_state(i, st, mine, group):
-                    first.add(i)
+                self._start_state(i, st, mine, group)
             given = st.get(STEP)
             if given is not self.step_entry:
                 if given is not None:
@@ -447,7 +444,7 @@ class Bucket:
         self._sig = (_step_signature(self.params) if not torch.compiler.is_compiling() and not self.sharded
                      and _step_signature is not None and all(map(is_, grads, self._expected_grads))
                      else None)
-        return replaced_steps, first
+        return replaced_steps
 
     def _check_entries(self, i: int, st: Optional[Dict], keys: Tuple[str, ...]) -> None:
         """Parameter i has state: a slot's entry reset by the user (or a new key set: another
@@ -465,10 +462,12 @@ class Bucket:
                 view.copy_(local(cur.detach()))
                 st[key] = entry
 
-    def _start_state(self, i: int, st: Dict, keys: Tuple[str, ...], group: dict) -> bool:
+    def _start_state(self, i: int, st: Dict, keys: Tuple[str, ...], group: dict) -> None:
         """Parameter i's first update (or a restart): each slot takes the tensor written into the
         entry from outside (ZeroRedundancyOptimizer's load_state_dict), else starts as the
-        algorithm says. Returns whether the first update is to be marked (FLAG_FIRST_STEP)."""
+        algorithm says; a first update the algorithm marks is set pending in the stats row (the
+        kernels consume it in the step that updates the parameter, so a step skipped by found_inf
+        does not count)."""
         entries, marked = [], False
         for key, view, how in zip(keys, self.state_views[i], self.algorithm.initial_state(group)):
             given = st.get(key)
@@ -483,19 +482,18 @@ class Bucket:
             entries.append(entry)
         self._entries[i], self._keys[i] = tuple(entries), keys
         self.has_state[i] = True
-        return marked
+        if marked:
+            self.stats[i, self.algorithm.first_update_stat].fill_(1)
 
-    def _upload_tables(self, param_groups: List[dict], first: set) -> None:
+    def _upload_tables(self, param_groups: List[dict]) -> None:
         """The segment flags, group rows and device lr's, where they changed (asynchronously)."""
         algo = self.algorithm
         filters = [(g["weight_decay_filter"], g[algo.adaptation_filter]) for g in param_groups]
-        if filters != self._filters or first or self._had_first:
+        if filters != self._filters:
             for i, row in enumerate(self._seg_rows):
-                row[SEG_FLAGS] = (algo.segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
-                                  | (FLAG_FIRST_STEP if i in first else 0))
+                row[SEG_FLAGS] = algo.segment_flags(param_groups[self.group_index[i]], self.params[i].ndim)
             upload(self.seg_table, self._seg_rows)
             self._filters = filters
-            self._had_first = bool(first)
 
         rows = [algo.group_row(g) for g in param_groups]
         # (a tensor lr's row holds 0 there: a float lr of 0 after a tensor one must still upload)

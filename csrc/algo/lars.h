@@ -88,6 +88,10 @@ struct Lars {
     out[STAT_SCALE] = ph;
     out[STAT_GRAD_NORM] = gn;
     out[STAT_WEIGHT_DECAY] = applied_wd;
+    // the first update, if this is it (PENDING set by the host when it started the state; this
+    // runs only in a step that updates the segment, so a step skipped by found_inf keeps it)
+    out[LARS_STAT_FIRST] = out[LARS_STAT_PENDING];
+    out[LARS_STAT_PENDING] = A(0);
   }
 
   // ---- pass 2: u = q*d, then the momentum form ---------------------------------------------------
@@ -113,7 +117,7 @@ struct Lars {
     p.undamped = g[LARS_UNDAMPED];
     p.form = static_cast<int>(g.exact(LARS_FORM));
     p.nesterov = (g.flags() & GF_NESTEROV) != 0;
-    p.first = (seg_flags & FLAG_FIRST_STEP) != 0;
+    p.first = stats_row[LARS_STAT_FIRST] != A(0);
     return p;
   }
 

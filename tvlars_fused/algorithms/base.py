@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -107,8 +107,12 @@ class Algorithm:
         """How each slot starts when a parameter is first updated: ZEROS or WEIGHTS (a copy of w)."""
         return (ZEROS,) * self.slots
 
+    # the stats column that marks a parameter's first update as pending (set when its state
+    # starts; the kernels consume it in the step that updates it), or None
+    first_update_stat: Optional[int] = None
+
     def first_step_flag(self, group: Dict[str, Any]) -> bool:
-        """Whether a parameter's first update is marked (FLAG_FIRST_STEP) for the kernels."""
+        """Whether a parameter's first update is marked (first_update_stat) for the kernels."""
         return False
 
     def variant(self, rows: Sequence[list]) -> tuple:

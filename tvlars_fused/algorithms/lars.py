@@ -39,6 +39,7 @@ class Lars(Algorithm):
     # the heavy-ball (and lr-scaled) buffer, or the paper's previous iterate m
     key_sets = (("momentum_buffer",), ("m",))
     adaptation_filter = "lars_adaptation_filter"
+    first_update_stat = A.LARS_STAT_PENDING
 
     def __init__(self, tvlars: bool):
         self.tvlars = tvlars

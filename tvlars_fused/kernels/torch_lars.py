@@ -6,14 +6,19 @@ from typing import List
 
 import torch
 
-from ..abi import (COL_GFLAGS, COL_LR, COL_NORM_CLIP, COL_WEIGHT_DECAY, FLAG_FIRST_STEP, FLAG_SKIP_ADAPTATION,
+from ..abi import (COL_GFLAGS, COL_LR, COL_NORM_CLIP, COL_WEIGHT_DECAY, FLAG_SKIP_ADAPTATION,
                    FLAG_SKIP_WEIGHT_DECAY, FORM_HEAVY_BALL, FORM_LR_SCALED, FORM_PAPER, GF_GRAD_DENOMINATOR,
                    GF_NESTEROV, GF_NO_ADAPT, GF_PLAIN_ZERO, GF_TRUST_CLIP, LARS_ALPHA, LARS_DELAY, LARS_EPS,
-                   LARS_ETA, LARS_FORM, LARS_GAMMA_MIN, LARS_HOLD, LARS_LMBDA, LARS_MOMENTUM, LARS_UNDAMPED,
+                   LARS_ETA, LARS_FORM, LARS_GAMMA_MIN, LARS_HOLD, LARS_LMBDA, LARS_MOMENTUM, LARS_STAT_FIRST,
+                   LARS_STAT_PENDING, LARS_UNDAMPED,
                    LARS_USE_PHI, PART_G2, PART_U2, PART_W2, SEG_FLAGS, SEG_GROUP, STAT_PUBLIC, STAT_TRUST_RATIO,
                    STAT_WEIGHT_DECAY)
 from ..schedule import phi
 from ..stats import exact_sqrt
+
+# finalize_stats writes the stats row's first _ROW columns: the public ones, FIRST, PENDING
+assert (LARS_STAT_FIRST, LARS_STAT_PENDING) == (STAT_PUBLIC, STAT_PUBLIC + 1)
+_ROW = LARS_STAT_PENDING + 1
 
 EXTRA_ROWS = 0                  # scratch rows beyond the driver's
 WRITES_STATE = (False, True)    # pass 1, pass 2
@@ -31,12 +36,13 @@ class Context:
         self.decay = [(f & FLAG_SKIP_WEIGHT_DECAY) == 0 and r[COL_WEIGHT_DECAY] != 0 for f, r in zip(flags, rows)]
         self.form = [int(r[LARS_FORM]) for r in rows]
         self.nesterov = [(int(r[COL_GFLAGS]) & GF_NESTEROV) != 0 for r in rows]
-        self.first = [(f & FLAG_FIRST_STEP) != 0 for f in flags]
+        self.damped = [r[LARS_UNDAMPED] != 1 for r in rows]   # may take torch's first buffer u
         self.lr, self.mom, self.wd, self.undamped = (st.per_segment(c) for c in
                                                      (COL_LR, LARS_MOMENTUM, COL_WEIGHT_DECAY, LARS_UNDAMPED))
         # pass 2's trust ratio and weight decay, from the stats pass 1 writes
         self.q = b.stats[:, STAT_TRUST_RATIO].unbind(0)
         self.stats_wd = b.stats[:, STAT_WEIGHT_DECAY].unbind(0)
+        self.first = b.stats[:, LARS_STAT_FIRST].unbind(0)    # this step is the first update (device)
 
 
 def _direction(st, sl, gs: torch.Tensor, w: torch.Tensor, wd: List[torch.Tensor]) -> torch.Tensor:
@@ -96,14 +102,11 @@ def _momentum(ctx: Context, form: int, segs: List[int], w_: List[torch.Tensor], 
                 step[k] = v
         torch._foreach_sub_(w_, step)
         return
-    first = [k for k, i in enumerate(segs) if ctx.first[i]]
-    rest = [k for k in range(len(segs)) if k not in first]
-    if rest:
-        torch._foreach_mul_([s_[k] for k in rest], [mom[k] for k in rest])
-        torch._foreach_add_([s_[k] for k in rest],
-                            torch._foreach_mul([u_[k] for k in rest], [ctx.undamped[segs[k]] for k in rest]))
-    if first:   # torch's SGD: the first buffer is u itself
-        torch._foreach_copy_([s_[k] for k in first], [u_[k] for k in first])
+    torch._foreach_mul_(s_, mom)
+    torch._foreach_add_(s_, torch._foreach_mul(u_, [ctx.undamped[i] for i in segs]))
+    for k, i in enumerate(segs):   # torch's SGD: with dampening, the first buffer is u itself
+        if ctx.damped[i]:
+            s_[k].copy_(torch.where(ctx.first[i] != 0, u_[k], s_[k]))
     step = list(s_)
     if nest:
         look = torch._foreach_mul([s_[k] for k in nest], [mom[k] for k in nest])
@@ -140,8 +143,9 @@ def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor) -> None:
                     torch.where(adapt, fallback, one))
     wd = torch.where(adapt & ~nonzero & ((gflags & GF_PLAIN_ZERO) != 0), torch.zeros_like(wd), wd)
     apply = (b.seg_active != 0) & keep
-    rows = torch.stack([wn, dn, q, ph, gn, wd], dim=1)
-    b.stats[:, :STAT_PUBLIC].copy_(torch.where(apply[:, None], rows, b.stats[:, :STAT_PUBLIC]))
+    # the first update, if this is it: FIRST = PENDING, PENDING = 0 (abi.py)
+    rows = torch.stack([wn, dn, q, ph, gn, wd, b.stats[:, LARS_STAT_PENDING], torch.zeros_like(wd)], dim=1)
+    b.stats[:, :_ROW].copy_(torch.where(apply[:, None], rows, b.stats[:, :_ROW]))
 
 
 def _clip_ratio(q: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ STAT_Q, STAT_WD, STAT_COLS = _C(B.STAT_TRUST_RATIO), _C(B.STAT_WEIGHT_DECAY), _C
 FORM_HEAVY_BALL, FORM_PAPER, FORM_LR_SCALED = _C(B.FORM_HEAVY_BALL), _C(B.FORM_PAPER), _C(B.FORM_LR_SCALED)
 GF_GRAD_DENOM, GF_TRUST_CLIP, GF_NO_ADAPT = _C(B.GF_GRAD_DENOMINATOR), _C(B.GF_TRUST_CLIP), _C(B.GF_NO_ADAPT)
 GF_PLAIN_ZERO, GF_NESTEROV = _C(B.GF_PLAIN_ZERO), _C(B.GF_NESTEROV)
-F_SKIP_WD, F_SKIP_ADAPT, F_FIRST = _C(B.FLAG_SKIP_WEIGHT_DECAY), _C(B.FLAG_SKIP_ADAPTATION), _C(B.FLAG_FIRST_STEP)
+F_SKIP_WD, F_SKIP_ADAPT = _C(B.FLAG_SKIP_WEIGHT_DECAY), _C(B.FLAG_SKIP_ADAPTATION)
+STAT_FIRST, STAT_PENDING = _C(B.LARS_STAT_FIRST), _C(B.LARS_STAT_PENDING)
 
 
 @triton.jit
@@ -93,6 +94,10 @@ def finish(stats, seg, sw, sd, sg, grow, flags, t, ACC: tl.constexpr, IEEE: tl.c
     q = tl.where(adapt, tl.where(nonzero, ratio, fallback), one).to(ACC)
     wd = tl.where(adapt & ~nonzero & plain, 0.0, wd).to(ACC)
     store_stats(stats, seg, wn, dn, q, ph, gn, wd)
+    # the first update, if this is it (abi.py: PENDING, set with the state, survives a skipped step)
+    srow = stats + seg * STAT_COLS
+    tl.store(srow + STAT_FIRST, tl.load(srow + STAT_PENDING))
+    tl.store(srow + STAT_PENDING, tl.zeros((), dtype=ACC))
 
 
 @triton.jit
@@ -100,7 +105,7 @@ def pass2_params(grow, flags, srow, gmul, ACC: tl.constexpr, IEEE: tl.constexpr)
     """(q, the stats' weight decay, lr, momentum, 1 - dampening, gmul, nesterov, first, form)."""
     nesterov = (tl.load(grow + COL_GFLAGS).to(tl.int32) & GF_NESTEROV) != 0
     return (tl.load(srow + STAT_Q), tl.load(srow + STAT_WD), col(grow, COL_LR, ACC), col(grow, MOMENTUM, ACC),
-            col(grow, UNDAMPED, ACC), gmul, nesterov, (flags & F_FIRST) != 0,
+            col(grow, UNDAMPED, ACC), gmul, nesterov, tl.load(srow + STAT_FIRST) != 0,
             tl.load(grow + FORM_COL).to(tl.int32))
 
 
