@@ -584,3 +584,26 @@ def test_gradient_hooks_go_with_the_optimizer():
     del opt, bucket
     gc.collect()
     assert alive() is None and hooks == {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_momentum_form_switches_match_reference(backend):
+    """momentum_form changed between steps (paper -> heavy_ball -> lr_scaled -> paper ->
+    heavy_ball with dampening): the fused classes and the reference agree step for step (a switch
+    to or from "paper" starts the new form's state afresh in both; the reference once kept the old
+    buffer and resumed it when switched back)."""
+    init = make_init([(5, 3), (4,)])
+    runs = []
+    for make in (lambda ps: tvlars_fused.TVLARS(ps, backend=backend, **HYPER), lambda ps: reference.TVLARS(ps, **HYPER)):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = make(ps)
+        gen = torch.Generator().manual_seed(9)
+        for form, dampening in (("heavy_ball", 0.0), ("paper", 0.0), ("heavy_ball", 0.0), ("lr_scaled", 0.0),
+                                ("paper", 0.0), ("heavy_ball", 0.2), ("heavy_ball", 0.2)):
+            opt.param_groups[0].update(momentum_form=form, dampening=dampening)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        runs.append(ps)
+        assert sorted(opt.state[ps[0]]) == ["momentum_buffer", "step"]
+    assert max_err(*runs) < 1e-13

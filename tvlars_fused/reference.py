@@ -103,6 +103,9 @@ class _LarsReference(ReferenceOptimizer):
             d = q * d
         state = self.state[p]
         form = group["momentum_form"]
+        # another form's state (a momentum_form switched between "paper" and the others) is
+        # dropped: the form's own starts afresh (as the fused classes do)
+        state.pop("momentum_buffer" if form == "paper" else "m", None)
         if form == "paper":
             m = state.get("m")
             if m is None:
