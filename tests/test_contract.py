@@ -537,6 +537,30 @@ def test_state_dict_fused_and_reference_interchange(case, inp):
 OPTIM_REF = {c.name: c for c in OPTIM_DB if c.kind == "ref" and c.device == "cpu"}
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_state_dict_steps_are_per_parameter_tensors(case, tmp_path):
+    """As torch's Adam: every parameter's "step" in state_dict() is its own tensor holding t (the
+    live entries share one counter: safetensors refuses aliased tensors), the live state is left
+    as it was, and editing the state_dict in place does not touch the optimizer."""
+    dev = case.device
+    prob = Problem(dev, seed=39, extra=[(3,)])
+    p = prob.params()
+    opt = case.make_default(p)
+    prob.run(opt, p, range(2))
+    live = {id(q): dict(opt.state[q]) for q in p}
+    sd = opt.state_dict()
+    steps = [st["step"] for st in sd["state"].values()]
+    assert len(steps) == len(p) and len({id(s) for s in steps}) == len(p)
+    assert all(float(s) == 2 for s in steps)
+    for q in p:
+        assert all(opt.state[q][k] is v for k, v in live[id(q)].items()), "state_dict() changed the live state"
+    steps[0].zero_()
+    assert float(opt.state[p[0]]["step"]) == 2
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file({f"{i}.{k}": v.detach().cpu() for i, st in opt.state_dict()["state"].items()
+                           for k, v in st.items()}, str(tmp_path / "optim.safetensors"))
+
+
 @requires_cuda
 @pytest.mark.parametrize("case", case_params(lambda c: c.device != "cpu"))
 def test_state_dict_from_cpu_params(case):

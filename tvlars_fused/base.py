@@ -155,6 +155,24 @@ class LayerwiseOptimizer(Optimizer):
         raise NotImplementedError
 
     # -- state_dict ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's state_dict, with each parameter's "step" its own tensor, as torch's Adam
+        keeps them: the live entries share one counter, which writers that refuse aliased tensors
+        (safetensors' save_file of the flattened state) would reject. One copy per counter, split
+        into per-entry views (one op, not one per parameter)."""
+        sd = super().state_dict()
+        state = sd["state"]   # (its entries are the live state's dicts: replaced, not edited)
+        by_counter: Dict[int, list] = {}
+        for k, st in state.items():
+            t = st.get(STEP)
+            if isinstance(t, torch.Tensor):
+                by_counter.setdefault(id(t), []).append(k)
+        for keys in by_counter.values():
+            t = state[keys[0]][STEP]
+            for k, copy in zip(keys, t.detach().expand(len(keys), *t.shape).clone().unbind(0)):
+                state[k] = {**state[k], STEP: copy}
+        return sd
+
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch.optim's load_state_dict (hooks, checks, param_names) with this project's state
