@@ -14,13 +14,13 @@ STAMP := $(VENV)/.tvlars_fused_installed
 
 install: $(STAMP)
 
-$(STAMP): Makefile setup.py pyproject.toml $(wildcard csrc/* csrc/algo/*)
+$(STAMP): Makefile setup.py pyproject.toml examples/requirements.txt $(wildcard csrc/* csrc/algo/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(PIP) install -c $(VENV)/torch-pin.txt "setuptools>=64" wheel ninja pybind11 pytest numpy matplotlib \
-		scikit-learn==1.9.1 tqdm pytorch-optimizer==4.1.0 safetensors lightning==2.6.6
+	$(PIP) install -c $(VENV)/torch-pin.txt "setuptools>=64" wheel ninja pybind11 pytest safetensors \
+		lightning==2.6.6 -r examples/requirements.txt
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
