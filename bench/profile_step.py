@@ -5,8 +5,10 @@ op). On a GPU the host-bound sets (host161, host2000) show what a step pays besi
 
     python -m bench.profile_step --set host161 --impls fused-triton,fused-cuda,sgd-fused --steps 300
 
-Implementations are the benchmark's (bench/implementations.py); one that cannot run here is named
-and skipped.
+Implementations are the benchmark's (bench/implementations.py), plus `fused-triton-intptr` (an
+experiment, CUDA only: see TritonIntPointers); one that cannot run here is named and skipped. Every
+implementation takes the same number of steps, so fused-triton-intptr's parameters are compared
+bit for bit with fused-triton's at the end.
 """
 from __future__ import annotations
 
@@ -21,6 +23,64 @@ import torch
 
 from . import implementations as I
 from . import shapes
+
+
+class TritonIntPointers:
+    """Experiment: fused-triton, but after its first step each launch goes straight to the compiled
+    kernel's launcher, with every tensor argument passed as its integer address. Triton's launcher
+    calls data_ptr() and cuPointerGetAttribute for each tensor argument of every launch, and the
+    JIT dispatch binds and specializes them: this row shows what those cost (bench/RESULTS.md:
+    fused-triton took ~0.09 ms more host time than fused-cuda at host161 on an H200). Steps with
+    AMP tensors or a sharded bucket use the normal launch."""
+
+    name = "fused-triton-intptr"
+
+    def __init__(self, device: torch.device):
+        if device.type != "cuda":
+            raise I.Unavailable("needs a CUDA device")
+        from tvlars_fused.kernels import triton_backend as TB
+
+        class Direct(TB.TritonBackend):
+            def bucket_step(self, b, grad_scale, found_inf, between=None):
+                if grad_scale is not None or found_inf is not None or between is not None:
+                    return super().bucket_step(b, grad_scale, found_inf, between)
+                cfg = b.plan("triton", TB._Launch)
+                launches = b.plan("triton-intptr", lambda view: [])
+                if launches:
+                    grid = tuple(cfg.grid) + (1,) * (3 - len(cfg.grid))
+                    stream = torch.cuda.current_stream(b.device).cuda_stream
+                    for compiled, args in launches:
+                        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                                     *args)
+                    return
+                tile = self.REDUCE_TILE
+                common = dict(**cfg.consts, **TB._variant(b), HAS_SCALE=False, HAS_INF=False)
+                calls = ((TB._norms_kernel, (*cfg.norms_args, cfg.step, cfg.step, cfg.num_segs),
+                          dict(common, TILE=tile, LOG2_TILE=tile.bit_length() - 1, HAS_EMPTY=b.has_empty)),
+                         (TB._update_kernel, (*cfg.update_args, cfg.step, cfg.step),
+                          dict(common, BF16=b.dtype == torch.bfloat16)))
+                with TB._on_device(b.device):
+                    for kernel, args, kw in calls:
+                        compiled = kernel[cfg.grid](*args, **kw, num_warps=cfg.warps, enable_fp_fusion=False)
+                        values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kw.items()
+                                                                      if k in kernel.arg_names})
+                        launches.append((compiled, [values[n].data_ptr() if isinstance(values[n], torch.Tensor)
+                                                    else values[n] for n in kernel.arg_names]))
+
+        self.impl = I.make("fused-triton", device)
+        self.device, self.backend = device, Direct()
+
+    def setup(self, params) -> None:
+        self.impl.setup(params)
+        for b in self.impl.opt._buckets:
+            b.backend = self.backend
+
+    def step(self) -> None:
+        self.impl.step()
+
+
+def make(name: str, device: torch.device):
+    return TritonIntPointers(device) if name == TritonIntPointers.name else I.make(name, device)
 
 
 def params_for(set_name: str, device: torch.device, dtype: torch.dtype):
@@ -67,8 +127,9 @@ def profile(impl, steps: int, top: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="host161", choices=sorted(shapes.SETS))
-    ap.add_argument("--impls", default="fused-triton,fused-cuda,fused-cpu,sgd-fused",
-                    help="comma-separated benchmark implementations (bench/implementations.py)")
+    ap.add_argument("--impls", default="fused-triton,fused-triton-intptr,fused-cuda,fused-cpu,sgd-fused",
+                    help="comma-separated benchmark implementations (bench/implementations.py), "
+                         "or fused-triton-intptr")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=300, help="steps per timed round and profiled")
@@ -78,17 +139,28 @@ def main(argv=None) -> int:
     n_tensors, n_params = shapes.count(args.set)
     print(f"{args.set}: {n_tensors} tensors, {n_params:,} params, {args.dtype} on {device}; "
           f"{args.steps} steps per round")
+    final = {}
     for name in args.impls.split(","):
         try:
-            impl = I.make(name, device)
-            impl.setup(params_for(args.set, device, dtype))
+            impl = make(name, device)
+            params = params_for(args.set, device, dtype)
+            impl.setup(params)
         except I.Unavailable as exc:
             print(f"\n== {name}: not run ({exc})")
             continue
-        for _ in range(10):   # warm-up: compiles, first-step state, caches
-            impl.step()
-        us = host_us_per_step(impl, args.steps)
-        print(f"\n== {name}: {us:.1f} us/step (host, median of 5 rounds)\n{profile(impl, args.steps, args.top)}")
+        try:
+            for _ in range(10):   # warm-up: compiles, first-step state, caches
+                impl.step()
+            us = host_us_per_step(impl, args.steps)
+            table = profile(impl, args.steps, args.top)
+        except Exception as exc:   # (an experiment that fails must not cost the rows after it)
+            print(f"\n== {name}: failed: {type(exc).__name__}: {exc}")
+            continue
+        print(f"\n== {name}: {us:.1f} us/step (host, median of 5 rounds)\n{table}")
+        final[name] = [p.detach().clone() for p in params]
+    if "fused-triton" in final and TritonIntPointers.name in final:
+        same = all(torch.equal(a, b) for a, b in zip(final["fused-triton"], final[TritonIntPointers.name]))
+        print(f"\n{TritonIntPointers.name} ended with the same bits as fused-triton: {same}")
     return 0
 
 
