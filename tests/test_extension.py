@@ -718,7 +718,7 @@ def test_input_checks():
                          ids=["fp32", "fp64", "bf16", "fp16"])
 def test_cuda_deterministic_and_close_to_cpu_kernel(device, dtype):
     """Two CUDA runs agree bit for bit (the last-block reduction runs in chunk order whatever
-    block finishes last); the CUDA and CPU kernels share tvlars_math.h and differ only in the
+    block finishes last); the CUDA and CPU kernels share csrc/algo/*.h and differ only in the
     norms' summation order (bounds as in the tests against the reference)."""
     shapes = SH + [(1024, 1100)]
     init = init_params(shapes)

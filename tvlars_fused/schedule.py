@@ -6,7 +6,7 @@ It starts near 1/(alpha + exp(-lmbda*delay_steps)) + gamma_min (exploration) and
 Evaluated without overflow: with x = lmbda*(t - delay_steps) and e = exp(-|x|) <= 1,
     x > 0:  phi = e / (1 + alpha*e) + gamma_min       (exp(x) overflowing just gives gamma_min)
     x <= 0: phi = 1 / (alpha + e) + gamma_min
-The kernels (Triton and csrc/tvlars_math.h) evaluate the same two branches.
+The kernels (Triton and csrc/algo/lars.h) evaluate the same two branches.
 """
 from __future__ import annotations
 
