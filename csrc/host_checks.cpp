@@ -1,7 +1,8 @@
 // tvlars_fused._C.step_signature(params) -> bytes: what the fused step checks on the host before
 // every step, in one pass instead of four Python-level ones: per parameter its data pointer, the
-// TensorImpl of its .grad (0 when None), its sizes and strides. Equal to the last step's bytes,
-// nothing moved and every gradient is the same tensor as then (buckets.py: the fast path).
+// TensorImpl of its .grad (0 when None) and the grad's data pointer (`p.grad.data = x` keeps the
+// TensorImpl), its sizes and strides. Equal to the last step's bytes, nothing moved and every
+// gradient is the same tensor over the same memory as then (buckets.py: the fast path).
 #include "host_checks.h"
 
 #include <cstdint>
@@ -29,6 +30,7 @@ PyObject* step_signature(PyObject* /*module*/, PyObject* params) {
     const at::Tensor& g = t.grad();
     out.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
     out.push_back(g.defined() ? reinterpret_cast<int64_t>(g.unsafeGetTensorImpl()) : 0);
+    out.push_back(g.defined() && g.has_storage() ? reinterpret_cast<int64_t>(g.const_data_ptr()) : 0);
     out.push_back(t.dim());
     for (const int64_t s : t.sizes()) out.push_back(s);
     for (const int64_t s : t.strides()) out.push_back(s);

@@ -61,8 +61,6 @@ NOT_APPLICABLE = {
         "sparse gradients are not supported (the layer norms need the dense gradient): rejected "
         "(test_sparse_grad_rejected)",
     "test_second_order_optims_return_consistent_types": "not a second-order optimizer (no required closure)",
-    "maximize (test_forloop_goes_right_direction with maximize=True)":
-        "no maximize option until the LARS-options work lands",
     "test_can_load_older_state_dict":
         "torch deletes maximize/foreach/fused/differentiable/capturable from the groups; none exist here. "
         "The project's own older format (top-level 'step') is test_load_previous_format",
@@ -268,6 +266,31 @@ def test_step_goes_right_direction(case, inp, contiguous):
     for _ in range(STEPS + 2):
         opt.step(closure)
     assert closure().item() < initial
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_maximize_goes_the_other_direction(case):
+    """torch's maximize (test_forloop_goes_right_direction with maximize=True): the loss grows; and a
+    step with maximize on gradients g is bit for bit a step without it on -g (g' = -g, exact)."""
+    dev = case.device
+    kw = case.default_input.make_kwargs(dev)
+    W, b = Problem(dev, seed=42).params()
+    x = torch.randn(4, generator=_gen(43)).to(dev)
+    opt = case.make([W, b], maximize=True, **kw)
+    closure = _quadratic_closure(opt, W, b, x)
+    initial = closure().item()
+    for _ in range(STEPS + 2):
+        opt.step(closure)
+    assert closure().item() > initial
+    prob = Problem(dev, seed=44)
+    pa, pb = prob.params(), prob.params()
+    a, b_ = case.make(pa, maximize=True, **kw), case.make(pb, **kw)
+    for s in range(3):
+        for opt, ps, sign in ((a, pa, 1.0), (b_, pb, -1.0)):
+            opt.zero_grad()
+            (sign * prob.loss(ps, s)).backward()
+            opt.step()
+        assert_params_equal(pa, pb, f"step {s}")
 
 
 @pytest.mark.parametrize("case, sched", case_params(variants=["steplr", "plateau"]))
@@ -695,6 +718,62 @@ def test_autograd_grad_leaves_grads_alone(case):
     opt.step()
     assert not torch.equal(p[0].detach(), before[0])
     assert_params_equal(p[1:], before[1:], "parameters left out of backward(inputs=...)")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_grad_data_swapped_is_used(case):
+    """`p.grad.data = x` (and module._apply, which converts gradients that way: model.float();
+    model.double() with gradients present) gives .grad new memory under the same tensor: the step
+    uses the new values, as torch's do. The fused classes once kept reading their own buffer."""
+    dev = case.device
+    prob = Problem(dev, dtype=torch.float64, seed=40)
+    pa, pb = prob.params(), prob.params()
+    a, b = case.make_default(pa), case.make_default(pb)
+    for s in range(3):
+        for opt, ps in ((a, pa), (b, pb)):
+            opt.zero_grad()
+            prob.loss(ps, s).backward()
+            if opt is a:
+                for q in ps:
+                    q.grad.data = q.grad.data * 0.5
+            else:
+                for q in ps:
+                    q.grad = q.grad * 0.5
+            opt.step()
+        assert_params_equal(pa, pb, f"step {s}")
+    for opt, ps in ((a, pa), (b, pb)):   # grads moved by dtype round trips, then accumulated into
+        opt.zero_grad()
+        prob.loss(ps, 3).backward()
+        for q in ps:
+            if opt is a:
+                q.grad.data = q.grad.data.float().double()
+            else:
+                q.grad = q.grad.float().double()
+        prob.loss(ps, 4).backward()
+        opt.step()
+    assert_params_equal(pa, pb, "after the dtype round trip")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_step_under_inference_mode(case):
+    """step() under torch.inference_mode(), as under no_grad, including a step that has to set up
+    a parameter unfrozen since the optimizer was built."""
+    dev = case.device
+    prob = Problem(dev, dtype=torch.float64, seed=41)
+    pa, pb = prob.params(), prob.params()
+    for q in (pa[1], pb[1]):
+        q.requires_grad_(False)
+    a, b = case.make_default(pa), case.make_default(pb)
+    step_both(prob, (a, pa), (b, pb), range(1))
+    for q in (pa[1], pb[1]):
+        q.requires_grad_(True)
+    for s in range(1, 3):
+        for opt, ps in ((a, pa), (b, pb)):
+            opt.zero_grad()
+            prob.loss(ps, s).backward()
+            with torch.inference_mode():
+                opt.step()
+        assert_params_equal(pa, pb, f"step {s}")
 
 
 @pytest.mark.parametrize("case, inp", INPUTS)

@@ -168,12 +168,15 @@ def timm_update(wd, c=0.001, eps=1e-8, trust_clip=False, always_adapt=False, mom
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", ["plain", "trust_clip", "nesterov", "dampening", "bias_bn_groups"])
+@pytest.mark.parametrize("variant", ["plain", "trust_clip", "nesterov", "dampening", "bias_bn_groups",
+                                     "larc_bias_bn_groups"])
 def test_timm_lars(backend, variant):
-    kw = dict(trust_clip=variant == "trust_clip", nesterov=variant == "nesterov",
+    """larc_bias_bn_groups: timm's create_optimizer_v2(model, "larc", weight_decay=wd), trust_clip
+    with the no-decay group, which neither adapts nor clips (always_adapt=False)."""
+    kw = dict(trust_clip=variant in ("trust_clip", "larc_bias_bn_groups"), nesterov=variant == "nesterov",
               dampening=0.3 if variant == "dampening" else 0.0)
     # timm's optimizer factory (filter_bias_and_bn): 1-D parameters in a group without weight decay
-    no_decay = ("conv.bias", "bn.weight", "bn.bias", "fc.bias") if variant == "bias_bn_groups" else ()
+    no_decay = ("conv.bias", "bn.weight", "bn.bias", "fc.bias") if variant.endswith("bias_bn_groups") else ()
 
     def ours(LARS, model):
         params = (lars_param_groups(model, exclude_from_weight_decay=[ONE_DIM], exclude_from_adaptation=[])

@@ -139,11 +139,12 @@ class Bucket:
         self.state_buf = torch.zeros(algorithm.slots, self.numel, dtype=self.acc_dtype, device=dev)
         self.grad_views: List[torch.Tensor] = []
         self.state_views: List[Tuple[torch.Tensor, ...]] = []   # per parameter, its view of each slot
-        for p, o in zip(targets, offsets):
-            shape, strides = tuple(p.shape), _dense_strides(p)
+        self._view_specs = [(tuple(p.shape), _dense_strides(p), o) for p, o in zip(targets, offsets)]
+        for p, (shape, strides, o) in zip(targets, self._view_specs):
             self.grad_views.append(self.grad_buf.as_strided(shape, strides, o))
             self.state_views.append(tuple(row.as_strided(shape, strides, row.storage_offset() + o)
                                           for row in self.state_buf))
+        self._view_ptrs = [v.data_ptr() for v in self.grad_views]
         # What each parameter must still look like for this bucket to serve it (checked every step).
         self._layouts = [_layout(p) for p in targets]
         self._shapes = [layout[0] for layout in self._layouts]    # what step()'s fast check compares
@@ -299,6 +300,18 @@ class Bucket:
             torch._foreach_copy_([self.params[i].detach() for i in idx], [self.staging[i] for i in idx])
 
     # -- gradients ----------------------------------------------------------------------------
+    def _renew_views(self) -> None:
+        """A grad view whose memory was swapped (`p.grad.data = x`; module._apply converts grads
+        that way) no longer views the bucket: that tensor becomes a foreign .grad (copied in, as
+        any other) and the parameter gets a new view."""
+        if self.sharded or list(map(torch.Tensor.data_ptr, self.grad_views)) == self._view_ptrs:
+            return
+        for i, (v, ptr) in enumerate(zip(self.grad_views, self._view_ptrs)):
+            if v.data_ptr() != ptr:
+                self.grad_views[i] = self.grad_buf.as_strided(*self._view_specs[i])
+        self._expected_grads = [object()] * len(self.params)   # no fast path until prepare
+        self._sig = None
+
     def attach_grad(self, i: int) -> None:
         """Backward is about to produce p.grad while it is None: give autograd the bucket view."""
         view = self.grad_views[i]
@@ -312,6 +325,7 @@ class Bucket:
         """torch's zero_grad: None, or every existing .grad zeroed in place (the same tensors).
         The bucket's own gradient buffer is zeroed with one fill."""
         self._fast = False
+        self._renew_views()
         if not self.sharded:
             self.grad_buf.zero_()
             self.clean = [True] * len(self.params)
@@ -341,7 +355,7 @@ class Bucket:
         _OWNER[p] = weakref.ref(self)
         if i in self._hooks or not p.requires_grad:
             return
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():   # (a step may run in either)
             node = p.view_as(p).grad_fn.next_functions[0][0]
         self._accumulators[i] = node   # (autograd keeps only a weak reference: the hook would go with it)
         self._hooks[i] = node.register_prehook(_make_attach_hook(weakref.ref(self), i))
@@ -360,6 +374,7 @@ class Bucket:
         if self._fast:   # sync_params saw the signature unchanged
             self._fast = False
             return self._expected_grads, True
+        self._renew_views()
         grads = list(map(_GRAD, self.params))
         if all(map(is_, grads, self._expected_grads)):
             return grads, True

@@ -105,10 +105,12 @@ class Lars(Algorithm):
             raise ValueError(f"Invalid dampening with momentum_form='lr_scaled'{at}: TensorFlow's momentum has no "
                              "dampening; use momentum_form='heavy_ball' for it")
         if group["trust_clip"]:
-            if not adapts(group):
+            # (always_adapt=False with weight_decay=0 is allowed: whether the group adapts follows its
+            # weight decay, and timm's LARC gives its no-decay group exactly that)
+            if not group["adapt"]:
                 raise ValueError(
-                    f"Invalid trust_clip=True{at}: this group does not adapt (adapt=False, or always_adapt=False "
-                    "with weight_decay=0), so there is no trust ratio to clip; remove trust_clip or let it adapt")
+                    f"Invalid trust_clip=True{at}: adapt=False, so this group has no trust ratio to clip; "
+                    "remove trust_clip or let the group adapt")
             if lr == 0.0:
                 raise ValueError(f"Invalid trust_clip=True with lr=0{at}: the clip is min(q/lr, 1); use lr > 0")
         if self.tvlars:
