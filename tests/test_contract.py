@@ -978,8 +978,8 @@ def test_lr_switched_between_tensor_and_float(case):
 @pytest.mark.parametrize("case", CASES)
 def test_numpy_scalar_hyperparameters(case):
     """numpy scalars (a sweep's np.logspace values, a numpy schedule) are numbers, as in torch.optim:
-    np.float32 / np.float64 hyperparameters, at construction and written into param_groups between
-    steps, step exactly as the Python floats of the same values."""
+    np.float32 / np.float64 hyperparameters and np.bool_ flags, at construction and written into
+    param_groups between steps, step exactly as the Python values."""
     np = pytest.importorskip("numpy")
     dev = case.device
     prob = Problem(dev, seed=38)
@@ -987,8 +987,9 @@ def test_numpy_scalar_hyperparameters(case):
     kw = case.default_input.make_kwargs(dev)
     lr, wd = float(np.float32(kw.pop("lr"))), float(np.float32(0.01))
     kw.pop("weight_decay", None)
-    a = case.make(pa, lr=np.float32(lr), weight_decay=np.float32(wd), **kw)
-    b = case.make(pb, lr=lr, weight_decay=wd, **kw)
+    kw.pop("maximize", None)
+    a = case.make(pa, lr=np.float32(lr), weight_decay=np.float32(wd), maximize=np.bool_(False), **kw)
+    b = case.make(pb, lr=lr, weight_decay=wd, maximize=False, **kw)
     step_both(prob, (a, pa), (b, pb), range(2))
     a.param_groups[0]["lr"] = np.float64(lr / 2)
     b.param_groups[0]["lr"] = lr / 2

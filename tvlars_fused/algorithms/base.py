@@ -45,9 +45,14 @@ def real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
     return float(value)
 
 
+def _is_bool(value: Any) -> bool:
+    """True or False, or numpy's bool (a sweep config's value; torch.optim accepts it too)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def check_bools(group: Dict[str, Any], names: Sequence[str], at: str) -> None:
     for flag in names:
-        if not isinstance(group[flag], bool):
+        if not _is_bool(group[flag]):
             raise ValueError(f"Invalid {flag}: {group[flag]!r}{at}; it must be True or False")
 
 
