@@ -607,3 +607,50 @@ def test_momentum_form_switches_match_reference(backend):
         runs.append(ps)
         assert sorted(opt.state[ps[0]]) == ["momentum_buffer", "step"]
     assert max_err(*runs) < 1e-13
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_after_a_parameter_is_resized(backend):
+    """p.data = a tensor of another shape (model surgery, a resized embedding): the next backward
+    works (the optimizer keeps no autograd node of the old shape alive) and, once the stale state is
+    reset as the step's error says, training goes on."""
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(3, 4).double()
+    opt = tvlars_fused.TVLARS(lin.parameters(), backend=backend, **HYPER)
+    _backward_steps(opt, lin, 2)
+    opt.zero_grad()
+    lin.weight.data = torch.randn(4, 5, dtype=torch.float64)
+    lin.in_features = 5
+    lin(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+    assert lin.weight.grad.shape == (4, 5)
+    with pytest.raises(ValueError, match="changed shape"):
+        opt.step()
+    del opt.state[lin.weight]
+    opt.step()
+    opt.zero_grad()
+    lin(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert torch.isfinite(lin.weight).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undefined_incoming_gradient(backend):
+    """A custom autograd Function that returns None for a parameter's gradient: backward works and
+    that parameter is skipped (its .grad stays None), as with torch."""
+    class Half(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            return x * 0.5 + w.sum() * 0
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 0.5, None
+
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    opt = tvlars_fused.TVLARS([w, b], backend=backend, **HYPER)
+    before = w.detach().clone()
+    Half.apply(b * 2, w).sum().backward()
+    assert w.grad is None and b.grad is not None
+    opt.step()
+    assert torch.equal(w.detach(), before)

@@ -1020,6 +1020,32 @@ def test_first_update_after_found_inf_is_torchs_first_buffer(case, nesterov):
     assert max_err(runs["fused"], runs["reference"]) < 1e-13
 
 
+@pytest.mark.parametrize("case", params([c for c in CASES if c.algo == "TVLARS"], slow=extra_interpreted))
+def test_momentum_given_after_a_skipped_first_step_is_used(case):
+    """A momentum buffer written into the state after a step skipped by found_inf (a checkpoint
+    loaded, ZeroRedundancyOptimizer's load_state_dict) is resumed, not replaced by torch's first
+    buffer: the pending first-update mark is cleared when the state comes from outside."""
+    dev = case.device
+    init = make_init([(6, 5), (5,)])
+    runs = []
+    for who in ("fused", "reference"):
+        ps = [nn.Parameter(x.to(dev, torch.float64, copy=True)) for x in init]
+        kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.3)
+        opt = make(case if who == "fused" else case.reference, cls="LARS", adapt=False, **kw)(ps)
+        set_grads(ps, 0)
+        if who == "fused":   # skipped (the reference's step is simply not called, as GradScaler does)
+            opt.found_inf, opt.grad_scale = torch.ones(1, device=dev), torch.ones(1, device=dev)
+            opt.step()
+            del opt.found_inf, opt.grad_scale
+        for p in ps:
+            opt.state[p]["momentum_buffer"] = torch.full_like(p, 0.5)
+        for s in range(1, 3):
+            set_grads(ps, s)
+            opt.step()
+        runs.append([p.detach().cpu() for p in ps])
+    assert max_err(*runs) < 1e-13
+
+
 @pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("kind", ["nan", "inf", "huge"])

@@ -164,7 +164,7 @@ class LayerwiseOptimizer(Optimizer):
         state = sd["state"]   # (its entries are the live state's dicts: replaced, not edited)
         by_counter: Dict[int, list] = {}
         for k, st in state.items():
-            t = st.get(STEP)
+            t = st.get(STEP) if isinstance(st, dict) else None   # (load_state_dict keeps other values)
             if isinstance(t, torch.Tensor):
                 by_counter.setdefault(id(t), []).append(k)
         for keys in by_counter.values():

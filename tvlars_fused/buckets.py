@@ -15,10 +15,10 @@ parameter's own (dense) strides, so element k of a segment is element k of the p
 
 Gradients follow torch's semantics: a parameter whose .grad is None is skipped, and whatever .grad
 is at step() is what the step uses; step() neither writes into .grad nor replaces it. The fast path
-avoids copies: zero_grad() zeroes the grad buffer in place and sets each .grad to None; a pre-hook
-on each parameter's AccumulateGrad node, which runs in backward() just before autograd writes .grad
-(never in torch.autograd.grad), attaches the (zeroed) bucket view as .grad, so autograd accumulates
-straight into the bucket.
+avoids copies: zero_grad() zeroes the grad buffer in place and sets each .grad to None; a tensor
+hook, which autograd runs before it writes .grad, attaches the (zeroed) bucket view as .grad the
+first time backward() produces a gradient (not in torch.autograd.grad, which must leave .grad
+alone), so autograd accumulates straight into the bucket.
 Any other .grad (assigned by hand, allocated by model.zero_grad() + backward, owned by another
 library) is copied in at step time and counted in `Bucket.grad_copies`.
 """
@@ -31,6 +31,7 @@ from operator import attrgetter, is_
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .abi import (ALIGN, CHUNK_COLS, COL_LR, GROUP_COLS, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
@@ -47,7 +48,7 @@ _GRAD, _SHAPE = attrgetter("grad"), attrgetter("shape")
 
 def _load_step_signature():
     """The extension's step_signature (csrc/host_checks.cpp): per parameter its data pointer, the
-    identity of its .grad, sizes and strides in one C++ pass. None without the extension (the
+    identity of its .grad and the grad's data pointer, sizes and strides in one C++ pass. None without the extension (the
     same checks then run as Python-level passes)."""
     try:
         from ._C import step_signature
@@ -216,7 +217,7 @@ class Bucket:
 
         # the gradient hooks (grad views attached by backward), removed with the bucket
         self._hooks: Dict[int, object] = {}
-        self._accumulators: Dict[int, object] = {}
+        self._maybe_pending: set = set()   # parameters whose first-update mark may not be consumed yet
         self._finalizer = weakref.finalize(self, _remove_handles, self._hooks)
         if not self.sharded:
             for i in range(len(self.params)):
@@ -345,24 +346,20 @@ class Bucket:
                 self.clean[i] = False
 
     def hook_grad(self, i: int) -> None:
-        """Make parameter i's backward accumulate into the bucket's view: a pre-hook on its
-        AccumulateGrad node (which runs in backward() only, not in torch.autograd.grad, whose
-        gradients must not become .grad) attaches the view as .grad before autograd writes it.
-        The newest bucket of a parameter owns its gradient (another optimizer built over the same
-        parameters later takes it over). A parameter without autograd (requires_grad False) gets
-        its hook when a gradient first has to be copied in (prepare)."""
+        """Make parameter i's backward accumulate into the bucket's view: a tensor hook, which
+        autograd runs before it writes .grad, attaches the view as .grad (in backward() only: in
+        torch.autograd.grad the gradients must not become .grad). The newest bucket of a parameter
+        owns its gradient (another optimizer built over the same parameters later takes it over).
+        A parameter without autograd (requires_grad False) gets its hook when a gradient first has
+        to be copied in (prepare)."""
         p = self.params[i]
         _OWNER[p] = weakref.ref(self)
         if i in self._hooks or not p.requires_grad:
             return
-        with torch.inference_mode(False), torch.enable_grad():   # (a step may run in either)
-            node = p.view_as(p).grad_fn.next_functions[0][0]
-        self._accumulators[i] = node   # (autograd keeps only a weak reference: the hook would go with it)
-        self._hooks[i] = node.register_prehook(_make_attach_hook(weakref.ref(self), i))
+        self._hooks[i] = p.register_hook(_make_attach_hook(weakref.ref(self), i))
 
     def remove_hooks(self) -> None:
         _remove_handles(self._hooks)
-        self._accumulators.clear()
 
     # -- per-step host bookkeeping (no device sync) -------------------------------------------
     def gather_grads(self) -> Tuple[List[Optional[torch.Tensor]], bool]:
@@ -476,6 +473,7 @@ class Bucket:
             if cur is not entry:
                 view.copy_(local(cur.detach()))
                 st[key] = entry
+                self._set_first_update(i, False)   # a state given from outside: not a first update
 
     def _start_state(self, i: int, st: Dict, keys: Tuple[str, ...], group: dict) -> None:
         """Parameter i's first update (or a restart): each slot takes the tensor written into the
@@ -497,8 +495,18 @@ class Bucket:
             entries.append(entry)
         self._entries[i], self._keys[i] = tuple(entries), keys
         self.has_state[i] = True
-        if marked:
+        self._set_first_update(i, marked)
+
+    def _set_first_update(self, i: int, pending: bool) -> None:
+        """Mark parameter i's next update as its first (the algorithm's first_update_stat, consumed
+        on the device by the step that updates it), or clear a mark that may still be pending (a
+        step skipped by found_inf leaves it). Only marks this bucket set are ever cleared."""
+        if pending:
             self.stats[i, self.algorithm.first_update_stat].fill_(1)
+            self._maybe_pending.add(i)
+        elif i in self._maybe_pending:
+            self.stats[i, self.algorithm.first_update_stat].fill_(0)
+            self._maybe_pending.discard(i)
 
     def _upload_tables(self, param_groups: List[dict]) -> None:
         """The segment flags, group rows and device lr's, where they changed (asynchronously)."""
@@ -585,8 +593,29 @@ def _remove_handles(handles: Dict[int, object]) -> None:
     handles.clear()
 
 
+_TASK = (-1, False)   # (autograd graph task id, whether it writes .grad): the last one asked about
+
+
+def _accumulates(p: torch.Tensor) -> bool:
+    """Whether the running backward writes p.grad: not inside torch.autograd.grad, which returns the
+    gradients instead (autograd declines the question for a leaf there). The answer is the same for
+    every parameter of one graph task: asked once per task. Any doubt: False (the step then copies
+    the gradient in: slower, never wrong)."""
+    global _TASK
+    task = torch._C._current_graph_task_id()
+    last = _TASK
+    if last[0] == task:
+        return last[1]
+    try:
+        writes = bool(torch._C._will_engine_execute_node(get_gradient_edge(p).node))
+    except RuntimeError:
+        writes = False
+    _TASK = (task, writes)
+    return writes
+
+
 def _make_attach_hook(bucket_ref, i):
-    def hook(grad_outputs):
+    def hook(grad):
         # A backward traced by torch.compile produces .grad as a graph output instead of
         # accumulating in place, so there is nothing to attach: step() copies those grads in.
         if torch.compiler.is_compiling():
@@ -601,8 +630,8 @@ def _make_attach_hook(bucket_ref, i):
         # bucket owns it (or its owner is gone): a sparse grad must reach step() (which rejects
         # it), and a parameter reshaped or moved to another dtype or device gets its own grad;
         # step() then rebuilds the buckets.
-        if ((owner is None or owner is bucket) and p.grad is None
-                and not grad_outputs[0].is_sparse and not bucket.layout_changed(i)):
+        if ((owner is None or owner is bucket) and p.grad is None and grad is not None and not grad.is_sparse
+                and not bucket.layout_changed(i) and _accumulates(p)):
             bucket.attach_grad(i)
         return None
     return hook

@@ -47,4 +47,4 @@ def all_reduce_norms(bucket, groups: List, found_inf: Optional[torch.Tensor]) ->
     sums = segment_sums(bucket)
     for group in groups:
         dist.all_reduce(sums, group=group)
-    finalize_stats(bucket, sums, keep_mask(bucket.device, found_inf))
+    finalize_stats(bucket, sums, keep_mask(bucket.device, found_inf), hand_off=False)

@@ -149,10 +149,11 @@ def _chunk_blocks(b) -> torch.Tensor:
     return (ends - starts) // ALIGN
 
 
-def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor) -> None:
+def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor, hand_off: bool = True) -> None:
     """Per-segment sums of squares -> the stats rows of the segments updated now (the algorithm's
-    math); also what a sharded bucket runs after the all-reduce (sharding.py)."""
-    MATH[b.algorithm.id].finalize_stats(b, sums, keep)
+    math); also what a sharded bucket runs after the all-reduce (sharding.py), with hand_off=False:
+    pass 1's one-time hand-offs (LARS's first-update mark) were made by its first finalize."""
+    MATH[b.algorithm.id].finalize_stats(b, sums, keep, hand_off)
 
 
 def pass1(b, st: Step, keep: torch.Tensor) -> None:

@@ -124,7 +124,7 @@ def pass2(st, sl, act: List[int], w: torch.Tensor, gs, state: List[torch.Tensor]
     torch._foreach_sub_([W[k] for k in act], torch._foreach_mul([U[k] for k in act], _pick(ctx.step, sl, act)))
 
 
-def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor) -> None:
+def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor, hand_off: bool = True) -> None:
     """Per-segment sums of w'^2, u^2, g'^2 -> the stats row of the segments updated now:
     ||w'|| (after weight_norm_clip), ||u||, q = ||w'|| / (||u|| + ratio_eps) (1 for a zero norm or
     without adaptation), s, ||g'||, the weight decay applied; then for pass 2 bc1, bc2, (lr*s)*q."""

@@ -16,9 +16,8 @@ from ..abi import (COL_GFLAGS, COL_LR, COL_NORM_CLIP, COL_WEIGHT_DECAY, FLAG_SKI
 from ..schedule import phi
 from ..stats import exact_sqrt
 
-# finalize_stats writes the stats row's first _ROW columns: the public ones, FIRST, PENDING
+# finalize_stats writes the stats row's leading columns: the public ones, then FIRST, PENDING
 assert (LARS_STAT_FIRST, LARS_STAT_PENDING) == (STAT_PUBLIC, STAT_PUBLIC + 1)
-_ROW = LARS_STAT_PENDING + 1
 
 EXTRA_ROWS = 0                  # scratch rows beyond the driver's
 WRITES_STATE = (False, True)    # pass 1, pass 2
@@ -116,7 +115,7 @@ def _momentum(ctx: Context, form: int, segs: List[int], w_: List[torch.Tensor], 
     torch._foreach_sub_(w_, torch._foreach_mul(step, lr))                  # w = w - lr*step
 
 
-def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor) -> None:
+def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor, hand_off: bool = True) -> None:
     """Per-segment sums of w^2, d^2, g'^2 -> the stats row (docs/SPEC.md, "The algorithm") of the
     segments updated now: norms after norm_clip, q, phi(t), ||g'||, the weight decay pass 2 applies."""
     tab = b.group_table[b.seg_table[:, SEG_GROUP]].to(b.acc_dtype)
@@ -143,9 +142,10 @@ def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor) -> None:
                     torch.where(adapt, fallback, one))
     wd = torch.where(adapt & ~nonzero & ((gflags & GF_PLAIN_ZERO) != 0), torch.zeros_like(wd), wd)
     apply = (b.seg_active != 0) & keep
-    # the first update, if this is it: FIRST = PENDING, PENDING = 0 (abi.py)
-    rows = torch.stack([wn, dn, q, ph, gn, wd, b.stats[:, LARS_STAT_PENDING], torch.zeros_like(wd)], dim=1)
-    b.stats[:, :_ROW].copy_(torch.where(apply[:, None], rows, b.stats[:, :_ROW]))
+    # the first update, if this is it: FIRST = PENDING, PENDING = 0 (abi.py), once per step
+    cols = [wn, dn, q, ph, gn, wd] + ([b.stats[:, LARS_STAT_PENDING], torch.zeros_like(wd)] if hand_off else [])
+    n = len(cols)
+    b.stats[:, :n].copy_(torch.where(apply[:, None], torch.stack(cols, dim=1), b.stats[:, :n]))
 
 
 def _clip_ratio(q: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
