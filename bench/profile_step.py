@@ -44,28 +44,23 @@ class TritonIntPointers:
             def bucket_step(self, b, grad_scale, found_inf, between=None):
                 if grad_scale is not None or found_inf is not None or between is not None:
                     return super().bucket_step(b, grad_scale, found_inf, between)
-                cfg = b.plan("triton", TB._Launch)
-                launches = b.plan("triton-intptr", lambda view: [])
-                if launches:
-                    grid = tuple(cfg.grid) + (1,) * (3 - len(cfg.grid))
+                bound = b.plan("triton-intptr", lambda view: [])
+                if bound:
+                    grid = tuple(b.plan("triton", TB._Launch).grid)
+                    grid += (1,) * (3 - len(grid))
                     stream = torch.cuda.current_stream(b.device).cuda_stream
-                    for compiled, args in launches:
+                    for compiled, args in bound:
                         compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
                                      *args)
                     return
-                tile = self.REDUCE_TILE
-                common = dict(**cfg.consts, **TB._variant(b), HAS_SCALE=False, HAS_INF=False)
-                calls = ((TB._norms_kernel, (*cfg.norms_args, cfg.step, cfg.step, cfg.num_segs),
-                          dict(common, TILE=tile, LOG2_TILE=tile.bit_length() - 1, HAS_EMPTY=b.has_empty)),
-                         (TB._update_kernel, (*cfg.update_args, cfg.step, cfg.step),
-                          dict(common, BF16=b.dtype == torch.bfloat16)))
+                grid = b.plan("triton", TB._Launch).grid
                 with TB._on_device(b.device):
-                    for kernel, args, kw in calls:
-                        compiled = kernel[cfg.grid](*args, **kw, num_warps=cfg.warps, enable_fp_fusion=False)
+                    for kernel, args, kw in self.launches(b, None, None):   # the JIT, once
+                        compiled = kernel[grid](*args, **kw)
                         values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kw.items()
                                                                       if k in kernel.arg_names})
-                        launches.append((compiled, [values[n].data_ptr() if isinstance(values[n], torch.Tensor)
-                                                    else values[n] for n in kernel.arg_names]))
+                        bound.append((compiled, [values[n].data_ptr() if isinstance(values[n], torch.Tensor)
+                                                 else values[n] for n in kernel.arg_names]))
 
         self.impl = I.make("fused-triton", device)
         self.device, self.backend = device, Direct()

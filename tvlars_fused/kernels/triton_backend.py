@@ -406,28 +406,34 @@ class TritonBackend(Backend):
             return os.environ.get("TRITON_INTERPRET") == "1" and _interpreted() and _interpreter_ok()
         return False
 
-    def bucket_step(self, b, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                    between: Optional[Callable] = None) -> None:
-        """Two launches: norms/stats (pass 1), then the update and the step counter (pass 2).
-        `between(view)`, when given, runs between them (the all-reduce of a sharded bucket)."""
+    def launches(self, b, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> tuple:
+        """The step's two launches as (kernel, positional args, keyword args) for kernel[grid]:
+        norms/stats (pass 1), then the update and the step counter (pass 2)."""
         cfg = b.plan("triton", _Launch)
         _check_amp(grad_scale, "grad_scale", b)
         _check_amp(found_inf, "found_inf", b)
         has_scale, has_inf = grad_scale is not None, found_inf is not None
         scale = grad_scale if has_scale else cfg.step   # a dummy pointer when absent (never read)
         inf = found_inf if has_inf else cfg.step
-        variant = _variant(b)
+        common = dict(**cfg.consts, **_variant(b), HAS_SCALE=has_scale, HAS_INF=has_inf, num_warps=cfg.warps,
+                      enable_fp_fusion=False)
         tile = self.REDUCE_TILE
+        return ((_norms_kernel, (*cfg.norms_args, scale, inf, cfg.num_segs),
+                 dict(common, TILE=tile, LOG2_TILE=tile.bit_length() - 1, HAS_EMPTY=b.has_empty)),
+                (_update_kernel, (*cfg.update_args, scale, inf), dict(common, BF16=b.dtype == torch.bfloat16)))
+
+    def bucket_step(self, b, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                    between: Optional[Callable] = None) -> None:
+        """Two launches (launches()); `between(view)`, when given, runs between them (the all-reduce
+        of a sharded bucket)."""
+        grid = b.plan("triton", _Launch).grid
+        (norms, norms_args, norms_kw), (update, update_args, update_kw) = self.launches(b, grad_scale, found_inf)
         with _on_device(b.device):
-            _norms_kernel[cfg.grid](*cfg.norms_args, scale, inf, cfg.num_segs, **cfg.consts, **variant,
-                                    HAS_SCALE=has_scale, HAS_INF=has_inf, TILE=tile, LOG2_TILE=tile.bit_length() - 1,
-                                    HAS_EMPTY=b.has_empty, num_warps=cfg.warps, enable_fp_fusion=False)
+            norms[grid](*norms_args, **norms_kw)
         if between is not None:
             between(b)
         with _on_device(b.device):
-            _update_kernel[cfg.grid](*cfg.update_args, scale, inf, **cfg.consts, **variant, HAS_SCALE=has_scale,
-                                     HAS_INF=has_inf, BF16=b.dtype == torch.bfloat16, num_warps=cfg.warps,
-                                     enable_fp_fusion=False)
+            update[grid](*update_args, **update_kw)
 
 
 BACKEND = TritonBackend()
