@@ -48,8 +48,8 @@ _GRAD, _SHAPE = attrgetter("grad"), attrgetter("shape")
 
 def _load_step_signature():
     """The extension's step_signature (csrc/host_checks.cpp): per parameter its data pointer, the
-    identity of its .grad and the grad's data pointer, sizes and strides in one C++ pass. None without the extension (the
-    same checks then run as Python-level passes)."""
+    identity of its .grad and the grad's data pointer, sizes and strides in one C++ pass. None
+    without the extension (the same checks then run as Python-level passes)."""
     try:
         from ._C import step_signature
         return step_signature
@@ -419,7 +419,7 @@ class Bucket:
             view = self.grad_views[i]
             if g is not view:   # (FSDP2's gradients always take this path)
                 view.copy_(local(g).detach())
-                if not (torch.compiler.is_compiling() or self.sharded or i in self._hooks):
+                if p.requires_grad and not (torch.compiler.is_compiling() or self.sharded or i in self._hooks):
                     self.hook_grad(i)   # unfrozen since the bucket was built: the next backward attaches
                 # (not counted while torch.compile traces: a counter changing every step would be
                 # a guard failing every step)
