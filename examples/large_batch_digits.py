@@ -273,7 +273,7 @@ def report_float32(fused: Dict, ref: Dict) -> None:
     the same runs agree to ~1e-15."""
     diff = [e for e, (a, b) in enumerate(zip(fused["correct"], ref["correct"]), 1) if a != b]
     worst = max([abs(a - b) for a, b in zip(fused["correct"], ref["correct"])] + [0])
-    print(f"fused vs reference TVLARS, full runs (float32, informational): test-accuracy curves "
+    print("fused vs reference TVLARS, full runs (float32, informational): test-accuracy curves "
           + ("identical" if not diff else f"differ at {len(diff)} of {len(ref['acc'])} epochs "
              f"(by at most {worst} of {ref['n_test']} test images)")
           + f", final test acc {100 * fused['acc'][-1]:.2f}% / {100 * ref['acc'][-1]:.2f}%, final "
@@ -736,7 +736,7 @@ def main(argv=None) -> int:
 
     # the final runs: each optimizer at its scale, every seed; the first seed's TVLARS run records
     # layer_stats() for the figure and is checked step by step against the reference
-    print(f"final runs: " + ", ".join(f"{n} lr {setup.lr(n, scales[n]):g} (x{scales[n]:g})"
+    print("final runs: " + ", ".join(f"{n} lr {setup.lr(n, scales[n]):g} (x{scales[n]:g})"
                                       for n in names) + f", {len(args.seeds)} seeds")
     check = not args.no_check
     runs: Dict[str, List[Dict]] = {n: [] for n in names}

@@ -441,7 +441,6 @@ def test_load_nontensor_step(case, inp):
 
 @pytest.mark.parametrize("case", CASES)
 def test_save_load_equality_with_weights_only(case):
-    dev = case.device
     prob, p, opt = trained(case, None, seed=12)
     sd = opt.state_dict()
     buf = io.BytesIO()
@@ -617,7 +616,6 @@ def test_state_dict_from_cpu_params(case):
 # ===============================================================================================
 @pytest.mark.parametrize("case, inp, how", case_input_params(variants=["deepcopy", "pickle"]))
 def test_copied_optimizer_continues_identically(case, inp, how):
-    dev = case.device
     prob, pa, a = trained(case, inp, seed=18)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # (pickling a Parameter that has hooks warns)

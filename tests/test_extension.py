@@ -36,9 +36,9 @@ from tvlars_fused.kernels import extension as ext  # noqa: E402
 from tvlars_fused.kernels import resolve  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import HAS_CUDA, requires_cuda  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 from parity import init_with_zero, used, weights_flat  # noqa: E402
-from parity import (SHAPES, assert_close_ulps, assert_parity_fp32, make_init, max_err,  # noqa: E402
+from parity import (SHAPES, assert_parity_fp32, make_init, max_err,  # noqa: E402
                     train)
 
 OP = torch.ops.tvlars_fused.bucket_step.default

@@ -268,7 +268,8 @@ class Bucket:
             if self._sig is not None and _step_signature(ps) == self._sig:
                 self._fast = True   # nothing moved, and every .grad is last step's (gather_grads)
                 return True
-            if (list(map(torch.Tensor.data_ptr, ps)) == self._ptrs and list(map(torch.Tensor.stride, ps)) == self._strides
+            if (list(map(torch.Tensor.data_ptr, ps)) == self._ptrs
+                    and list(map(torch.Tensor.stride, ps)) == self._strides
                     and list(map(_SHAPE, ps)) == self._shapes):
                 return True
         moved = False
