@@ -129,7 +129,6 @@ _LARS_CONTRADICTIONS = (
     (dict(dampening=0.2, momentum_form="paper"), r"nesterov/dampening with momentum_form='paper'"),
     (dict(dampening=0.2, momentum_form="lr_scaled"), r"dampening with momentum_form='lr_scaled'"),
     (dict(trust_clip=True, adapt=False), r"trust_clip=True.*adapt=False"),
-    (dict(trust_clip=True, lr=0.0), r"trust_clip=True with lr=0"),
 )
 _LAMB_BAD = (   # docs/SPEC.md "LAMB", Checks
     ("lr", -0.1, r"Invalid lr: -0\.1.*>= 0"),

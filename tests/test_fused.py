@@ -231,6 +231,29 @@ def test_layer_stats(backend):
     assert torch.allclose(st, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_trust_clip_at_lr_zero_with_vanished_phi(backend):
+    """trust_clip with lr = 0 where phi(t) has underflowed to 0 in float32 (gamma_min = 0, lmbda*t
+    large), so q = 0: min(q/lr, 1) is 1 (docs/SPEC.md), not 0/0 = NaN in the momentum buffer."""
+    init = [x.float() for x in make_init([(6, 5), (5,)])]
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    kw = dict(lr=0.0, momentum=0.9, weight_decay=1e-3, lmbda=200.0, gamma_min=0.0, trust_clip=True)
+    opt = reference.TVLARS(ps, **kw) if backend == "reference" else tvlars_fused.TVLARS(ps, backend=backend, **kw)
+    assert tvlars_fused.phi(1, 200.0, 0.0, 1.0, 0.0) < 1e-80   # 0 in float32
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        (ps[0].square().sum() + ps[1].sum()).backward()
+        grads.append([p.grad.clone() for p in ps])
+        opt.step()
+    for p, x, g0, g1 in zip(ps, init, *grads):
+        assert torch.equal(p.detach(), x)   # lr = 0: nothing moves
+        buf = opt.state[p]["momentum_buffer"]
+        # both steps clipped to q = 1: buf = 0.9*(g0 + wd*w) + (g1 + wd*w)
+        expected = 0.9 * (g0 + 1e-3 * x) + (g1 + 1e-3 * x)
+        assert torch.isfinite(buf).all() and torch.allclose(buf, expected, rtol=1e-6, atol=0), backend
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_host_sync_in_step(backend, monkeypatch):
     init = make_init(SHAPES[:5])

@@ -88,19 +88,21 @@ def lr_at(step: int, base: float) -> float:
     return base * (step + 1) / warm if step < warm else base * (1 - (step - warm) / STEPS) ** 2
 
 
-def run_ours(make_opt: Callable, base_lr: float, net: Callable = make_net) -> List[torch.Tensor]:
+def run_ours(make_opt: Callable, base_lr: float, net: Callable = make_net,
+             schedule: Callable = lr_at) -> List[torch.Tensor]:
     model = net()
     opt = make_opt(model)
     for step, (x, y) in enumerate(batches()):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, base_lr)
+            g["lr"] = schedule(step, base_lr)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
 
 
-def run_independent(update: Callable, base_lr: float, net: Callable = make_net) -> List[torch.Tensor]:
+def run_independent(update: Callable, base_lr: float, net: Callable = make_net,
+                    schedule: Callable = lr_at) -> List[torch.Tensor]:
     """Train the same model with `update(named_params, state, lr, t)`, a plain loop over params."""
     model = net()
     named = list(model.named_parameters())
@@ -110,7 +112,7 @@ def run_independent(update: Callable, base_lr: float, net: Callable = make_net) 
             p.grad = None
         nn.functional.mse_loss(model(x), y).backward()
         with torch.no_grad():
-            update(named, state, lr_at(step, base_lr), step)
+            update(named, state, schedule(step, base_lr), step)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -184,6 +186,26 @@ def test_timm_lars(backend, variant):
         return LARS(params, lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, denominator="grad", eps=1e-8,
                     always_adapt=False, **kw)
     check_recipe(backend, timm_update(WD, no_decay=no_decay, **kw), ours, f"timm {variant}")
+
+
+def lr_through_zero(step: int, base: float) -> float:
+    """A linear warm-up from lr = 0 (transformers' get_linear_schedule_with_warmup), then a linear
+    decay that reaches 0 at the last step (PolynomialLR, CosineAnnealingLR with eta_min=0)."""
+    warm = 5
+    return base * step / warm if step < warm else base * (STEPS - 1 - step) / (STEPS - 1 - warm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_lars_trust_clip_through_lr_zero(backend):
+    """trust_clip at lr = 0 (docs/SPEC.md: min(q/lr, 1) is 1 there, as timm's q/0 = inf clamped):
+    a schedule that starts and ends at 0 trains as timm's Lars does, with no error."""
+    assert lr_through_zero(0, LR) == 0.0 and lr_through_zero(STEPS - 1, LR) == 0.0
+    kw = dict(trust_clip=True, nesterov=False, dampening=0.0)
+    theirs = run_independent(timm_update(WD, **kw), LR, schedule=lr_through_zero)
+    ours = run_ours(lambda model: make(backend)(model.parameters(), lr=LR, momentum=0.9, weight_decay=WD,
+                                                eta=0.001, denominator="grad", eps=1e-8, always_adapt=False, **kw),
+                    LR, schedule=lr_through_zero)
+    assert_match(ours, theirs, "timm trust_clip through lr = 0")
 
 
 # -- apex LARC -------------------------------------------------------------------------------------

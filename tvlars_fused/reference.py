@@ -149,9 +149,9 @@ class _LarsReference(ReferenceOptimizer):
         denom = (gn + wd * wn) + group["eps"] if grad_form else dn + group["eps"]
         ratio = group["eta"] * scale * wn / denom
         one = torch.ones_like(wn)
-        if group["trust_clip"]:
-            ratio = torch.clamp(ratio / lr, max=1.0)
-            one = one if group["plain_step_on_zero_norm"] else torch.clamp(one / lr, max=1.0)
+        if group["trust_clip"]:   # min(x / lr, 1), written so that lr = 0 gives 1 (docs/SPEC.md)
+            ratio = torch.where(ratio >= lr, one, ratio / lr)
+            one = one if group["plain_step_on_zero_norm"] else torch.where(one >= lr, one, one / lr)
         plain = ~nonzero & group["plain_step_on_zero_norm"]
         return torch.where(nonzero, ratio, one), plain
 

@@ -47,11 +47,11 @@ struct Lars {
     return add(core, gamma_min);
   }
 
-  // trust_clip (LARC's clip mode): min(q / lr, 1), a NaN staying NaN as with torch.clamp
+  // trust_clip (LARC's clip mode): min(q / lr, 1) written as q >= lr ? 1 : q / lr, the same bits
+  // for lr > 0, and 1 at lr = 0 (a schedule reaching 0), never 0/0; a NaN q stays NaN
   template <typename A>
   static TVLARS_HD A clip_ratio(A q, A lr) {
-    const A x = div(q, lr);
-    return x > A(1) ? A(1) : x;
+    return q >= lr ? A(1) : div(q, lr);
   }
 
   // the segment's sums of w^2, d^2, g'^2 -> wn, dn, q, phi, gn, the weight decay pass 2 applies

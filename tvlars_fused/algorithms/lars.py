@@ -70,7 +70,7 @@ class Lars(Algorithm):
     # -- options ---------------------------------------------------------------------------------
     def validate(self, group: Dict[str, Any], where: str = "") -> None:
         at = f" (in {where})" if where else ""
-        lr = check_lr(group, at)
+        check_lr(group, at)
         momentum = real("momentum", group["momentum"], at=at)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum}{at}; it must lie in [0, 1)")
@@ -111,8 +111,6 @@ class Lars(Algorithm):
                 raise ValueError(
                     f"Invalid trust_clip=True{at}: adapt=False, so this group has no trust ratio to clip; "
                     "remove trust_clip or let the group adapt")
-            if lr == 0.0:
-                raise ValueError(f"Invalid trust_clip=True with lr=0{at}: the clip is min(q/lr, 1); use lr > 0")
         if self.tvlars:
             self._validate_schedule(group, at)
 

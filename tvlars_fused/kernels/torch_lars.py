@@ -149,5 +149,5 @@ def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor, hand_off: bool = T
 
 
 def _clip_ratio(q: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """trust_clip: min(q / lr, 1), NaN staying NaN (torch.clamp)."""
-    return torch.clamp(q / lr, max=1.0)
+    """trust_clip: min(q / lr, 1) as q >= lr ? 1 : q / lr (docs/SPEC.md: 1 at lr = 0; NaN stays NaN)."""
+    return torch.where(q >= lr, torch.ones_like(q), q / lr)

@@ -49,9 +49,8 @@ def pass1_block(wp, g_ptr, s_ptr, state_stride, offs, mask, P, V0: tl.constexpr,
 
 @triton.jit
 def _clip_ratio(q, lr, IEEE: tl.constexpr):
-    """trust_clip: min(q / lr, 1), NaN staying NaN (torch.clamp)."""
-    x = div(q, lr, IEEE)
-    return tl.where(x > 1.0, 1.0, x)
+    """trust_clip: min(q / lr, 1) as q >= lr ? 1 : q / lr (docs/SPEC.md: 1 at lr = 0; NaN stays NaN)."""
+    return tl.where(q >= lr, 1.0, div(q, lr, IEEE))
 
 
 @triton.jit
