@@ -733,6 +733,83 @@ def test_module_to_other_dtype_after_build(case, when):
 
 
 @pytest.mark.parametrize("case", BACKENDS)
+def test_lazy_module_before_its_first_forward(case):
+    """A model with a lazy module (torch.nn.LazyLinear: no size before the first forward) takes
+    the optimizer as torch's optimizers do: zero_grad works before the forward, the first step
+    builds the buckets, and the run equals the reference's; backward accumulates into the bucket
+    from the second step on (the first step's gradients are copied in)."""
+    runs = []
+    for b in (case, case.reference):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 2)).to(case.device)
+        opt = make(b)(model.parameters())
+        _mlp_loop(model, opt, 1)
+        copies = getattr(opt, "grad_copies", 0)
+        _mlp_loop(model, opt, 3, start=1)
+        assert getattr(opt, "grad_copies", 0) == copies
+        runs.append(model)
+    assert max_err(runs[0].parameters(), runs[1].parameters()) < 1e-5
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_grad_dtype_other_than_the_parameters_is_refused(case):
+    """torch's p.grad_dtype lets autograd produce float32 gradients for bfloat16 parameters. The
+    fused buckets keep gradients in the parameter's dtype: step() refuses such a gradient with a
+    clear error (backward itself still works) and changes nothing; the reference takes it as is."""
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("torch without grad_dtype")
+    model = nn.Linear(4, 3).to(device=case.device, dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.grad_dtype = torch.float32
+    before = [p.detach().clone() for p in model.parameters()]
+    for b, fails in ((case, True), (case.reference, False)):
+        opt = make(b)(model.parameters())
+        model(torch.randn(5, 4, device=case.device, dtype=torch.bfloat16)).float().square().sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        if fails:
+            with pytest.raises(RuntimeError, match=r"gradient is torch.float32 \(p.grad_dtype\).*p.grad_dtype = p.dtype"):
+                opt.step()
+            assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+        else:
+            opt.step()
+            assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+        del opt
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_swap_module_params_on_conversion(case):
+    """Under torch.__future__.set_swap_module_params_on_conversion(True), module.to() and
+    load_state_dict give each Parameter a new TensorImpl (torch.utils.swap_tensors, which refuses a
+    tensor that has a weak reference, and leaves the tensor's hooks bound to the old TensorImpl).
+    Both work with the optimizer built, the run equals the reference's, and backward accumulates
+    into the bucket again after the step that follows each swap (no more gradient copies)."""
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        runs, copies = [], []
+        for b in (case, case.reference):
+            model = _mlp(device=case.device)
+            target = {k: v.double() + 0.01 for k, v in model.state_dict().items()}
+            opt = make(b)(model.parameters())
+
+            def hook(s, model, opt):
+                if s == 2:
+                    model.to(torch.float64)
+                if s == 4:
+                    model.load_state_dict(target)
+                if b is case and s >= 5:
+                    copies.append(opt.grad_copies)
+            _mlp_loop(model, opt, 8, hook=hook)
+            runs.append(model)
+        assert all(p.dtype == torch.float64 for p in runs[0].parameters())
+        assert max_err(runs[0].parameters(), runs[1].parameters()) < 1e-5
+        assert copies[-1] == copies[0], copies
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
 def test_param_data_other_dtype(case):
     """`p.data = p.data.double()` for the last layer's parameters: they move to a new float64
     bucket (the first layer stays float32), like the reference follows them."""

@@ -34,8 +34,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def describe(group_index: int, param_index: int, p: torch.Tensor, name: Optional[str] = None) -> str:
     label = f" {name!r}" if name is not None else ""
-    return (f"param_groups[{group_index}]['params'][{param_index}]{label} "
-            f"(shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})")
+    # a lazy module's parameter has no shape before its first forward
+    shape = "uninitialized" if is_lazy(p) else f"shape {tuple(p.shape)}"
+    return f"param_groups[{group_index}]['params'][{param_index}]{label} ({shape}, dtype {p.dtype}, device {p.device})"
+
+
+def is_lazy(p: Any) -> bool:
+    return isinstance(p, torch.nn.parameter.UninitializedTensorMixin)
 
 
 def check_param(p: Any, where: str) -> None:
@@ -58,8 +63,8 @@ def grad_ok(g: torch.Tensor) -> bool:
 
 def check_grad(g: torch.Tensor, where: str) -> None:
     if g.is_sparse or g.layout != torch.strided:
-        raise RuntimeError(f"{where}: sparse gradients are not supported by TVLARS/LARS (the layer-wise "
-                           "norms need the dense gradient); use a dense embedding (sparse=False)")
+        raise RuntimeError(f"{where}: sparse gradients are not supported (the layer-wise trust ratio needs "
+                           "the dense gradient's norm); use a dense embedding (sparse=False)")
     if g.is_complex():
         raise RuntimeError(f"{where}: complex gradients are not supported; "
                            "optimize torch.view_as_real(p) as a real parameter instead")

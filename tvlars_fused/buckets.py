@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.graph import get_gradient_edge
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .abi import (ALIGN, CHUNK_COLS, COL_LR, GROUP_COLS, PART_COLS, SEG_COLS, SEG_FLAGS, STAT_COLS,
                   STAT_TRUST_RATIO)
@@ -44,6 +43,7 @@ from .stats import ReducePlan
 
 Layout = Tuple[Tuple[int, ...], Tuple[int, ...], torch.dtype, torch.device]
 _GRAD, _SHAPE = attrgetter("grad"), attrgetter("shape")
+_CDATA = attrgetter("_cdata")
 
 
 def _load_step_signature():
@@ -217,8 +217,10 @@ class Bucket:
 
         # the gradient hooks (grad views attached by backward), removed with the bucket
         self._hooks: Dict[int, object] = {}
+        self._impls = [p._cdata for p in self.params]   # each parameter's TensorImpl (_follow_swaps)
         self._maybe_pending: set = set()   # parameters whose first-update mark may not be consumed yet
-        self._finalizer = weakref.finalize(self, _remove_handles, self._hooks)
+        self._ref = weakref.ref(self)
+        self._finalizer = weakref.finalize(self, _release, self._hooks, self._ref, [id(p) for p in self.params])
         if not self.sharded:
             for i in range(len(self.params)):
                 self.hook_grad(i)
@@ -268,6 +270,8 @@ class Bucket:
             if self._sig is not None and _step_signature(ps) == self._sig:
                 self._fast = True   # nothing moved, and every .grad is last step's (gather_grads)
                 return True
+            if list(map(_CDATA, ps)) != self._impls:
+                self._follow_swaps()
             if (list(map(torch.Tensor.data_ptr, ps)) == self._ptrs
                     and list(map(torch.Tensor.stride, ps)) == self._strides
                     and list(map(_SHAPE, ps)) == self._shapes):
@@ -354,10 +358,23 @@ class Bucket:
         A parameter without autograd (requires_grad False) gets its hook when a gradient first has
         to be copied in (prepare)."""
         p = self.params[i]
-        _OWNER[p] = weakref.ref(self)
+        _OWNER[id(p)] = self._ref
         if i in self._hooks or not p.requires_grad:
             return
-        self._hooks[i] = p.register_hook(_make_attach_hook(weakref.ref(self), i))
+        bound = p._backward_hooks is not None
+        self._hooks[i] = p.register_hook(_make_attach_hook(self._ref, i))
+        if bound:
+            _rebind_hooks(p)
+
+    def _follow_swaps(self) -> None:
+        """Parameters given a new TensorImpl by torch.utils.swap_tensors (load_state_dict or
+        module.to() under swap_module_params_on_conversion; the memory may be the same): their
+        hooks are bound to the new one."""
+        for i, p in enumerate(self.params):
+            if p._cdata != self._impls[i]:
+                self._impls[i] = p._cdata
+                if i in self._hooks:
+                    _rebind_hooks(p)
 
     def remove_hooks(self) -> None:
         _remove_handles(self._hooks)
@@ -381,6 +398,11 @@ class Bucket:
                 g = local(g)
                 if not grad_ok(g):
                     check_grad(g, self.where[i])
+                if g.dtype != self.dtype:   # only a parameter's grad_dtype lets them differ
+                    raise RuntimeError(
+                        f"{self.where[i]}: its gradient is {g.dtype} (p.grad_dtype) but the fused optimizers "
+                        f"keep gradients in the parameter's dtype, {self.dtype}; set p.grad_dtype = p.dtype "
+                        "(the default), or use the tvlars_fused.reference class, which takes the gradient as is")
         return grads, False
 
     def _state_intact(self, state: Dict, keys: List[Tuple[str, ...]]) -> bool:
@@ -584,14 +606,33 @@ class BucketView:
         return found
 
 
-# parameter -> the bucket (weak reference) whose hook attaches its gradient view: the newest
-_OWNER = WeakIdKeyDictionary()
+# id(parameter) -> the weak reference of the bucket whose hook attaches its gradient view: the
+# newest. Keyed by id, not by a weak reference to the parameter: torch.utils.swap_tensors (module.to()
+# and load_state_dict under swap_module_params_on_conversion) refuses a tensor that has one. A bucket
+# holds its parameters, so their ids stay theirs while it lives; its finalizer (_release) drops them.
+_OWNER: Dict[int, weakref.ref] = {}
 
 
 def _remove_handles(handles: Dict[int, object]) -> None:
     for h in handles.values():
         h.remove()
     handles.clear()
+
+
+def _rebind_hooks(p: torch.Tensor) -> None:
+    """torch.utils.swap_tensors gives a parameter a new TensorImpl but leaves its hook dict bound to
+    the old one, so no hook registered before or after the swap fires (torch 2.13); assigning the
+    dict binds it to the current one (what register_hook does for a tensor's first hook)."""
+    if p._backward_hooks is not None:
+        p._backward_hooks = p._backward_hooks
+
+
+def _release(handles: Dict[int, object], bucket_ref: weakref.ref, param_ids: List[int]) -> None:
+    """A bucket is gone: its hooks, and its ownership of parameters no newer bucket took over."""
+    _remove_handles(handles)
+    for pid in param_ids:
+        if _OWNER.get(pid) is bucket_ref:
+            del _OWNER[pid]
 
 
 _TASK = (-1, False)   # (autograd graph task id, whether it writes .grad): the last one asked about
@@ -625,14 +666,16 @@ def _make_attach_hook(bucket_ref, i):
         if bucket is None:
             return None
         p = bucket.params[i]
-        owner = _OWNER.get(p)
+        owner = _OWNER.get(id(p))
         owner = None if owner is None else owner()
         # Attach only a dense grad to a parameter that still fits this bucket, and only where this
         # bucket owns it (or its owner is gone): a sparse grad must reach step() (which rejects
         # it), and a parameter reshaped or moved to another dtype or device gets its own grad;
-        # step() then rebuilds the buckets.
+        # step() then rebuilds the buckets. A grad_dtype other than the parameter's (torch >= 2.10)
+        # forbids the view: step() refuses that gradient.
         if ((owner is None or owner is bucket) and p.grad is None and grad is not None and not grad.is_sparse
-                and not bucket.layout_changed(i) and _accumulates(p)):
+                and not bucket.layout_changed(i) and getattr(p, "grad_dtype", None) in (None, p.dtype)
+                and _accumulates(p)):
             bucket.attach_grad(i)
         return None
     return hook

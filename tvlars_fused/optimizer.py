@@ -12,7 +12,7 @@ import torch
 
 from .abi import STAT_PUBLIC
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, options
-from .base import STEP, LayerwiseOptimizer
+from .base import STEP, LayerwiseOptimizer, is_lazy
 from .buckets import Bucket
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
@@ -36,9 +36,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         self._init_buckets(0.0)
         super().__init__(params, defaults)
         self._building = False
-        # Build now, so the grad hooks are in place before the first backward: the first step
-        # takes the fast path too.
-        self._ensure_buckets()
+        self._build_early()
 
     def _init_buckets(self, t: float) -> None:
         self._buckets: Optional[List[Bucket]] = None
@@ -56,7 +54,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         if "defaults" in state:   # a new object (unpickled, deep-copied): build its buckets
             self._init_buckets(self._max_step(self.state))
             self._building = False
-            self._ensure_buckets()
+            self._build_early()
 
     # -- buckets ------------------------------------------------------------------------------
     def add_param_group(self, param_group) -> None:
@@ -71,7 +69,17 @@ class FusedOptimizer(LayerwiseOptimizer):
             self._t_host = self._buckets[0].step.detach().reshape(()).cpu()
         self._buckets = None
         if rebuild and not self._building:
+            self._build_early()
+
+    def _build_early(self) -> None:
+        """Build before any step, so the grad hooks are in place before the first backward and the
+        first step takes the fast path too; unless a lazy module's parameter has no size yet (its
+        first forward gives it one): then the first step builds."""
+        if not self._has_lazy():
             self._ensure_buckets()
+
+    def _has_lazy(self) -> bool:
+        return any(is_lazy(p) for g in self.param_groups for p in g["params"])
 
     def _layout(self) -> list:
         """Which parameters each group lists (param_groups can be edited in place)."""
@@ -122,7 +130,7 @@ class FusedOptimizer(LayerwiseOptimizer):
 
     def _after_load(self) -> None:
         super()._after_load()
-        self._ensure_buckets()
+        self._build_early()
 
     @property
     def grad_copies(self) -> int:
@@ -176,6 +184,8 @@ class FusedOptimizer(LayerwiseOptimizer):
         """torch's zero_grad (set_to_none: every .grad becomes None; else every existing .grad is
         zeroed in place), with the bucket's gradient buffer zeroed by one fill, so that backward,
         which re-attaches the bucket views, accumulates into zeros."""
+        if self._buckets is None and self._has_lazy():   # no buckets before a lazy module's forward
+            return super().zero_grad(set_to_none)
         for b in self._ensure_buckets():
             b.zero_grad(set_to_none)
 
