@@ -40,7 +40,12 @@ def describe(group_index: int, param_index: int, p: torch.Tensor, name: Optional
 
 
 def is_lazy(p: Any) -> bool:
+    """A lazy module's parameter before its first forward (no size yet)."""
     return isinstance(p, torch.nn.parameter.UninitializedTensorMixin)
+
+
+def is_sized(p: Any) -> bool:
+    return not is_lazy(p)
 
 
 def check_param(p: Any, where: str) -> None:

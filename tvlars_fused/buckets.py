@@ -19,8 +19,9 @@ avoids copies: zero_grad() zeroes the grad buffer in place and sets each .grad t
 hook, which autograd runs before it writes .grad, attaches the (zeroed) bucket view as .grad the
 first time backward() produces a gradient (not in torch.autograd.grad, which must leave .grad
 alone), so autograd accumulates straight into the bucket.
-Any other .grad (assigned by hand, allocated by model.zero_grad() + backward, owned by another
-library) is copied in at step time and counted in `Bucket.grad_copies`.
+(model.zero_grad() sets None too: the same path.) Any other .grad (assigned by hand, produced by
+a compiled backward, owned by another library) is copied in at step time and counted in
+`Bucket.grad_copies`.
 """
 from __future__ import annotations
 
@@ -361,10 +362,11 @@ class Bucket:
         _OWNER[id(p)] = self._ref
         if i in self._hooks or not p.requires_grad:
             return
-        bound = p._backward_hooks is not None
+        stale = p._backward_hooks is not None and _BOUND.get(id(p), p._cdata) != p._cdata
         self._hooks[i] = p.register_hook(_make_attach_hook(self._ref, i))
-        if bound:
+        if stale:   # swapped since its hook dict was bound (while no bucket of it checked)
             _rebind_hooks(p)
+        _BOUND[id(p)] = p._cdata
 
     def _follow_swaps(self) -> None:
         """Parameters given a new TensorImpl by torch.utils.swap_tensors (load_state_dict or
@@ -375,6 +377,7 @@ class Bucket:
                 self._impls[i] = p._cdata
                 if i in self._hooks:
                     _rebind_hooks(p)
+                    _BOUND[id(p)] = p._cdata
 
     def remove_hooks(self) -> None:
         _remove_handles(self._hooks)
@@ -398,11 +401,12 @@ class Bucket:
                 g = local(g)
                 if not grad_ok(g):
                     check_grad(g, self.where[i])
-                if g.dtype != self.dtype:   # only a parameter's grad_dtype lets them differ
+                if g.dtype != self.dtype and _grad_dtype(self.params[i]) != self.dtype:
                     raise RuntimeError(
-                        f"{self.where[i]}: its gradient is {g.dtype} (p.grad_dtype) but the fused optimizers "
-                        f"keep gradients in the parameter's dtype, {self.dtype}; set p.grad_dtype = p.dtype "
-                        "(the default), or use the tvlars_fused.reference class, which takes the gradient as is")
+                        f"{self.where[i]}: its gradient is {g.dtype} (p.grad_dtype = {_grad_dtype(self.params[i])}) "
+                        f"but the fused optimizers keep gradients in the parameter's dtype, {self.dtype}; set "
+                        "p.grad_dtype = p.dtype (the default), or use the tvlars_fused.reference class, which "
+                        "takes the gradient as is")
         return grads, False
 
     def _state_intact(self, state: Dict, keys: List[Tuple[str, ...]]) -> bool:
@@ -611,6 +615,8 @@ class BucketView:
 # and load_state_dict under swap_module_params_on_conversion) refuses a tensor that has one. A bucket
 # holds its parameters, so their ids stay theirs while it lives; its finalizer (_release) drops them.
 _OWNER: Dict[int, weakref.ref] = {}
+# id(parameter) -> its TensorImpl (_cdata) when a bucket last bound its hook dict; dropped with _OWNER
+_BOUND: Dict[int, int] = {}
 
 
 def _remove_handles(handles: Dict[int, object]) -> None:
@@ -619,10 +625,21 @@ def _remove_handles(handles: Dict[int, object]) -> None:
     handles.clear()
 
 
+def _grad_dtype(p: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autograd gives p's gradient: a leaf's grad_dtype (torch >= 2.10; None: whatever
+    backward produces), else p's dtype."""
+    try:
+        return getattr(p, "grad_dtype", p.dtype) if p.is_leaf else p.dtype
+    except RuntimeError:   # a tensor subclass without it
+        return p.dtype
+
+
 def _rebind_hooks(p: torch.Tensor) -> None:
     """torch.utils.swap_tensors gives a parameter a new TensorImpl but leaves its hook dict bound to
     the old one, so no hook registered before or after the swap fires (torch 2.13); assigning the
-    dict binds it to the current one (what register_hook does for a tensor's first hook)."""
+    dict binds it to the current one (what register_hook does for a tensor's first hook; like it,
+    this drops hooks registered from C++ with Tensor::register_hook, which is why it is done only
+    after a swap)."""
     if p._backward_hooks is not None:
         p._backward_hooks = p._backward_hooks
 
@@ -633,6 +650,7 @@ def _release(handles: Dict[int, object], bucket_ref: weakref.ref, param_ids: Lis
     for pid in param_ids:
         if _OWNER.get(pid) is bucket_ref:
             del _OWNER[pid]
+            _BOUND.pop(pid, None)
 
 
 _TASK = (-1, False)   # (autograd graph task id, whether it writes .grad): the last one asked about
@@ -671,11 +689,10 @@ def _make_attach_hook(bucket_ref, i):
         # Attach only a dense grad to a parameter that still fits this bucket, and only where this
         # bucket owns it (or its owner is gone): a sparse grad must reach step() (which rejects
         # it), and a parameter reshaped or moved to another dtype or device gets its own grad;
-        # step() then rebuilds the buckets. A grad_dtype other than the parameter's (torch >= 2.10)
-        # forbids the view: step() refuses that gradient.
+        # step() then rebuilds the buckets. A grad_dtype other than the parameter's forbids the
+        # view: step() refuses such a gradient.
         if ((owner is None or owner is bucket) and p.grad is None and grad is not None and not grad.is_sparse
-                and not bucket.layout_changed(i) and getattr(p, "grad_dtype", None) in (None, p.dtype)
-                and _accumulates(p)):
+                and not bucket.layout_changed(i) and _grad_dtype(p) == p.dtype and _accumulates(p)):
             bucket.attach_grad(i)
         return None
     return hook

@@ -12,7 +12,7 @@ import torch
 
 from .abi import STAT_PUBLIC
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, options
-from .base import STEP, LayerwiseOptimizer, is_lazy
+from .base import STEP, LayerwiseOptimizer, is_lazy, is_sized
 from .buckets import Bucket
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
@@ -36,11 +36,14 @@ class FusedOptimizer(LayerwiseOptimizer):
         self._init_buckets(0.0)
         super().__init__(params, defaults)
         self._building = False
-        self._build_early()
+        # Build now, so the grad hooks are in place before the first backward: the first step
+        # takes the fast path too.
+        self._ensure_buckets()
 
     def _init_buckets(self, t: float) -> None:
         self._buckets: Optional[List[Bucket]] = None
         self._built_layout: Optional[list] = None
+        self._lazy: List[torch.Tensor] = []   # parameters left out of the buckets: no size yet
         self._building = True
         self._t_host = torch.tensor(float(t), dtype=torch.float32)   # t while there are no buckets
         self._grad_copies_before = 0   # counted by buckets that were since rebuilt
@@ -54,7 +57,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         if "defaults" in state:   # a new object (unpickled, deep-copied): build its buckets
             self._init_buckets(self._max_step(self.state))
             self._building = False
-            self._build_early()
+            self._ensure_buckets()
 
     # -- buckets ------------------------------------------------------------------------------
     def add_param_group(self, param_group) -> None:
@@ -69,17 +72,7 @@ class FusedOptimizer(LayerwiseOptimizer):
             self._t_host = self._buckets[0].step.detach().reshape(()).cpu()
         self._buckets = None
         if rebuild and not self._building:
-            self._build_early()
-
-    def _build_early(self) -> None:
-        """Build before any step, so the grad hooks are in place before the first backward and the
-        first step takes the fast path too; unless a lazy module's parameter has no size yet (its
-        first forward gives it one): then the first step builds."""
-        if not self._has_lazy():
             self._ensure_buckets()
-
-    def _has_lazy(self) -> bool:
-        return any(is_lazy(p) for g in self.param_groups for p in g["params"])
 
     def _layout(self) -> list:
         """Which parameters each group lists (param_groups can be edited in place)."""
@@ -87,13 +80,17 @@ class FusedOptimizer(LayerwiseOptimizer):
 
     def _ensure_buckets(self) -> List[Bucket]:
         layout = self._layout()
-        if (self._buckets is not None and layout == self._built_layout
+        if (self._buckets is not None and layout == self._built_layout and not any(map(is_sized, self._lazy))
                 and all(b.sync_params() for b in self._buckets)):
             return self._buckets
         t = self._step_tensor()
         by_key: Dict = OrderedDict()
+        lazy = []
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
+                if is_lazy(p):   # a lazy module's, before its first forward: no gradient, no state yet
+                    lazy.append(p)
+                    continue
                 by_key.setdefault(bucket_key(p), []).append((p, gi, self._where(gi, i)))
         buckets = []
         for key, items in by_key.items():
@@ -114,6 +111,7 @@ class FusedOptimizer(LayerwiseOptimizer):
             self._grad_copies_before += b.grad_copies
         self._buckets = buckets
         self._built_layout = layout
+        self._lazy = lazy
         return buckets
 
     def _step_tensor(self) -> torch.Tensor:
@@ -130,7 +128,7 @@ class FusedOptimizer(LayerwiseOptimizer):
 
     def _after_load(self) -> None:
         super()._after_load()
-        self._build_early()
+        self._ensure_buckets()
 
     @property
     def grad_copies(self) -> int:
@@ -154,7 +152,16 @@ class FusedOptimizer(LayerwiseOptimizer):
         loss = self.begin_step(closure)
         # Under torch.compile the graph's guards stand in for the staleness check (data_ptr is
         # not traceable); buckets always exist after __init__.
-        buckets = self._buckets if torch.compiler.is_compiling() else self._ensure_buckets()
+        if torch.compiler.is_compiling():
+            for p in self._lazy:
+                if not is_lazy(p):
+                    raise RuntimeError(
+                        "a lazy module's parameters had no size when the optimizer's buckets were built, and "
+                        "torch.compile cannot rebuild them inside the compiled step: run the model's forward "
+                        "once (a dummy batch) or take one optimizer step outside torch.compile first")
+            buckets = self._buckets
+        else:
+            buckets = self._ensure_buckets()
         gathered = [b.gather_grads() for b in buckets]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -184,8 +191,6 @@ class FusedOptimizer(LayerwiseOptimizer):
         """torch's zero_grad (set_to_none: every .grad becomes None; else every existing .grad is
         zeroed in place), with the bucket's gradient buffer zeroed by one fill, so that backward,
         which re-attaches the bucket views, accumulates into zeros."""
-        if self._buckets is None and self._has_lazy():   # no buckets before a lazy module's forward
-            return super().zero_grad(set_to_none)
         for b in self._ensure_buckets():
             b.zero_grad(set_to_none)
 
