@@ -19,7 +19,7 @@ $(STAMP): Makefile setup.py pyproject.toml examples/requirements.txt $(wildcard 
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(PIP) install -c $(VENV)/torch-pin.txt "setuptools>=64" wheel ninja pybind11 pytest safetensors \
+	$(PIP) install -c $(VENV)/torch-pin.txt "setuptools>=64" wheel ninja pybind11 pytest expecttest==0.3.0 safetensors \
 		lightning==2.6.6 -r examples/requirements.txt
 	$(PIP) install --no-build-isolation -e .
 	touch $@

@@ -25,6 +25,8 @@ import copy
 import inspect
 import io
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -1447,3 +1449,41 @@ def test_fused_and_reference_are_siblings(case):
     assert not issubclass(fused_cls, ref_cls) and not issubclass(ref_cls, fused_cls)
     opt = case.make_default([Parameter(torch.randn(3).to(case.device))])
     assert not isinstance(opt, ref_cls if case.fused else fused_cls)
+
+
+_TORCH_ERROR_INPUTS = r"""
+import pytest
+import torch
+from torch.nn import Parameter
+from torch.testing._internal.common_optimizers import get_error_inputs_for_all_optims
+import tvlars_fused
+from tvlars_fused import reference
+inputs = get_error_inputs_for_all_optims("cpu", torch.float32)
+assert len(inputs) >= 5, len(inputs)
+for module in (tvlars_fused, reference):
+    for name, lr in (("TVLARS", 0.1), ("LARS", 0.1), ("LAMB", 1e-3)):
+        for backend in (("cpu", "torch") if module is tvlars_fused else (None,)):
+            cls = getattr(module, name)
+            for err in inputs:
+                inp = err.optimizer_error_input
+                params = inp.params if inp.params is not None else [Parameter(torch.randn(2, 2))]
+                error_type, regex = err.error_type, err.error_regex
+                if error_type is UserWarning and "duplicate parameters" in regex:
+                    error_type = ValueError   # refused here (torch warns, then updates it twice)
+                kwargs = {"lr": lr, **inp.kwargs, **({"backend": backend} if backend else {})}
+                with pytest.raises(error_type, match=regex):
+                    cls(params, **kwargs)
+                print("ok", module.__name__, name, backend, inp.desc)
+"""
+
+
+def test_torch_generic_error_inputs():
+    """torch's own generic error inputs (common_optimizers.get_error_inputs_for_all_optims, the
+    inputs of its test_errors) raise the error type torch expects, with torch's wording, for every
+    class. One deliberate difference: a parameter listed twice in one group is an error here (torch
+    only warns, then updates it twice per step). In a subprocess: importing torch's test utilities
+    freezes torch.backends flags for the whole process."""
+    pytest.importorskip("expecttest")   # torch.testing._internal needs it (make test installs it)
+    out = subprocess.run([sys.executable, "-c", _TORCH_ERROR_INPUTS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.stdout.count("ok ") >= 9 * 5, out.stdout

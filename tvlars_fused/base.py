@@ -92,9 +92,9 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
         self.algorithm.validate(defaults, where="the constructor arguments")
         if isinstance(params, torch.Tensor):
-            raise TypeError("params must be an iterable of tensors or of param-group dicts, e.g. "
-                            f"model.parameters(), got a single tensor of shape {tuple(params.shape)}: "
-                            "wrap it in a list")
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts "
+                            "(e.g. model.parameters()), but got a single tensor of shape "
+                            f"{tuple(params.shape)}: wrap it in a list")
         params = list(params)
         if not params:
             raise ValueError(
@@ -120,12 +120,14 @@ class LayerwiseOptimizer(Optimizer):
             where = describe(gi, i, p, name) if isinstance(p, torch.Tensor) else f"param_groups[{gi}]['params'][{i}]"
             check_param(p, where)
             if id(p) in seen:
-                raise ValueError(f"{where} appears twice in the same group; list each parameter once")
+                raise ValueError(f"optimizer contains a parameter group with duplicate parameters: {where} appears "
+                                 "twice in the same group (torch.optim warns, and would update it twice); list "
+                                 "each parameter once")
             seen.add(id(p))
             if id(p) in owner:
                 gj, j = owner[id(p)]
-                raise ValueError(f"{where} is already param_groups[{gj}]['params'][{j}]; a parameter can "
-                                 "belong to only one group: remove it from one of them")
+                raise ValueError(f"some parameters appear in more than one parameter group: {where} is already "
+                                 f"param_groups[{gj}]['params'][{j}]; remove it from one of them")
         self.algorithm.validate({**self.defaults, **param_group}, where=f"param_groups[{gi}]")
         super().add_param_group({**param_group, "params": items})
 

@@ -36,7 +36,8 @@ def real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
         if not tensor_ok:
             raise ValueError(f"{name} must be a Python number, got a tensor{at}; only lr may be a tensor")
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}{at}")
+            raise ValueError(f"Tensor {name} must be 1-element: {name} must be a number or a one-element tensor, "
+                             f"got shape {tuple(value.shape)}{at}")
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):   # (numpy's scalars are numbers.Real)
         raise ValueError(f"{name} must be a real number, got {value!r}{at}")
