@@ -208,6 +208,22 @@ def test_timm_lars_trust_clip_through_lr_zero(backend):
     assert_match(ours, theirs, "timm trust_clip through lr = 0")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum, dampening, nesterov, wd", [(0.0, 0.3, False, 0.0), (0.0, 1.0, False, WD),
+                                                               (0.9, 0.3, False, WD), (0.9, 0.0, True, WD)])
+def test_without_adaptation_is_torch_sgd(backend, momentum, dampening, nesterov, wd):
+    """adapt=False is torch.optim.SGD itself (run here as the independent implementation), with its
+    weight decay, momentum, dampening (none at momentum 0: SGD keeps no buffer) and Nesterov, under
+    an lr that changes every step."""
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, dampening=dampening,
+                               nesterov=nesterov, weight_decay=wd)
+    theirs = run_ours(sgd, LR)
+    ours = run_ours(lambda model: make(backend)(model.parameters(), lr=LR, momentum=momentum, weight_decay=wd,
+                                                dampening=dampening, nesterov=nesterov, adapt=False), LR)
+    assert_match(ours, theirs, f"SGD momentum={momentum} dampening={dampening} nesterov={nesterov}")
+
+
 # -- apex LARC -------------------------------------------------------------------------------------
 
 def larc_update(wd, clip, c=0.02, eps=1e-8, momentum=0.9):

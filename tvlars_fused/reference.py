@@ -122,7 +122,9 @@ class _LarsReference(ReferenceOptimizer):
                 if first:
                     buf.copy_(d)
                 else:
-                    buf.mul_(momentum).add_(d * (1.0 - group["dampening"]))
+                    # torch's SGD keeps no buffer at momentum 0: dampening applies only with momentum
+                    damp = group["dampening"] if momentum != 0 else 0.0
+                    buf.mul_(momentum).add_(d * (1.0 - damp))
                 step = d + buf * momentum if group["nesterov"] else buf
                 w_new = w - step * lr
             else:                      # lr_scaled: TensorFlow's ApplyMomentum

@@ -30,6 +30,12 @@ _BOOLS = ("weight_decay_filter", "lars_adaptation_filter", "trust_clip", "adapt"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def applied_dampening(group: Dict[str, Any]) -> float:
+    """The dampening a heavy-ball group applies: none at momentum 0, where torch's SGD keeps no
+    buffer and steps lr*u (docs/SPEC.md)."""
+    return float(group["dampening"]) if float(group["momentum"]) != 0.0 else 0.0
+
+
 class Lars(Algorithm):
     """TVLARS (tvlars=True) or LARS."""
 
@@ -58,7 +64,7 @@ class Lars(Algorithm):
 
     def first_step_flag(self, group: Dict[str, Any]) -> bool:
         # torch's SGD: with dampening the first buffer is u itself (not (1 - dampening)*u)
-        return group["momentum_form"] == "heavy_ball" and group["dampening"] != 0
+        return group["momentum_form"] == "heavy_ball" and applied_dampening(group) != 0
 
     def variant(self, rows: Sequence[list]) -> tuple:
         """(the only momentum form of the rows, -1 if mixed; any Nesterov; any dampening)."""
@@ -163,7 +169,7 @@ class Lars(Algorithm):
             row[A.LARS_USE_PHI] = 1.0
         row[A.LARS_FORM] = float(A.FORMS[group["momentum_form"]])
         row[A.LARS_EPS] = float(group["eps"])
-        row[A.LARS_UNDAMPED] = 1.0 - float(group["dampening"])   # (as torch's alpha=1 - dampening, in float64)
+        row[A.LARS_UNDAMPED] = 1.0 - applied_dampening(group)   # (as torch's alpha=1 - dampening, in float64)
         return row
 
 
