@@ -18,8 +18,8 @@ One `OptimCase` per optimizer class configuration:
   runs every generic test on torch's own SGD: a generic test that fails there encodes something
   torch does not do. Tests of the project's own contract skip the control case (`case.project`).
 
-Each case carries several hyperparameter sets (`OptimInput`, torch's `OptimizerInput`); `lr` has
-no default in TVLARS/LARS, so every set names it (LAMB's default, 1e-3, is too small for the few
+Each case carries several hyperparameter sets (`OptimInput`, torch's `OptimizerInput`); `lr` is
+required in TVLARS/LARS, so every set names it (LAMB's default, 1e-3, is too small for the few
 steps these tests take).
 
 What differs between the algorithms is asked of the case, not spelled out in the tests: the state

@@ -32,7 +32,7 @@ import warnings
 import pytest
 import torch
 from torch.nn import Parameter
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook, required
 
 import tvlars_fused
 from tvlars_fused import reference
@@ -71,7 +71,8 @@ NOT_APPLICABLE = {
         "exempts AdamW the same way): test_zero_grad_step_moves_only_with_weight_decay checks both sides",
     "lr default (optim_cls(params), test_param_group_with_lrscheduler_goes_right_direction's "
     "top-level lr, SGD(params) in test_step_all_hooks for the case under test)":
-        "lr is a required argument of TVLARS/LARS: every case passes it (test_lr_is_required); LAMB's "
+        "lr is torch's `required` in TVLARS/LARS (optional only where every group gives its own): every "
+        "case passes it (test_lr_is_required); LAMB's "
         "default (1e-3, as torch's Adam) is checked by test_lr_default_is_documented",
     "integer parameters (test_step_pre_hook/test_step_post_hook use int tensors)":
         "only floating-point parameters can be optimized: the hook tests use float tensors",
@@ -1363,8 +1364,18 @@ def test_errors(case):
 
 @pytest.mark.parametrize("case", case_params(lambda c: c.project and not c.lr_has_default))
 def test_lr_is_required(case):
-    with pytest.raises(TypeError):
+    """lr is torch.optim's `required` (as SGD's was): a group without its own lr is refused with an
+    error that says what to do, and a constructor without lr works when every group gives one,
+    stepping exactly as the same lrs given otherwise."""
+    with pytest.raises(ValueError, match=r"lr is required \(in param_groups\[0\]\): pass lr="):
         case.make([Parameter(torch.randn(2).to(case.device))])
+    prob = Problem(case.device, seed=49)
+    pa, pb = prob.params(), prob.params()
+    a = case.make([{"params": pa[:1], "lr": 0.05}, {"params": pa[1:], "lr": 0.02}])
+    b = case.make([{"params": pb[:1]}, {"params": pb[1:], "lr": 0.02}], lr=0.05)
+    with pytest.raises(ValueError, match=r"lr is required \(in param_groups\[2\]\)"):
+        a.add_param_group({"params": [Parameter(torch.randn(2).to(case.device))]})
+    step_both(prob, (a, pa), (b, pb), range(3))
 
 
 LR_DEFAULTS = {"LAMB": 1e-3}   # docs/SPEC.md's signature (torch's Adam, apex FusedLAMB)
@@ -1423,7 +1434,7 @@ def test_signature_lists_the_hyperparameters(case):
     if case.lr_has_default:
         assert sig.parameters["lr"].default == LR_DEFAULTS[case.name], str(sig)
     else:
-        assert sig.parameters["lr"].default is inspect.Parameter.empty, "lr has no default"
+        assert sig.parameters["lr"].default is required, "lr is torch's required"
     missing = [n for n in HYPERPARAMETERS[case.name] if n not in names]
     assert not missing, f"{case.cls.__qualname__}{sig} lacks {missing}"
     assert ("backend" in names) == case.fused, str(sig)

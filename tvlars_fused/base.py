@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from .algorithms import Algorithm
 
@@ -90,7 +91,9 @@ class LayerwiseOptimizer(Optimizer):
     algorithm: Algorithm
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
-        self.algorithm.validate(defaults, where="the constructor arguments")
+        # lr=required (torch.optim's convention): then every param group must give its own lr
+        self.algorithm.validate({**defaults, "lr": 0.0} if defaults["lr"] is required else defaults,
+                                where="the constructor arguments")
         if isinstance(params, torch.Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts "
                             "(e.g. model.parameters()), but got a single tensor of shape "

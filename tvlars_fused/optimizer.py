@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from torch.optim.optimizer import required
 
 from .abi import STAT_PUBLIC
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, options
@@ -215,9 +216,9 @@ class TVLARS(FusedOptimizer):
     extension, else torch), "triton", "cuda", "cpu" or "torch"."""
     algorithm = TVLARS_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, *, weight_decay: float = 5e-4,
-                 eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
-                 gamma_min: float = 0.0, hold_steps: float = 0, weight_decay_filter: bool = False,
+    def __init__(self, params, lr: Union[float, torch.Tensor] = required, momentum: float = 0.9, *,
+                 weight_decay: float = 5e-4, eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0,
+                 alpha: float = 1.0, gamma_min: float = 0.0, hold_steps: float = 0, weight_decay_filter: bool = False,
                  lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
                  momentum_form: str = "heavy_ball", denominator: str = "update", eps: float = 0.0,
                  trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
@@ -231,10 +232,11 @@ class LARS(FusedOptimizer):
     backend."""
     algorithm = LARS_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, *, weight_decay: float = 0.0,
-                 eta: float = 1e-3, weight_decay_filter: bool = False, lars_adaptation_filter: bool = False,
-                 norm_clip: Optional[float] = None, momentum_form: str = "heavy_ball", denominator: str = "update",
-                 eps: float = 0.0, trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
+    def __init__(self, params, lr: Union[float, torch.Tensor] = required, momentum: float = 0.9, *,
+                 weight_decay: float = 0.0, eta: float = 1e-3, weight_decay_filter: bool = False,
+                 lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
+                 momentum_form: str = "heavy_ball", denominator: str = "update", eps: float = 0.0,
+                 trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
                  plain_step_on_zero_norm: bool = False, nesterov: bool = False, dampening: float = 0.0,
                  maximize: bool = False, backend: str = "auto"):
         super().__init__(params, options(locals()), backend)

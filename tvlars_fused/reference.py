@@ -10,6 +10,7 @@ import math
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+from torch.optim.optimizer import required
 
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, adapts, options
 from .algorithms.lamb import bias_correction_mode
@@ -162,9 +163,9 @@ class TVLARS(_LarsReference):
     """Eager reference TVLARS (arXiv 2309.14053); see docs/SPEC.md."""
     algorithm = TVLARS_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, *, weight_decay: float = 5e-4,
-                 eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0, alpha: float = 1.0,
-                 gamma_min: float = 0.0, hold_steps: float = 0, weight_decay_filter: bool = False,
+    def __init__(self, params, lr: Union[float, torch.Tensor] = required, momentum: float = 0.9, *,
+                 weight_decay: float = 5e-4, eta: float = 1e-3, lmbda: float = 1e-3, delay_steps: float = 0,
+                 alpha: float = 1.0, gamma_min: float = 0.0, hold_steps: float = 0, weight_decay_filter: bool = False,
                  lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
                  momentum_form: str = "heavy_ball", denominator: str = "update", eps: float = 0.0,
                  trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
@@ -177,10 +178,11 @@ class LARS(_LarsReference):
     """Eager reference LARS: TVLARS with phi(t) == 1 (the Barlow Twins LARS)."""
     algorithm = LARS_ALGORITHM
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9, *, weight_decay: float = 0.0,
-                 eta: float = 1e-3, weight_decay_filter: bool = False, lars_adaptation_filter: bool = False,
-                 norm_clip: Optional[float] = None, momentum_form: str = "heavy_ball", denominator: str = "update",
-                 eps: float = 0.0, trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
+    def __init__(self, params, lr: Union[float, torch.Tensor] = required, momentum: float = 0.9, *,
+                 weight_decay: float = 0.0, eta: float = 1e-3, weight_decay_filter: bool = False,
+                 lars_adaptation_filter: bool = False, norm_clip: Optional[float] = None,
+                 momentum_form: str = "heavy_ball", denominator: str = "update", eps: float = 0.0,
+                 trust_clip: bool = False, adapt: bool = True, always_adapt: bool = True,
                  plain_step_on_zero_norm: bool = False, nesterov: bool = False, dampening: float = 0.0,
                  maximize: bool = False):
         super().__init__(params, options(locals()))

@@ -17,6 +17,7 @@ import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch.optim.optimizer import _RequiredParameter
 
 from ..abi import FLAG_SKIP_ADAPTATION, FLAG_SKIP_WEIGHT_DECAY, GROUP_COLS
 
@@ -58,6 +59,9 @@ def check_bools(group: Dict[str, Any], names: Sequence[str], at: str) -> None:
 
 
 def check_lr(group: Dict[str, Any], at: str):
+    if isinstance(group["lr"], _RequiredParameter):
+        raise ValueError(f"lr is required{at}: pass lr=... to the constructor, or give every param group "
+                         "its own 'lr'")
     lr = real("lr", group["lr"], tensor_ok=True, at=at)
     if lr is not None and lr < 0.0:
         raise ValueError(f"Invalid lr: {lr}{at}; the learning rate must be >= 0")
