@@ -152,6 +152,10 @@ _LAMB_BAD = (   # docs/SPEC.md "LAMB", Checks
     ("weight_decay_filter", 0, r"Invalid weight_decay_filter.*True or False"),
     ("adaptation_filter", 1.0, r"Invalid adaptation_filter.*True or False"),
     ("maximize", "False", r"Invalid maximize.*True or False"),
+    ("trust_clip", 1, r"Invalid trust_clip.*True or False"),
+)
+_LAMB_CONTRADICTIONS = (
+    (dict(trust_clip=True, adapt=False), r"trust_clip=True.*adapt=False"),
 )
 
 ALGORITHMS: Dict[str, AlgorithmSpec] = {
@@ -175,7 +179,7 @@ ALGORITHMS: Dict[str, AlgorithmSpec] = {
         stat_names=("weight_norm", "update_norm", "trust_ratio", "step_scale", "grad_norm", "weight_decay"),
         option_changes=(("weight_decay_mode", "update", "l2"), ("bias_correction", "moments", "none")),
         added_groups=(dict(weight_decay_mode="decoupled"), dict(betas=(0.8, 0.99), bias_correction="step_size")),
-        bad_options=_LAMB_BAD),
+        bad_options=_LAMB_BAD, contradictions=_LAMB_CONTRADICTIONS),
 }
 
 

@@ -21,6 +21,7 @@ Per parameter with a gradient g, with k = t + 1:
     w' = w*(1 - lr*wd) ("decoupled") else w
     u  = r + wd*w ("update", the paper's Algorithm 2) else r
     q  = min(||w'||, clip) / (||u|| + ratio_eps) if adapts and both norms > 0, else 1
+         (trust_clip, timm's lambc: min(q, 1))
     s  = sqrt(1 - beta2^k) / (1 - beta1^k) for "step_size", 1 / (1 - beta1^k) for "first_moment",
          else 1
     w  = w' - lr*s*q*u
@@ -50,12 +51,12 @@ class OracleLAMB(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction="moments", weight_decay_mode="update", grad_averaging=True,
                  weight_norm_clip=None, ratio_eps=0.0, adapt=True, always_adapt=True,
-                 weight_decay_filter=False, adaptation_filter=False, maximize=False):
+                 weight_decay_filter=False, adaptation_filter=False, maximize=False, trust_clip=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_decay_mode=weight_decay_mode, grad_averaging=grad_averaging,
                         weight_norm_clip=weight_norm_clip, ratio_eps=ratio_eps, adapt=adapt,
                         always_adapt=always_adapt, weight_decay_filter=weight_decay_filter,
-                        adaptation_filter=adaptation_filter, maximize=maximize)
+                        adaptation_filter=adaptation_filter, maximize=maximize, trust_clip=trust_clip)
         super().__init__(params, defaults)
         self.t = 0
         self.stats: Dict[torch.Tensor, Dict[str, float]] = {}
@@ -113,6 +114,8 @@ class OracleLAMB(torch.optim.Optimizer):
                 un = float(torch.linalg.vector_norm(u))
                 if adapts:
                     q = wn / (un + ratio_eps) if (wn > 0.0 and un > 0.0) else 1.0
+                    if group["trust_clip"]:
+                        q = min(q, 1.0)
                 else:
                     q = 1.0
                 p.copy_(w1 - ((lr * s) * q) * u)

@@ -1420,7 +1420,7 @@ HYPERPARAMETERS = {
              "lars_adaptation_filter", "norm_clip", "momentum_form"],
     "LAMB": ["params", "lr", "betas", "eps", "weight_decay", "bias_correction", "weight_decay_mode",
              "grad_averaging", "weight_norm_clip", "ratio_eps", "adapt", "always_adapt", "weight_decay_filter",
-             "adaptation_filter", "maximize"],
+             "adaptation_filter", "maximize", "trust_clip"],
 }
 
 

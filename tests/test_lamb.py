@@ -388,6 +388,7 @@ OPTION_SETS = [
     dict(weight_decay_mode="decoupled", weight_decay=0.2),
     dict(grad_averaging=False),
     dict(weight_norm_clip=2.0),                               # clips every layer with ||w|| > 2
+    dict(trust_clip=True),                                    # timm's lambc: q = min(q, 1)
     dict(ratio_eps=0.5, eps=1e-3),
     dict(adapt=False),
     dict(always_adapt=False, weight_decay=0.0),               # no trust ratio anywhere: Adam

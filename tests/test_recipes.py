@@ -32,6 +32,9 @@ tests/test_lamb.py):
   torch-optimizer Lamb  moments without bias correction (debias: the step times sqrt(bc2)/bc1),
                         u = m/(sqrt(v) + eps) + wd*w, q = min(||w||, 10)/||u|| (1 for a zero norm),
                         adam=True: q = 1
+  timm Lamb             bias-corrected m/bc1 / (sqrt(v)/sqrt(bc2) + eps) + wd*w; q = ||w||/||u|| (1
+                        for a zero norm) only with weight decay (always_adapt=False); lambc caps
+                        q at 1
   BERT's TF LAMB        as apex's adam_w_mode with the ratio everywhere, biases and LayerNorm (here
                         BatchNorm) excluded from weight decay and adaptation by name
 """
@@ -517,6 +520,55 @@ def test_torch_optimizer_lamb(backend, variant):
                       lambda LAMB, m: LAMB(m.parameters(), lr=LAMB_LR, eps=LAMB_EPS, weight_decay=LAMB_WD,
                                            weight_norm_clip=10.0, **ours_kw),
                       f"torch-optimizer Lamb {variant}")
+
+
+def timm_lamb_update(wd, trust_clip=False, always_adapt=False, betas=(0.9, 0.999), eps=LAMB_EPS):
+    """timm.optim.Lamb (bias correction, grad averaging, no global clip: max_grad_norm=None): the
+    bias-corrected Adam direction plus wd*w; the ratio ||w||/||u|| (1 for a zero norm) only with
+    weight decay unless always_adapt; lambc: the ratio capped at 1."""
+    beta1, beta2 = betas
+
+    def update(named, state, lr, t):
+        step = t + 1
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        for name, p in named:
+            m, v = adam_moments(state[name], p.grad, beta1, beta2, 1 - beta1)
+            u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+            if wd != 0:
+                u = u + wd * p
+            if wd != 0 or always_adapt:
+                wn, un = p.norm(), u.norm()
+                one = torch.ones_like(wn)
+                q = torch.where(wn > 0, torch.where(un > 0, wn / un, one), one)
+                if trust_clip:
+                    q = torch.minimum(q, one)
+                u = u * q
+            p.sub_(lr * u)
+    return update
+
+
+def large_weights_lamb_net() -> Net:
+    """lamb_net with every weight 30x: ||w|| above ||u|| in every layer, so lambc's cap binds."""
+    net = lamb_net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(30.0)
+    return net
+
+
+@pytest.mark.parametrize("variant", ["lamb", "lambc"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_lamb(backend, variant):
+    clip = variant == "lambc"
+    net = large_weights_lamb_net if clip else lamb_net
+    theirs = run_independent(timm_lamb_update(LAMB_WD, trust_clip=clip), LAMB_LR, net)
+    ours = run_ours(lambda model: make(backend, "LAMB")(model.parameters(), lr=LAMB_LR, eps=LAMB_EPS,
+                                                         weight_decay=LAMB_WD, always_adapt=False, trust_clip=clip),
+                    LAMB_LR, net)
+    assert_match(ours, theirs, f"timm {variant}", net)
+    if clip:   # the cap binds in this run: without it the parameters end elsewhere
+        uncapped = run_independent(timm_lamb_update(LAMB_WD), LAMB_LR, net)
+        assert max(rel_err(a, b) for a, b in zip(uncapped, theirs)) > 1e-3
 
 
 def bert_lamb_update(wd, skip=("bias", "bn"), betas=(0.9, 0.999), eps=LAMB_EPS):

@@ -72,7 +72,7 @@ FORMS = {"heavy_ball": FORM_HEAVY_BALL, "paper": FORM_PAPER, "lr_scaled": FORM_L
 # bits of group_table[:, COL_GFLAGS]; one namespace, distinct bits for every algorithm
 GF_NO_ADAPT = 1            # no trust ratio (adapt=False, or always_adapt=False and weight_decay == 0)
 GF_GRAD_DENOMINATOR = 2    # LARS denominator="grad": ||g|| + wd*||w|| (else ||g + wd*w||)
-GF_TRUST_CLIP = 4          # LARS: q = min(q / lr, 1)
+GF_TRUST_CLIP = 4          # LARS: q = min(q / lr, 1); LAMB: q = min(q, 1)
 GF_PLAIN_ZERO = 8          # LARS plain_step_on_zero_norm: a zero norm gives the plain gradient step (no wd)
 GF_NESTEROV = 16           # LARS
 GF_WD_L2 = 32              # LAMB weight_decay_mode="l2": wd*w joins the gradient before the moments

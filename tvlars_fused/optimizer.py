@@ -254,5 +254,5 @@ class LAMB(FusedOptimizer):
                  weight_decay_mode: str = "update", grad_averaging: bool = True,
                  weight_norm_clip: Optional[float] = None, ratio_eps: float = 0.0, adapt: bool = True,
                  always_adapt: bool = True, weight_decay_filter: bool = False, adaptation_filter: bool = False,
-                 maximize: bool = False, backend: str = "auto"):
+                 maximize: bool = False, trust_clip: bool = False, backend: str = "auto"):
         super().__init__(params, options(locals()), backend)

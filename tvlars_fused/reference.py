@@ -197,7 +197,7 @@ class LAMB(ReferenceOptimizer):
                  weight_decay_mode: str = "update", grad_averaging: bool = True,
                  weight_norm_clip: Optional[float] = None, ratio_eps: float = 0.0, adapt: bool = True,
                  always_adapt: bool = True, weight_decay_filter: bool = False, adaptation_filter: bool = False,
-                 maximize: bool = False):
+                 maximize: bool = False, trust_clip: bool = False):
         super().__init__(params, options(locals()))
 
     def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
@@ -228,6 +228,8 @@ class LAMB(ReferenceOptimizer):
             if group["weight_norm_clip"] is not None:
                 wn = wn.clamp(max=group["weight_norm_clip"])
             q = torch.where((wn > 0) & (un > 0), wn / (un + group["ratio_eps"]), q)
+            if group["trust_clip"]:   # timm's lambc: min(q, 1), a NaN staying NaN
+                q = torch.where(q > 1, torch.ones_like(q), q)
         s = {"step_size": math.sqrt(bc2) / bc1, "first_moment": 1.0 / bc1}.get(
             bias_correction_mode(group["bias_correction"]), 1.0)
         p.copy_(w_d - u * ((lr64 * s).to(w.dtype) * q))

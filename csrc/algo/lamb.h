@@ -92,7 +92,8 @@ struct Lamb {
                                float t) {
     const A wn = clip_norm(sqrt_(sum_w2), g[COL_NORM_CLIP]);
     const A un = sqrt_(sum_u2), gn = sqrt_(sum_g2);
-    const A q = segment_adapts(g, seg_flags) && wn > A(0) && un > A(0) ? div(wn, add(un, g[LAMB_RATIO_EPS])) : A(1);
+    const A ratio = segment_adapts(g, seg_flags) && wn > A(0) && un > A(0) ? div(wn, add(un, g[LAMB_RATIO_EPS])) : A(1);
+    const A q = (g.flags() & GF_TRUST_CLIP) != 0 && ratio > A(1) ? A(1) : ratio;   // timm's lambc; NaN stays
     const Terms<A> tm = terms(g, t);
     out[STAT_WEIGHT_NORM] = wn;
     out[STAT_UPDATE_NORM] = un;

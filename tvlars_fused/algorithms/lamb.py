@@ -14,9 +14,10 @@ WEIGHT_DECAY_MODES = ("update", "l2", "decoupled")
 LAMB_DEFAULTS: Dict[str, Any] = dict(
     betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction="moments", weight_decay_mode="update",
     grad_averaging=True, weight_norm_clip=None, ratio_eps=0.0, adapt=True, always_adapt=True,
-    weight_decay_filter=False, adaptation_filter=False, maximize=False,
+    weight_decay_filter=False, adaptation_filter=False, maximize=False, trust_clip=False,
 )
-_BOOLS = ("grad_averaging", "adapt", "always_adapt", "weight_decay_filter", "adaptation_filter", "maximize")
+_BOOLS = ("grad_averaging", "adapt", "always_adapt", "weight_decay_filter", "adaptation_filter", "maximize",
+          "trust_clip")
 
 
 def bias_correction_mode(value: Any) -> str:
@@ -74,10 +75,14 @@ class Lamb(Algorithm):
                              "paper: r + wd*w inside the trust ratio), 'l2' (wd*w added to the gradient) or "
                              "'decoupled' (w*(1 - lr*wd) before the step, as AdamW)")
         check_bools(group, _BOOLS, at)
+        if group["trust_clip"] and not group["adapt"]:
+            raise ValueError(f"Invalid trust_clip=True{at}: adapt=False, so this group has no trust ratio to clip; "
+                             "remove trust_clip or let the group adapt")
 
     @staticmethod
     def group_flags(group: Dict[str, Any]) -> int:
         flags = 0 if adapts(group) else A.GF_NO_ADAPT
+        flags |= A.GF_TRUST_CLIP if group["trust_clip"] else 0
         mode = group["weight_decay_mode"]
         flags |= A.GF_WD_L2 if mode == "l2" else A.GF_WD_DECOUPLED if mode == "decoupled" else 0
         bc = bias_correction_mode(group["bias_correction"])

@@ -10,9 +10,9 @@ from typing import List, Tuple
 import torch
 
 from ..abi import (COL_GFLAGS, COL_LR, COL_NORM_CLIP, COL_WEIGHT_DECAY, FLAG_SKIP_ADAPTATION, FLAG_SKIP_WEIGHT_DECAY,
-                   GF_BC_FIRST_MOMENT, GF_BC_MOMENTS, GF_BC_STEP_SIZE, GF_NO_ADAPT, GF_WD_DECOUPLED, GF_WD_L2,
-                   LAMB_BETA1, LAMB_BETA2, LAMB_BETA3, LAMB_EPS, LAMB_ONE_MINUS_BETA2, LAMB_RATIO_EPS, LAMB_STAT_BC1,
-                   LAMB_STAT_BC2, LAMB_STAT_STEP, PART_G2, PART_U2, PART_W2, SEG_FLAGS, SEG_GROUP)
+                   GF_BC_FIRST_MOMENT, GF_BC_MOMENTS, GF_BC_STEP_SIZE, GF_NO_ADAPT, GF_TRUST_CLIP, GF_WD_DECOUPLED,
+                   GF_WD_L2, LAMB_BETA1, LAMB_BETA2, LAMB_BETA3, LAMB_EPS, LAMB_ONE_MINUS_BETA2, LAMB_RATIO_EPS,
+                   LAMB_STAT_BC1, LAMB_STAT_BC2, LAMB_STAT_STEP, PART_G2, PART_U2, PART_W2, SEG_FLAGS, SEG_GROUP)
 from ..stats import exact_sqrt
 
 EXTRA_ROWS = 3                  # 4: x (l2), 5: sqrt(v/bc2) + eps, 6: w' (decoupled)
@@ -138,6 +138,7 @@ def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor, hand_off: bool = T
     adapt = ((gflags & GF_NO_ADAPT) == 0) & ((seg_flags & FLAG_SKIP_ADAPTATION) == 0)
     one = torch.ones_like(wn)
     q = torch.where(adapt & (wn > 0) & (un > 0), wn / (un + tab[:, LAMB_RATIO_EPS]), one)
+    q = torch.where(((gflags & GF_TRUST_CLIP) != 0) & (q > 1), one, q)   # timm's lambc; NaN stays
     wd = torch.where((seg_flags & FLAG_SKIP_WEIGHT_DECAY) != 0, torch.zeros_like(wn), tab[:, COL_WEIGHT_DECAY])
     apply = (b.seg_active != 0) & keep
     rows = torch.stack([wn, un, q, s, gn, wd, bc1, bc2, lr_s * q], dim=1)

@@ -17,6 +17,7 @@ EPS, RATIO_EPS = _C(B.LAMB_EPS), _C(B.LAMB_RATIO_EPS)
 STAT_COLS, STAT_WD = _C(B.STAT_COLS), _C(B.STAT_WEIGHT_DECAY)
 STAT_BC1, STAT_BC2, STAT_STEP = _C(B.LAMB_STAT_BC1), _C(B.LAMB_STAT_BC2), _C(B.LAMB_STAT_STEP)
 GF_NO_ADAPT, GF_WD_L2, GF_WD_DECOUPLED = _C(B.GF_NO_ADAPT), _C(B.GF_WD_L2), _C(B.GF_WD_DECOUPLED)
+GF_TRUST_CLIP = _C(B.GF_TRUST_CLIP)
 GF_BC_MOMENTS, GF_BC_STEP_SIZE, GF_BC_FIRST = _C(B.GF_BC_MOMENTS), _C(B.GF_BC_STEP_SIZE), _C(B.GF_BC_FIRST_MOMENT)
 F_SKIP_WD, F_SKIP_ADAPT = _C(B.FLAG_SKIP_WEIGHT_DECAY), _C(B.FLAG_SKIP_ADAPTATION)
 
@@ -106,6 +107,7 @@ def finish(stats, seg, sw, su, sg, grow, flags, t, ACC: tl.constexpr, IEEE: tl.c
     gflags = tl.load(grow + COL_GFLAGS).to(tl.int32)
     adapt = ((gflags & GF_NO_ADAPT) == 0) & ((flags & F_SKIP_ADAPT) == 0)
     q = tl.where(adapt & (wn > 0) & (un > 0), div(wn, un + col(grow, RATIO_EPS, ACC), IEEE), 1.0).to(ACC)
+    q = tl.where(((gflags & GF_TRUST_CLIP) != 0) & (q > 1.0), 1.0, q).to(ACC)   # timm's lambc; NaN stays
     wd = tl.where((flags & F_SKIP_WD) != 0, 0.0, tl.load(grow + COL_WD)).to(ACC)
     bc1, bc2, factor, lr_s, s = _terms(grow, t, ACC)
     store_stats(stats, seg, wn, un, q, s, gn, wd)
