@@ -1,9 +1,13 @@
-"""setup.py's choice of the CUDA toolkit (CUDA_HOME) for the extension build: where nvcc is a wrapper
-outside the toolkit, torch's own guess cannot link (`cannot find -lcudart`)."""
+"""The build: setup.py's choice of the CUDA toolkit (CUDA_HOME) for the extension (where nvcc is a
+wrapper outside the toolkit, torch's own guess cannot link: `cannot find -lcudart`), and a wheel
+that works without the source tree (every subpackage in it)."""
 import ast
 import glob
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 SETUP = Path(__file__).resolve().parents[1] / "setup.py"
@@ -47,3 +51,27 @@ def test_nvcc_inside_a_toolkit(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(root / "bin"))
     assert find_cuda_home() == str(root)
+
+
+def test_wheel_holds_every_subpackage_and_works_outside_the_tree(tmp_path):
+    """`pip install --no-build-isolation .` (README) gets every subpackage: a wheel built without the
+    extension, unpacked outside the source tree, imports and steps on the torch backend."""
+    root = tmp_path / "src"   # a copy: no build/ left over from other builds, no compiled extension
+    shutil.copytree(SETUP.parent, root, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so", ".pytest_cache", "gpu-out", "bench", "examples"))
+    env = dict(os.environ, TVLARS_FUSED_BUILD_EXT="0")
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
+                          str(tmp_path / "dist"), str(root)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wheel, = (tmp_path / "dist").glob("tvlars_fused-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    on_disk = {str(p.parent.relative_to(root)) for p in (root / "tvlars_fused").rglob("__init__.py")}
+    in_wheel = {os.path.dirname(n) for n in names if n.endswith("/__init__.py")}
+    assert on_disk == in_wheel, (on_disk, in_wheel)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    script = ("import torch, tvlars_fused; assert tvlars_fused.__file__.startswith(%r), tvlars_fused.__file__; "
+              "p = torch.nn.Parameter(torch.ones(3)); o = tvlars_fused.LAMB([p], backend='torch'); "
+              "p.sum().backward(); o.step(); print('ok', o.backends)") % str(tmp_path / "site")
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0 and "ok ['torch']" in run.stdout, run.stdout + run.stderr[-3000:]
