@@ -14,6 +14,7 @@ from torch.optim.optimizer import required
 
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, adapts, options
 from .algorithms.lamb import bias_correction_mode
+from .algorithms.lars import applied_dampening
 from .base import STEP, LayerwiseOptimizer, accumulation_dtype
 from .schedule import phi
 
@@ -123,9 +124,7 @@ class _LarsReference(ReferenceOptimizer):
                 if first:
                     buf.copy_(d)
                 else:
-                    # torch's SGD keeps no buffer at momentum 0: dampening applies only with momentum
-                    damp = group["dampening"] if momentum != 0 else 0.0
-                    buf.mul_(momentum).add_(d * (1.0 - damp))
+                    buf.mul_(momentum).add_(d * (1.0 - applied_dampening(group)))   # (none at momentum 0)
                 step = d + buf * momentum if group["nesterov"] else buf
                 w_new = w - step * lr
             else:                      # lr_scaled: TensorFlow's ApplyMomentum
@@ -152,9 +151,11 @@ class _LarsReference(ReferenceOptimizer):
         denom = (gn + wd * wn) + group["eps"] if grad_form else dn + group["eps"]
         ratio = group["eta"] * scale * wn / denom
         one = torch.ones_like(wn)
-        if group["trust_clip"]:   # min(x / lr, 1), written so that lr = 0 gives 1 (docs/SPEC.md)
-            ratio = torch.where(ratio >= lr, one, ratio / lr)
-            one = one if group["plain_step_on_zero_norm"] else torch.where(one >= lr, one, one / lr)
+        if group["trust_clip"]:
+            def clip(x):   # min(x / lr, 1), written so that lr = 0 gives 1 (docs/SPEC.md)
+                return torch.where(x >= lr, torch.ones_like(x), x / lr)
+            ratio = clip(ratio)
+            one = one if group["plain_step_on_zero_norm"] else clip(one)
         plain = ~nonzero & group["plain_step_on_zero_norm"]
         return torch.where(nonzero, ratio, one), plain
 
