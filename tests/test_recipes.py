@@ -13,8 +13,10 @@ reference and every fused backend here (the Triton interpreter's runs are marked
   SGD-Nesterov LARS     Barlow Twins' trust ratio with torch's Nesterov momentum
   You et al. 2017       q = eta*||w|| / (||g|| + wd*||w||) for every layer, d = q*(g + wd*w),
                         TensorFlow momentum v = m*v + lr*d, w -= v
-  MLPerf ResNet-50      q as timm (eps 0), biases and BatchNorm excluded from weight decay and
-                        adaptation by name; TensorFlow momentum v = m*v + lr*q*d, w -= v
+  MLPerf ResNet-50      q as timm with eps 1e-7 (the TF2 reference takes `epsilon or Keras'
+                        epsilon()`, and its lars_epsilon flag defaults to 0), biases and BatchNorm
+                        excluded from weight decay and adaptation by name; TensorFlow momentum
+                        v = m*v + lr*q*d, w -= v
   Barlow Twins          q = eta*||w||/||g + wd*w|| with the ndim == 1 filters; mu = m*mu + q*d,
                         w -= lr*mu
   TVLARS (authors)      Barlow Twins' LARS times phi(t) = 1/(0.1 + exp(lmbda*(t + 1))), norms
@@ -301,14 +303,15 @@ def test_sgd_nesterov_style_lars(backend):
 
 # -- MLPerf ResNet-50 (TensorFlow LARS) ----------------------------------------------------------------
 
-def mlperf_update(wd, eta=1e-3, momentum=0.9, skip=("bias", "bn")):
+def mlperf_update(wd, eta=1e-3, momentum=0.9, skip=("bias", "bn"), lars_epsilon=0.0):
+    eps = lars_epsilon or 1e-7   # (an eps of 0 selects Keras' default epsilon)
     def update(named, state, lr, t):
         for name, p in named:
             g = p.grad
             scaled_lr = lr
             if not any(s in name for s in skip):
                 wn, gn = p.norm(), g.norm()
-                ratio = torch.where((wn > 0) & (gn > 0), eta * wn / (gn + wd * wn), torch.ones_like(wn))
+                ratio = torch.where((wn > 0) & (gn > 0), eta * wn / (gn + wd * wn + eps), torch.ones_like(wn))
                 scaled_lr = lr * ratio
                 g = g + wd * p
             v = state[name].get("v", torch.zeros_like(p))
@@ -322,8 +325,8 @@ def test_mlperf_resnet50_lars(backend):
     check_recipe(backend, mlperf_update(WD),
                  lambda LARS, m: LARS(lars_param_groups(m, exclude_from_weight_decay=[BIAS, NORM],
                                                         exclude_from_adaptation=[BIAS, NORM]),
-                                      lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, denominator="grad",
-                                      momentum_form="lr_scaled"), "MLPerf")
+                                      lr=LR, momentum=0.9, weight_decay=WD, eta=0.001, eps=1e-7,
+                                      denominator="grad", momentum_form="lr_scaled"), "MLPerf")
 
 
 # -- You, Gitman, Ginsburg 2017, Algorithm 1 --------------------------------------------------------------
