@@ -232,6 +232,39 @@ def test_without_adaptation_is_torch_sgd(backend, momentum, dampening, nesterov,
     assert_match(ours, theirs, f"SGD momentum={momentum} dampening={dampening} nesterov={nesterov}")
 
 
+
+def momentum_through_zero(step: int) -> float:
+    """0.9, then 0 for a while (SGD keeps its buffer untouched), 0.9 again, 0 again at the end."""
+    return 0.0 if 10 <= step < 20 or step >= 40 else 0.9
+
+
+def momentum_from_zero(step: int) -> float:
+    """0 at first (SGD creates no buffer: its first buffer is the update of step 15), then 0.9."""
+    return 0.0 if step < 15 else 0.9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", [momentum_through_zero, momentum_from_zero])
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_momentum_schedule_through_zero_is_torch_sgd(backend, schedule, dampening):
+    """A momentum edited between steps (a momentum schedule) that passes through 0: as torch's SGD,
+    a step at momentum 0 is lr*u and leaves the buffer as it was; the first step with momentum
+    after steps without starts the buffer at u (torch creates it then)."""
+    def run(make_opt):
+        model = make_net()
+        opt = make_opt(model)
+        for step, (x, y) in enumerate(batches()):
+            for g in opt.param_groups:
+                g["lr"], g["momentum"] = lr_at(step, LR), schedule(step)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+    kw = {"lr": LR, "momentum": schedule(0), "dampening": dampening, "weight_decay": WD}
+    theirs = run(lambda model: torch.optim.SGD(model.parameters(), **kw))
+    ours = run(lambda model: make(backend)(model.parameters(), adapt=False, **kw))
+    assert_match(ours, theirs, f"momentum {schedule.__name__} dampening={dampening}")
+
 # -- apex LARC -------------------------------------------------------------------------------------
 
 def larc_update(wd, clip, c=0.02, eps=1e-8, momentum=0.9):

@@ -84,8 +84,11 @@ class PyLars:
         if group["momentum_form"] == "heavy_ball":
             if p.buf is None:
                 p.buf = [0.0] * len(w)
-            p.buf = [mom * b + di for b, di in zip(p.buf, d)]
-            p.w = [wi - lr * b for wi, b in zip(w, p.buf)]
+            if mom == 0:   # torch's SGD at momentum 0: the plain step, the buffer as it was
+                p.w = [wi - lr * di for wi, di in zip(w, d)]
+            else:
+                p.buf = [mom * b + di for b, di in zip(p.buf, d)]
+                p.w = [wi - lr * b for wi, b in zip(w, p.buf)]
         else:
             if p.m is None:
                 p.m = list(w)

@@ -14,7 +14,6 @@ from torch.optim.optimizer import required
 
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, adapts, options
 from .algorithms.lamb import bias_correction_mode
-from .algorithms.lars import applied_dampening
 from .base import STEP, LayerwiseOptimizer, accumulation_dtype
 from .schedule import phi
 
@@ -27,6 +26,9 @@ class ReferenceOptimizer(LayerwiseOptimizer):
 
     def __init__(self, params, defaults):
         self._t = torch.zeros((), dtype=torch.float32)
+        # id(p) -> the buffer just created for p, whose first update takes d itself (heavy_ball with
+        # dampening, as torch's SGD; the fused classes' PENDING mark in the stats row)
+        self._first_update: Dict[int, torch.Tensor] = {}
         super().__init__(params, defaults)
 
     def _step_tensor(self) -> torch.Tensor:
@@ -40,6 +42,8 @@ class ReferenceOptimizer(LayerwiseOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # (loaded, unpickled or copied state is not waiting for a first update, as in the fused classes)
+        self._first_update: Dict[int, torch.Tensor] = {}
         if "defaults" in state:   # unpickled or deep-copied: t lives in the state entries
             self._load_step(self._max_step(self.state))
 
@@ -117,14 +121,18 @@ class _LarsReference(ReferenceOptimizer):
             m.copy_(m_new)
         else:
             buf = state.get("momentum_buffer")
-            first = buf is None
-            if first:
+            if buf is None:
                 buf = state["momentum_buffer"] = torch.zeros_like(w)
-            if form == "heavy_ball":   # torch's SGD momentum: the first buffer is d itself
-                if first:
+                if form == "heavy_ball" and group["dampening"] != 0:
+                    self._first_update[id(p)] = buf   # torch's SGD: its first buffer is d itself
+            if form == "heavy_ball" and momentum == 0:
+                # torch's SGD keeps no buffer at momentum 0: the plain step, buf (and its mark) as it was
+                w_new = w - d * lr
+            elif form == "heavy_ball":
+                if self._first_update.pop(id(p), None) is buf:
                     buf.copy_(d)
                 else:
-                    buf.mul_(momentum).add_(d * (1.0 - applied_dampening(group)))   # (none at momentum 0)
+                    buf.mul_(momentum).add_(d * (1.0 - group["dampening"]))
                 step = d + buf * momentum if group["nesterov"] else buf
                 w_new = w - step * lr
             else:                      # lr_scaled: TensorFlow's ApplyMomentum

@@ -89,9 +89,11 @@ struct Lars {
     out[STAT_GRAD_NORM] = gn;
     out[STAT_WEIGHT_DECAY] = applied_wd;
     // the first update, if this is it (PENDING set by the host when it started the state; this
-    // runs only in a step that updates the segment, so a step skipped by found_inf keeps it)
-    out[LARS_STAT_FIRST] = out[LARS_STAT_PENDING];
-    out[LARS_STAT_PENDING] = A(0);
+    // runs only in a step that updates the segment, so a step skipped by found_inf keeps it, and
+    // so does a step at momentum 0, which leaves the buffer as it is)
+    const bool buffer_moves = g[LARS_MOMENTUM] != A(0);
+    out[LARS_STAT_FIRST] = buffer_moves ? out[LARS_STAT_PENDING] : A(0);
+    out[LARS_STAT_PENDING] = buffer_moves ? A(0) : out[LARS_STAT_PENDING];
   }
 
   // ---- pass 2: u = q*d, then the momentum form ---------------------------------------------------
@@ -124,8 +126,14 @@ struct Lars {
   // heavy_ball, torch's SGD momentum (the authors' code, timm, LARC, Lightning):
   //   s = first ? u : momentum*s + (1 - dampening)*u ; step = nesterov ? u + momentum*s : s ;
   //   w = w - lr*step          (first: the parameter's first update, only flagged with dampening)
+  // and at momentum 0 (moving: false) w = w - lr*u with s as it was, as torch's SGD keeps no buffer
   template <typename V>
-  static TVLARS_HD void heavy_ball(V& w, V& s, V u, V lr, V momentum, V undamped, bool nesterov, bool first) {
+  static TVLARS_HD void heavy_ball(V& w, V& s, V u, V lr, V momentum, V undamped, bool nesterov, bool first,
+                                   bool moving) {
+    if (!moving) {
+      w = sub(w, mul(lr, u));
+      return;
+    }
     s = first ? u : add(mul(momentum, s), mul(undamped, u));
     w = sub(w, mul(lr, nesterov ? add(u, mul(momentum, s)) : s));
   }
@@ -158,7 +166,7 @@ struct Lars {
     } else if (form == FORM_LR_SCALED) {
       lr_scaled(w, s[0], u, lr, mom, p.nesterov);
     } else {
-      heavy_ball(w, s[0], u, lr, mom, splat<V>(p.undamped), p.nesterov, p.first);
+      heavy_ball(w, s[0], u, lr, mom, splat<V>(p.undamped), p.nesterov, p.first, p.momentum != A(0));
     }
   }
 };

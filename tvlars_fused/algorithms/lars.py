@@ -31,8 +31,8 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def applied_dampening(group: Dict[str, Any]) -> float:
-    """The dampening a heavy-ball group applies: none at momentum 0, where torch's SGD keeps no
-    buffer and steps lr*u (docs/SPEC.md)."""
+    """The dampening the group table carries: none at momentum 0, where a heavy-ball step is lr*u
+    and leaves the buffer as it is (torch's SGD keeps no buffer then; docs/SPEC.md)."""
     return float(group["dampening"]) if float(group["momentum"]) != 0.0 else 0.0
 
 
@@ -63,8 +63,9 @@ class Lars(Algorithm):
         return (WEIGHTS,) if group["momentum_form"] == "paper" else (ZEROS,)   # the paper: m starts at w
 
     def first_step_flag(self, group: Dict[str, Any]) -> bool:
-        # torch's SGD: with dampening the first buffer is u itself (not (1 - dampening)*u)
-        return group["momentum_form"] == "heavy_ball" and applied_dampening(group) != 0
+        # torch's SGD: with dampening the first buffer is u itself (not (1 - dampening)*u); at
+        # momentum 0 the mark waits for the first step with momentum (SGD creates its buffer then)
+        return group["momentum_form"] == "heavy_ball" and float(group["dampening"]) != 0
 
     def variant(self, rows: Sequence[list]) -> tuple:
         """(the only momentum form of the rows, -1 if mixed; any Nesterov; any dampening)."""

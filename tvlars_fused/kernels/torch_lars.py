@@ -36,6 +36,7 @@ class Context:
         self.form = [int(r[LARS_FORM]) for r in rows]
         self.nesterov = [(int(r[COL_GFLAGS]) & GF_NESTEROV) != 0 for r in rows]
         self.damped = [r[LARS_UNDAMPED] != 1 for r in rows]   # may take torch's first buffer u
+        self.moving = [r[LARS_MOMENTUM] != 0 for r in rows]   # heavy_ball at momentum 0: s stays
         self.lr, self.mom, self.wd, self.undamped = (st.per_segment(c) for c in
                                                      (COL_LR, LARS_MOMENTUM, COL_WEIGHT_DECAY, LARS_UNDAMPED))
         # pass 2's trust ratio and weight decay, from the stats pass 1 writes
@@ -101,6 +102,14 @@ def _momentum(ctx: Context, form: int, segs: List[int], w_: List[torch.Tensor], 
                 step[k] = v
         torch._foreach_sub_(w_, step)
         return
+    if not all(ctx.moving[i] for i in segs):   # heavy_ball at momentum 0: w = w - lr*u, s stays
+        still = [k for k, i in enumerate(segs) if not ctx.moving[i]]
+        torch._foreach_sub_([w_[k] for k in still], torch._foreach_mul([u_[k] for k in still],
+                                                                       [lr[k] for k in still]))
+        moving = [k for k, i in enumerate(segs) if ctx.moving[i]]
+        if moving:
+            _momentum(ctx, form, *([x[k] for k in moving] for x in (segs, w_, s_, u_)))
+        return
     torch._foreach_mul_(s_, mom)
     torch._foreach_add_(s_, torch._foreach_mul(u_, [ctx.undamped[i] for i in segs]))
     for k, i in enumerate(segs):   # torch's SGD: with dampening, the first buffer is u itself
@@ -142,8 +151,12 @@ def finalize_stats(b, sums: torch.Tensor, keep: torch.Tensor, hand_off: bool = T
                     torch.where(adapt, fallback, one))
     wd = torch.where(adapt & ~nonzero & ((gflags & GF_PLAIN_ZERO) != 0), torch.zeros_like(wd), wd)
     apply = (b.seg_active != 0) & keep
-    # the first update, if this is it: FIRST = PENDING, PENDING = 0 (abi.py), once per step
-    cols = [wn, dn, q, ph, gn, wd] + ([b.stats[:, LARS_STAT_PENDING], torch.zeros_like(wd)] if hand_off else [])
+    # the first update, if this is it: FIRST = PENDING, PENDING = 0 (abi.py), once per step with
+    # momentum (a step at momentum 0 leaves the buffer, and the mark, as they are)
+    pending, zero = b.stats[:, LARS_STAT_PENDING], torch.zeros_like(wd)
+    moving = tab[:, LARS_MOMENTUM] != 0
+    cols = [wn, dn, q, ph, gn, wd] + ([torch.where(moving, pending, zero), torch.where(moving, zero, pending)]
+                                      if hand_off else [])
     n = len(cols)
     b.stats[:, :n].copy_(torch.where(apply[:, None], torch.stack(cols, dim=1), b.stats[:, :n]))
 

@@ -93,10 +93,13 @@ def finish(stats, seg, sw, sd, sg, grow, flags, t, ACC: tl.constexpr, IEEE: tl.c
     q = tl.where(adapt, tl.where(nonzero, ratio, fallback), one).to(ACC)
     wd = tl.where(adapt & ~nonzero & plain, 0.0, wd).to(ACC)
     store_stats(stats, seg, wn, dn, q, ph, gn, wd)
-    # the first update, if this is it (abi.py: PENDING, set with the state, survives a skipped step)
+    # the first update, if this is it (abi.py: PENDING, set with the state, survives a skipped step
+    # and a step at momentum 0, which leaves the buffer as it is)
     srow = stats + seg * STAT_COLS
-    tl.store(srow + STAT_FIRST, tl.load(srow + STAT_PENDING))
-    tl.store(srow + STAT_PENDING, tl.zeros((), dtype=ACC))
+    pending = tl.load(srow + STAT_PENDING)
+    moving = col(grow, MOMENTUM, ACC) != 0
+    tl.store(srow + STAT_FIRST, tl.where(moving, pending, 0.0).to(ACC))
+    tl.store(srow + STAT_PENDING, tl.where(moving, 0.0, pending).to(ACC))
 
 
 @triton.jit
@@ -111,15 +114,18 @@ def pass2_params(grow, flags, srow, gmul, ACC: tl.constexpr, IEEE: tl.constexpr)
 @triton.jit
 def _heavy_ball(w, s, u, lr, mom, undamped, nesterov, first, NESTEROV: tl.constexpr, DAMPED: tl.constexpr):
     """torch's SGD momentum: s = first ? u : momentum*s + (1 - dampening)*u; w -= lr*(nesterov ?
-    u + momentum*s : s). (Without dampening in the bucket, (1 - 0)*u == u: the product is left out.)"""
+    u + momentum*s : s); at momentum 0, w -= lr*u and s stays (torch's SGD keeps no buffer then).
+    (Without dampening in the bucket, (1 - 0)*u == u: the product is left out.)"""
     if DAMPED:
         s_new = tl.where(first, u, mom * s + undamped * u)
     else:
         s_new = mom * s + u
+    moving = mom != 0
     if NESTEROV:
-        return s_new, w - lr * tl.where(nesterov, u + mom * s_new, s_new)
+        step = tl.where(nesterov, u + mom * s_new, s_new)
     else:
-        return s_new, w - lr * s_new
+        step = s_new
+    return tl.where(moving, s_new, s), w - lr * tl.where(moving, step, u)
 
 
 @triton.jit
