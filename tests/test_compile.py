@@ -112,3 +112,37 @@ def test_readme_recipe_with_globals_does_not_recompile(algo):
     finally:
         del g["_README_MODEL"], g["_README_OPT"]
     assert float(opt.step_count) == 10
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+                    reason=f"torch {torch.__version__}: Dynamo cannot trace backward")
+@pytest.mark.parametrize("algo", ALGOS)
+def test_float_option_schedule_under_fullgraph(algo):
+    """A float option a scheduler moves every step (OneCycleLR's cycle_momentum writes momentum or
+    betas; a weight-decay schedule) under fullgraph=True: Dynamo recompiles the step for each new
+    value, as for any Python number it guards on (README, "Known interactions"), and the numbers
+    are eager's. (The option checks once called math.isfinite, which Dynamo cannot trace: the
+    second step failed with `Unsupported`.)"""
+    torch._dynamo.reset()
+    cls = getattr(tvlars_fused, algo)
+    backend = _cpu_backend_names()[0]
+    models = _net(), _net()
+    opts = [cls(m.parameters(), lr=torch.tensor(LR[algo] / 5), backend=backend, **HYPER[algo]) for m in models]
+    compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(3)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for step in range(3):
+            x = torch.randn(16, 6, generator=gen)
+            for o in opts:
+                o.zero_grad()
+                for group in o.param_groups:
+                    if algo == "LAMB":
+                        group["betas"] = (0.8 + 0.05 * step, 0.95)
+                    else:
+                        group["momentum"] = 0.9 - 0.05 * step
+                    group["weight_decay"] = 1e-3 * (step + 1)
+            compiled(models[0], opts[0], x)
+            train_step(models[1], opts[1], x)
+    err = max_err(models[0].parameters(), models[1].parameters())
+    assert err < 1e-6, err
+    assert float(opts[0].step_count) == 3
