@@ -12,7 +12,6 @@ kernels/torch_<name>.py; this is the policy around it:
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple
 
