@@ -313,6 +313,21 @@ def test_invalid_hyperparameter_rejected_at_construction(case, bad):
                 make(case, cls=sibling, **{name: value})(tiny_params(device=case.device))
 
 
+@pytest.mark.parametrize("case", BACKENDS_AND_REFERENCE)
+def test_tensor_lr_value_checked_when_a_group_is_added(case):
+    """A tensor lr's value is read (one sync) where torch.optim reads it, in the constructor and
+    add_param_group: negative, NaN or infinite is refused there, naming it; step() reads it only
+    on the device."""
+    for value in (-0.1, float("nan"), float("inf")):
+        lr = torch.tensor(value, device=case.device)
+        with pytest.raises(ValueError, match=r"Invalid lr: .*\(in the constructor arguments\).*finite and >= 0"):
+            make(case, lr=lr)(tiny_params(device=case.device))
+        opt = make(case, lr=0.1)(tiny_params(device=case.device))
+        with pytest.raises(ValueError, match=r"Invalid lr: .*\(in param_groups\[1\]\).*finite and >= 0"):
+            opt.add_param_group({"params": tiny_params(device=case.device), "lr": lr})
+        assert len(opt.param_groups) == 1
+
+
 # each class's AlgorithmSpec.contradictions (LAMB has none: every combination of its options is valid)
 CONTRADICTIONS = params_with(CASES, lambda c: [(str(o), (o, m)) for o, m in c.spec.contradictions],
                              slow=extra_interpreted)

@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from .algorithms import Algorithm
+from .algorithms import Algorithm, check_tensor_lr_value
 
 STEP = "step"                       # per-parameter state entry: t
 LEGACY_STEP = "step"                # the format before 0.2: one non-parameter key state["step"] = t
@@ -94,6 +94,7 @@ class LayerwiseOptimizer(Optimizer):
         # lr=required (torch.optim's convention): then every param group must give its own lr
         self.algorithm.validate({**defaults, "lr": 0.0} if defaults["lr"] is required else defaults,
                                 where="the constructor arguments")
+        check_tensor_lr_value(defaults["lr"], " (in the constructor arguments)")
         if isinstance(params, torch.Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts "
                             "(e.g. model.parameters()), but got a single tensor of shape "
@@ -132,6 +133,8 @@ class LayerwiseOptimizer(Optimizer):
                 raise ValueError(f"some parameters appear in more than one parameter group: {where} is already "
                                  f"param_groups[{gj}]['params'][{j}]; remove it from one of them")
         self.algorithm.validate({**self.defaults, **param_group}, where=f"param_groups[{gi}]")
+        if "lr" in param_group:
+            check_tensor_lr_value(param_group["lr"], f" (in param_groups[{gi}])")
         super().add_param_group({**param_group, "params": items})
 
     def _where(self, gi: int, i: int) -> str:

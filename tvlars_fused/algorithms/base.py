@@ -12,6 +12,7 @@ kernels/torch_<name>.py; this is the policy around it:
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -38,6 +39,8 @@ def real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element: {name} must be a number or a one-element tensor, "
                              f"got shape {tuple(value.shape)}{at}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"Tensor {name} must be real: got dtype {value.dtype}{at}; use a floating-point tensor")
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):   # (numpy's scalars are numbers.Real)
         raise ValueError(f"{name} must be a real number, got {value!r}{at}")
@@ -66,6 +69,15 @@ def check_lr(group: Dict[str, Any], at: str):
     if lr is not None and lr < 0.0:
         raise ValueError(f"Invalid lr: {lr}{at}; the learning rate must be >= 0")
     return lr
+
+
+def check_tensor_lr_value(lr: Any, at: str) -> None:
+    """A tensor lr's value, checked where torch.optim checks it: when a group is added (reading it
+    syncs; step() only ever reads it on the device)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+        value = float(lr.detach().reshape(()))
+        if not value >= 0.0 or value == math.inf:
+            raise ValueError(f"Invalid lr: {value}{at}; the learning rate must be finite and >= 0")
 
 
 def check_at_least(group: Dict[str, Any], name: str, low: float, at: str, what: str = "") -> float:
