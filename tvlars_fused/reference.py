@@ -59,13 +59,25 @@ class ReferenceOptimizer(LayerwiseOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self.state[p][STEP] = self._t
+                    st = self.state[p]
+                    st[STEP] = self._t
+                    _follow_dtype(p, st)
                     self._update(p, group, t)
         self._t += 1
         return loss
 
     def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
         raise NotImplementedError
+
+
+def _follow_dtype(p: torch.Tensor, st: Dict[str, Any]) -> None:
+    """A parameter moved to another dtype or device (model.double(), model.to(...)) takes its
+    state along at the state dtype of its new dtype (docs/SPEC.md), as the fused classes do."""
+    acc = accumulation_dtype(p.dtype)
+    for key, value in st.items():
+        if (key != STEP and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and (value.dtype != acc or value.device != p.device)):
+            st[key] = value.to(device=p.device, dtype=acc)
 
 
 def _operands(p: torch.Tensor, group: Dict[str, Any]):
