@@ -46,6 +46,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -747,6 +748,65 @@ def test_module_to_other_dtype_after_build(case, when):
         assert {v.dtype for st in opt.state.values() for k, v in st.items() if k != "step"} == {torch.float64}
     assert all(p.dtype == torch.float64 for p in runs[0].parameters())
     assert max_err(runs[0].parameters(), runs[1].parameters()) < 1e-5
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_parameters_sharing_memory_refused(case):
+    """Two Parameters over one tensor's memory (Parameter(x) and Parameter(x.view(...)); not tied
+    weights, which are one Parameter object) would each be updated from the other's values in one
+    launch: refused at construction, naming both, and when memory becomes shared later (p.data =
+    other.data) at step(), which then changes nothing. Column slices of one matrix interleave
+    without sharing an element: accepted, and stepped as the reference steps them."""
+    dev = case.device
+    base = torch.linspace(-1, 1, 12, dtype=torch.float64, device=dev).reshape(3, 4)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*and param_groups\[0\]\['params'\]\[1\].*share memory"):
+        make(case)([nn.Parameter(base), nn.Parameter(base.view(3, 4))])
+    with pytest.raises(ValueError, match=r"share memory"):
+        make(case)([nn.Parameter(base[0]), nn.Parameter(base[:2, 3])])   # one element in common
+
+    ps = [nn.Parameter(torch.randn(3, 3, dtype=torch.float64, device=dev)) for _ in range(2)]
+    opt = make(case)(ps)
+    set_grads(ps, 0)
+    opt.step()
+    ps[1].data = ps[0].data
+    before = [t.detach().clone() for t in [*ps, *(v for st in opt.state.values() for v in st.values())]]
+    with pytest.raises(ValueError, match=r"share memory"):
+        opt.step()
+    after = [*ps, *(v for st in opt.state.values() for v in st.values())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and len(before) == len(after)
+
+    runs = []
+    for b in (case, case.reference):
+        grid = torch.arange(1.0, 17.0, dtype=torch.float64, device=dev).reshape(4, 4)
+        cols = [nn.Parameter(grid[:, j]) for j in range(4)]
+        o = make(b)(cols)
+        for s in range(3):
+            for j, c in enumerate(cols):
+                c.grad = torch.full_like(c, 0.1 * (j + 1 + s))
+            o.step()
+        runs.append(grid)
+    assert max_err([runs[0]], [runs[1]]) < 1e-12
+
+
+@pytest.mark.parametrize("case", BACKENDS_AND_REFERENCE)
+def test_state_dict_of_another_optimizer_warns_about_options_it_resets(case):
+    """A torch.optim.SGD state_dict loaded into this class (the migration the README's "Coming
+    from" rows invite): its groups lack this class's options, which take the class defaults as in
+    torch.optim; where that changes what the group had (eta, betas, ...) a warning names them.
+    Loading the optimizer's own state_dict, or a foreign one that changes nothing, is silent."""
+    ps = tiny_params(device=case.device)
+    sgd = torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    opt = make(case)(ps)
+    option = "eta" if case.algo != "LAMB" else "betas"
+    before = opt.param_groups[0][option]
+    with pytest.warns(UserWarning, match=rf"param_groups\[0\] of the state_dict has no .*'{option}'.*defaults"):
+        opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0][option] != before   # (what the warning says happened)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(opt.state_dict())
+        plain = case.optimizer(case.algo, lr=0.1)(tiny_params(device=case.device))   # the defaults already
+        plain.load_state_dict(sgd.state_dict())
 
 
 @pytest.mark.parametrize("case", BACKENDS)

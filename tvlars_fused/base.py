@@ -12,6 +12,7 @@ tensors (TVLARS/LARS: `"momentum_buffer"`, or `"m"` for the paper's momentum for
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -81,6 +82,16 @@ def _param_and_name(item: Any):
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
         return item[1], item[0]
     return item, None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal option values (a tensor lr compares by value; never an error)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:   # noqa: BLE001 (a value whose == is not a bool)
+        return False
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -247,15 +258,28 @@ class LayerwiseOptimizer(Optimizer):
 
         option_defaults = self.algorithm.defaults
 
-        def update_group(group, new_group):
+        def update_group(gi, group, new_group):
             new_group["params"] = group["params"]
             if "param_names" in group and "param_names" not in new_group:
                 new_group["param_names"] = group["param_names"]
-            for key, value in option_defaults.items():   # options newer than the state_dict
+            # options the state_dict lacks (an older version's, another optimizer's) take the
+            # defaults, as torch.optim's do; say so where that changes what this group had
+            changed = [key for key, value in option_defaults.items()
+                       if key not in new_group and key in group and not _same(group[key], value)]
+            if changed:
+                warnings.warn(
+                    f"load_state_dict: param_groups[{gi}] of the state_dict has no "
+                    f"{', '.join(map(repr, changed))} (a state_dict of another optimizer or an older version): "
+                    f"they take the defaults ({', '.join(f'{k}={option_defaults[k]!r}' for k in changed)}), not this "
+                    f"optimizer's ({', '.join(f'{k}={group[k]!r}' for k in changed)}); set them in param_groups "
+                    "after loading to keep yours", stacklevel=5)   # (the caller of load_state_dict, past torch._disable_dynamo)
+            for key, value in option_defaults.items():
                 new_group.setdefault(key, value)
             return new_group
 
-        param_groups = [update_group(g, ng) for g, ng in zip(self.param_groups, saved_groups)]
+        param_groups = []
+        for gi, (g, ng) in enumerate(zip(self.param_groups, saved_groups)):
+            param_groups.append(update_group(gi, g, ng))
         self.__setstate__({"state": state, "param_groups": param_groups})
         self._load_step(t)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

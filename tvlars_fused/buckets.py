@@ -77,6 +77,40 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """The bytes [first, end) a tensor's elements lie in."""
+    size = t.element_size()
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * size
+
+
+def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+    """Each element's address (shape and strides only: computed on the CPU, never reads t)."""
+    size = t.element_size()
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * (st * size)
+    return offsets.reshape(-1) + t.data_ptr()
+
+
+def _shared_memory(targets: Sequence[torch.Tensor]) -> Optional[Tuple[int, int]]:
+    """Two parameters with an element in common (Parameter(x) and Parameter(x.view(...))), as
+    (i, j), else None. Spans are compared first; elements only where two spans overlap and one of
+    the tensors leaves gaps (column slices of one matrix interleave without sharing)."""
+    spans = sorted((*_span(t), i) for i, t in enumerate(targets) if t.numel())
+    end, owner = -1, -1
+    for first, stop, i in spans:
+        if first < end:
+            a, b = targets[owner], targets[i]
+            if (_is_dense(a) and _is_dense(b)) or a.numel() + b.numel() > 1 << 24:
+                return owner, i
+            if torch.isin(_element_offsets(a), _element_offsets(b)).any():
+                return owner, i
+        if stop > end:
+            end, owner = stop, i
+    return None
+
+
 def _layout(t: torch.Tensor) -> Layout:
     return tuple(t.shape), t.stride(), t.dtype, t.device
 
@@ -250,6 +284,14 @@ class Bucket:
     def _set_weights(self, targets: List[torch.Tensor]) -> None:
         """Point the kernels at the parameters' current memory: the weights list and the offsets
         table (elements from weights[0]; aligned when every weight is 16-element aligned)."""
+        shared = _shared_memory(targets)
+        if shared is not None:
+            i, j = shared
+            raise ValueError(
+                f"{self.where[i]} and {self.where[j]} share memory (two Parameters over one tensor's storage, such "
+                "as Parameter(x) and Parameter(x.view(...))): the fused step would update each from the other's "
+                "values in an order nobody chose. Tie the modules to one Parameter object (module_b.weight = "
+                "module_a.weight), or use tvlars_fused.reference, which updates them one after the other")
         self.weights = [self.staging.get(i, t) for i, t in enumerate(targets)]
         self.plan_cache: Dict[str, object] = {}   # backends' plans (BucketView.plan) name the weights
         self._sig = None
