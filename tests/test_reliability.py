@@ -353,6 +353,23 @@ def test_contradictory_options_rejected(case, contradiction):
     assert all(torch.equal(a, b) for a, b in zip(before, ps))
 
 
+@pytest.mark.parametrize("case", [c for c in BACKENDS_AND_REFERENCE if c.values[0].algo == "LAMB"])
+def test_option_changed_in_place_is_checked(case):
+    """step() checks again only the options that changed; an option held in a list (betas given
+    as [0.9, 0.999]) can change in place, so it is checked at every step: an invalid value
+    written into it is refused before anything moves."""
+    ps = tiny_params(device=case.device)
+    opt = make(case, betas=[0.9, 0.999])(ps)
+    set_grads(ps, 0)
+    opt.step()
+    opt.param_groups[0]["betas"][0] = 1.5
+    set_grads(ps, 1)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=r"Invalid betas\[0\]: 1\.5 \(in param_groups\[0\]\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
 @pytest.mark.parametrize("case,bad", BAD_HYPER)
 def test_invalid_hyperparameter_set_later_changes_nothing(case, bad):
     """A bad value written into param_groups after some steps: step() raises, naming the value

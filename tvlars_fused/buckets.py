@@ -456,7 +456,9 @@ class Bucket:
         step (ZeroRedundancyOptimizer's load_state_dict writes whole entries): C-level passes over
         the entries cached by the last slow path (one item per active parameter and slot)."""
         return (state is self._state_ref and keys == self._keys_seen
-                and all(map(is_, map(state.get, self._act_params), self._act_state))
+                # every entry of the state, by identity and in order (no lookup: hashing a tensor
+                # key is a Python call, per parameter and step)
+                and len(state) == len(self._state_values) and all(map(is_, state.values(), self._state_values))
                 and all(map(is_, map(dict.get, self._act_slot_state, self._act_keys), self._act_entries))
                 and all(map(is_, map(dict.get, self._act_state, repeat(STEP)), repeat(self.step_entry))))
 
@@ -514,12 +516,12 @@ class Bucket:
         # what the next step's fast check compares against
         self._expected_grads = [v if a else None for v, a in zip(self.grad_views, active)]
         live = [i for i, a in enumerate(active) if a]
-        self._act_params = [self.params[i] for i in live]
-        self._act_state = [state.get(p) for p in self._act_params]
+        self._act_state = [state.get(self.params[i]) for i in live]
         self._act_slot_state = [st for i, st in zip(live, self._act_state) for _ in self._keys[i]]
         self._act_keys = [key for i in live for key in self._keys[i]]
         self._act_entries = [entry for i in live for entry in self._entries[i]]
         self._state_ref, self._keys_seen = state, keys
+        self._state_values = tuple(state.values())
         # the signature the next step's sync_params compares (only when every gradient is the
         # bucket's view: a foreign .grad, even the same tensor again, must be copied every step)
         self._sig = (_step_signature(self.params) if not torch.compiler.is_compiling() and not self.sharded

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from operator import is_
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -19,6 +20,18 @@ from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded
 
 __all__ = ["TVLARS", "LARS", "LAMB", "FusedOptimizer"]
+
+
+def _options_seen(group: dict, names: tuple) -> tuple:
+    """(group, option names, their values); values None where one can change in place (a list)."""
+    values = tuple(map(group.get, names))
+    return group, names, None if any(isinstance(v, (list, dict, set)) for v in values) else values
+
+
+def _validated_before(group: dict, seen: tuple) -> bool:
+    """The group object and each of its options (by identity) as validated last."""
+    g, names, values = seen
+    return values is not None and group is g and all(map(is_, map(group.get, names), values))
 
 
 class FusedOptimizer(LayerwiseOptimizer):
@@ -48,6 +61,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         self._building = True
         self._t_host = torch.tensor(float(t), dtype=torch.float32)   # t while there are no buckets
         self._grad_copies_before = 0   # counted by buckets that were since rebuilt
+        self._validated: Optional[list] = None   # (group, option names, values) as last validated
 
     # -- pickling (copy.deepcopy, pickle, multiprocessing) --------------------------------------
     def __getstate__(self) -> Dict[str, Any]:
@@ -144,9 +158,17 @@ class FusedOptimizer(LayerwiseOptimizer):
     # -- torch.optim API ------------------------------------------------------------------------
     def validate_step(self) -> None:
         """The groups here; each gradient that is not the optimizer's own view is checked by its
-        bucket (gather_grads), all before anything changes."""
-        for gi, group in enumerate(self.param_groups):
+        bucket (gather_grads), all before anything changes. A group whose every option is the
+        object last validated is not checked again (a scheduler or a user sets a new value; an
+        option held in a list, which can change in place, is checked every step)."""
+        groups, seen = self.param_groups, self._validated
+        if (not torch.compiler.is_compiling() and seen is not None and len(groups) == len(seen)
+                and all(map(_validated_before, groups, seen))):
+            return
+        for gi, group in enumerate(groups):
             self.algorithm.validate(group, where=f"param_groups[{gi}]")
+        names = tuple(self.defaults)
+        self._validated = [_options_seen(g, names) for g in groups]
 
     @torch.no_grad()
     def step(self, closure=None):
