@@ -100,6 +100,7 @@ _LARS_BAD = (
     ("lr", torch.tensor(0.1 + 0j), r"Tensor lr must be real: got dtype torch.complex64"),
     ("momentum", 1.0, r"Invalid momentum: 1\.0.*\[0, 1\)"),
     ("momentum", "0.9", r"momentum must be a real number"),
+    ("momentum", 1e-46, r"Invalid momentum: 1e-46.*rounds to 0 in float32: use 0"),
     ("weight_decay", -1e-4, r"Invalid weight_decay.*>= 0"),
     ("eta", 0.0, r"Invalid eta.*> 0"),
     ("eta", torch.tensor(1e-3), r"eta must be a Python number.*only lr may be a tensor"),

@@ -244,16 +244,20 @@ def momentum_from_zero(step: int) -> float:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("schedule", [momentum_through_zero, momentum_from_zero])
+@pytest.mark.parametrize("schedule,rebuild", [(momentum_through_zero, False), (momentum_from_zero, False),
+                                              (momentum_from_zero, True)])
 @pytest.mark.parametrize("dampening", [0.0, 0.3])
-def test_momentum_schedule_through_zero_is_torch_sgd(backend, schedule, dampening):
+def test_momentum_schedule_through_zero_is_torch_sgd(backend, schedule, rebuild, dampening):
     """A momentum edited between steps (a momentum schedule) that passes through 0: as torch's SGD,
     a step at momentum 0 is lr*u and leaves the buffer as it was; the first step with momentum
-    after steps without starts the buffer at u (torch creates it then)."""
+    after steps without starts the buffer at u (torch creates it then), also when the buckets were
+    rebuilt in between (rebuild: add_param_group during the momentum-0 steps)."""
     def run(make_opt):
         model = make_net()
         opt = make_opt(model)
         for step, (x, y) in enumerate(batches()):
+            if rebuild and step == 5:
+                opt.add_param_group({"params": [nn.Parameter(torch.ones(2, dtype=F64))]})
             for g in opt.param_groups:
                 g["lr"], g["momentum"] = lr_at(step, LR), schedule(step)
             opt.zero_grad()

@@ -353,6 +353,24 @@ def test_contradictory_options_rejected(case, contradiction):
     assert all(torch.equal(a, b) for a, b in zip(before, ps))
 
 
+def test_numpy_option_values():
+    """numpy scalars (a sweep config's values) are numbers: accepted, the same step as Python
+    floats; a non-finite one is refused with the ValueError (no numpy RuntimeWarning first)."""
+    np = pytest.importorskip("numpy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"momentum must be finite"):
+            make("cpu", momentum=np.float64("inf"))(tiny_params())
+        runs = []
+        for lr, momentum in ((np.float64(0.1), np.float32(0.5)), (0.1, float(np.float32(0.5)))):
+            ps = tiny_params()
+            opt = make("cpu", lr=lr, momentum=momentum)(ps)
+            set_grads(ps, 0)
+            opt.step()
+            runs.append(ps)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("case", [c for c in BACKENDS_AND_REFERENCE if c.values[0].algo == "LAMB"])
 def test_option_changed_in_place_is_checked(case):
     """step() checks again only the options that changed; an option held in a list (betas given
@@ -780,6 +798,15 @@ def test_parameters_sharing_memory_refused(case):
         make(case)([nn.Parameter(base), nn.Parameter(base.view(3, 4))])
     with pytest.raises(ValueError, match=r"share memory"):
         make(case)([nn.Parameter(base[0]), nn.Parameter(base[:2, 3])])   # one element in common
+    flat = torch.zeros(40, dtype=torch.float64, device=dev)
+    grid = flat[:16].view(4, 4)
+    for shared in ([grid[:, 0], flat[20:25], flat[23:28]],     # a pair behind a span that reaches further
+                   [grid[:3, 0], grid[1:, 1], flat[8:9]]):      # the third shares grid[2, 0]
+        with pytest.raises(ValueError, match=r"share memory"):
+            make(case)([nn.Parameter(t) for t in shared])
+    x = torch.zeros(8, dtype=torch.float32, device=dev)
+    with pytest.raises(ValueError, match=r"share memory"):   # another dtype's view: another bucket
+        make(case)([nn.Parameter(x), nn.Parameter(x.view(torch.bfloat16))])
 
     ps = [nn.Parameter(torch.randn(3, 3, dtype=torch.float64, device=dev)) for _ in range(2)]
     opt = make(case)(ps)
@@ -824,6 +851,13 @@ def test_state_dict_of_another_optimizer_warns_about_options_it_resets(case):
         opt.load_state_dict(opt.state_dict())
         plain = case.optimizer(case.algo, lr=0.1)(tiny_params(device=case.device))   # the defaults already
         plain.load_state_dict(sgd.state_dict())
+
+
+def test_large_disjoint_column_slices_accepted():
+    """Column slices of one large matrix share no element (decided element by element up to 2^27
+    elements of interleaved views; 16.8M here, above the 2^24 where it once gave up)."""
+    W = torch.zeros(4100, 4100)
+    make("cpu")([nn.Parameter(W[:, :2050]), nn.Parameter(W[:, 2050:])])
 
 
 @pytest.mark.parametrize("case", BACKENDS)

@@ -88,6 +88,7 @@ def _same(a: Any, b: Any) -> bool:
     """Equal option values (a tensor lr compares by value; never an error)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return False
+    a, b = (tuple(x) if isinstance(x, list) else x for x in (a, b))   # (betas as a list or a tuple)
     try:
         return bool(a == b)
     except Exception:   # noqa: BLE001 (a value whose == is not a bool)

@@ -79,36 +79,64 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
     """The bytes [first, end) a tensor's elements lie in."""
-    size = t.element_size()
     extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + extent * size
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
-def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+def _element_addresses(t: torch.Tensor) -> torch.Tensor:
     """Each element's address (shape and strides only: computed on the CPU, never reads t)."""
     size = t.element_size()
-    offsets = torch.zeros((), dtype=torch.int64)
+    addresses = torch.zeros((), dtype=torch.int64)
     for n, st in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * (st * size)
-    return offsets.reshape(-1) + t.data_ptr()
+        addresses = addresses.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * (st * size)
+    return addresses.reshape(-1) + t.data_ptr()
 
 
-def _shared_memory(targets: Sequence[torch.Tensor]) -> Optional[Tuple[int, int]]:
-    """Two parameters with an element in common (Parameter(x) and Parameter(x.view(...))), as
-    (i, j), else None. Spans are compared first; elements only where two spans overlap and one of
-    the tensors leaves gaps (column slices of one matrix interleave without sharing)."""
-    spans = sorted((*_span(t), i) for i, t in enumerate(targets) if t.numel())
-    end, owner = -1, -1
+_MAX_CHECKED_ELEMENTS = 1 << 27   # (1 GiB of addresses)
+
+
+def _shared_memory(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[int, int]]:
+    """Two tensors with memory in common (Parameter(x) and Parameter(x.view(...))), as (i, j),
+    else None. Tensors whose byte spans overlap form a cluster; dense tensors fill their spans, so
+    two of them in a cluster share memory; a cluster with strided tensors (column slices of one
+    matrix interleave without sharing) is decided element by element (sorted addresses)."""
+    spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel())
+    clusters: List[List[int]] = []
+    end = -1
     for first, stop, i in spans:
-        if first < end:
-            a, b = targets[owner], targets[i]
-            if (_is_dense(a) and _is_dense(b)) or a.numel() + b.numel() > 1 << 24:
-                return owner, i
-            if torch.isin(_element_offsets(a), _element_offsets(b)).any():
-                return owner, i
-        if stop > end:
-            end, owner = stop, i
+        if first >= end:
+            clusters.append([])
+        clusters[-1].append(i)
+        end = max(end, stop)
+    for members in clusters:
+        if len(members) < 2:
+            continue
+        dense = [i for i in members if _is_dense(tensors[i])]
+        if len(dense) == len(members):
+            return tuple(sorted(members[:2]))
+        if len({tensors[i].element_size() for i in members}) > 1 or \
+                sum(tensors[i].numel() for i in members) > _MAX_CHECKED_ELEMENTS:
+            return tuple(sorted(members[:2]))   # (not decided element by element: refused)
+        addresses = torch.cat([_element_addresses(tensors[i]) for i in members])
+        owners = torch.cat([torch.full((tensors[i].numel(),), i, dtype=torch.int64) for i in members])
+        addresses, order = torch.sort(addresses, stable=True)
+        same = (addresses[1:] == addresses[:-1]).nonzero()
+        if same.numel():
+            k = int(same[0])
+            return tuple(sorted((int(owners[order[k]]), int(owners[order[k + 1]]))))
     return None
+
+
+def refuse_shared_memory(tensors: Sequence[torch.Tensor], where: Sequence[str]) -> None:
+    """The error for parameters that share memory (each named as `where` gives it)."""
+    shared = _shared_memory(tensors)
+    if shared is not None:
+        i, j = shared
+        raise ValueError(
+            f"{where[i]} and {where[j]} share memory (two Parameters over one tensor's storage, such as "
+            "Parameter(x) and Parameter(x.view(...))): the fused step would update each from the other's values in "
+            "an order nobody chose. Tie the modules to one Parameter object (module_b.weight = module_a.weight), "
+            "or use tvlars_fused.reference, which updates them one after the other")
 
 
 def _layout(t: torch.Tensor) -> Layout:
@@ -284,14 +312,6 @@ class Bucket:
     def _set_weights(self, targets: List[torch.Tensor]) -> None:
         """Point the kernels at the parameters' current memory: the weights list and the offsets
         table (elements from weights[0]; aligned when every weight is 16-element aligned)."""
-        shared = _shared_memory(targets)
-        if shared is not None:
-            i, j = shared
-            raise ValueError(
-                f"{self.where[i]} and {self.where[j]} share memory (two Parameters over one tensor's storage, such "
-                "as Parameter(x) and Parameter(x.view(...))): the fused step would update each from the other's "
-                "values in an order nobody chose. Tie the modules to one Parameter object (module_b.weight = "
-                "module_a.weight), or use tvlars_fused.reference, which updates them one after the other")
         self.weights = [self.staging.get(i, t) for i, t in enumerate(targets)]
         self.plan_cache: Dict[str, object] = {}   # backends' plans (BucketView.plan) name the weights
         self._sig = None
@@ -330,7 +350,9 @@ class Bucket:
                 elif t.shape != self._layouts[i][0] or t.stride() != self._layouts[i][1]:
                     return False
             if moved:
-                self._set_weights([local(p) if self.sharded else p for p in self.params])
+                targets = [local(p) if self.sharded else p for p in self.params]
+                refuse_shared_memory(targets, self.where)
+                self._set_weights(targets)
         return True
 
     def layout_changed(self, i: int) -> bool:
@@ -578,6 +600,20 @@ class Bucket:
         elif i in self._maybe_pending:
             self.stats[i, self.algorithm.first_update_stat].fill_(0)
             self._maybe_pending.discard(i)
+
+    def hand_over_marks(self, successors: Sequence["Bucket"]) -> None:
+        """A rebuild: first-update marks that may still be pending (heavy_ball with dampening,
+        waiting for a step with momentum) move to the buckets that now hold those parameters and
+        their state (a device copy each, no sync)."""
+        if not self._maybe_pending:
+            return
+        col = self.algorithm.first_update_stat
+        holder = {id(p): (b, j) for b in successors for j, p in enumerate(b.params)}
+        for i in self._maybe_pending:
+            b, j = holder.get(id(self.params[i]), (None, -1))
+            if b is not None and b.algorithm is self.algorithm and b.has_state[j]:
+                b.stats[j, col].copy_(self.stats[i, col])
+                b._maybe_pending.add(j)
 
     def _upload_tables(self, param_groups: List[dict]) -> None:
         """The segment flags, group rows and device lr's, where they changed (asynchronously)."""

@@ -15,9 +15,9 @@ from torch.optim.optimizer import required
 from .abi import STAT_PUBLIC
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, options
 from .base import STEP, LayerwiseOptimizer, is_lazy, is_sized
-from .buckets import Bucket
+from .buckets import Bucket, refuse_shared_memory
 from .kernels import BACKENDS, resolve
-from .sharding import all_reduce_norms, bucket_key, is_sharded
+from .sharding import all_reduce_norms, bucket_key, is_sharded, local
 
 __all__ = ["TVLARS", "LARS", "LAMB", "FusedOptimizer"]
 
@@ -62,6 +62,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         self._t_host = torch.tensor(float(t), dtype=torch.float32)   # t while there are no buckets
         self._grad_copies_before = 0   # counted by buckets that were since rebuilt
         self._validated: Optional[list] = None   # (group, option names, values) as last validated
+        self._retired: List[Bucket] = []          # buckets dropped for a rebuild not yet built
 
     # -- pickling (copy.deepcopy, pickle, multiprocessing) --------------------------------------
     def __getstate__(self) -> Dict[str, Any]:
@@ -85,6 +86,8 @@ class FusedOptimizer(LayerwiseOptimizer):
             self._grad_copies_before += b.grad_copies
         if self._buckets:
             self._t_host = self._buckets[0].step.detach().reshape(()).cpu()
+        # a rebuild hands their pending first-update marks on; a load starts the state afresh
+        self._retired = (self._buckets or []) if rebuild else []
         self._buckets = None
         if rebuild and not self._building:
             self._ensure_buckets()
@@ -107,6 +110,9 @@ class FusedOptimizer(LayerwiseOptimizer):
                     lazy.append(p)
                     continue
                 by_key.setdefault(bucket_key(p), []).append((p, gi, self._where(gi, i)))
+        for device in {key[0] for key in by_key}:   # (across buckets: a bfloat16 view of a float32 weight too)
+            items = [item for key, its in by_key.items() if key[0] == device for item in its]
+            refuse_shared_memory([local(p) for p, _, _ in items], [w for _, _, w in items])
         buckets = []
         for key, items in by_key.items():
             backend = resolve(self.backend, key[0])
@@ -121,7 +127,11 @@ class FusedOptimizer(LayerwiseOptimizer):
                        backend.CHUNK_ELEMS, float(t), self.algorithm, self.state, [w for _, _, w in items])
             b.backend = backend
             buckets.append(b)
+        for b in self._retired:
+            b.hand_over_marks(buckets)
+        self._retired = []
         for b in self._buckets or ():   # only once the new buckets exist (a failed build changes nothing)
+            b.hand_over_marks(buckets)
             b.remove_hooks()
             self._grad_copies_before += b.grad_copies
         self._buckets = buckets

@@ -61,7 +61,10 @@ class ReferenceOptimizer(LayerwiseOptimizer):
                 if p.grad is not None:
                     st = self.state[p]
                     st[STEP] = self._t
+                    buf = st.get("momentum_buffer")
                     _follow_dtype(p, st)
+                    if buf is not None and self._first_update.get(id(p)) is buf:   # (the mark moves along)
+                        self._first_update[id(p)] = st["momentum_buffer"]
                     self._update(p, group, t)
         self._t += 1
         return loss

@@ -44,8 +44,9 @@ def real(name: str, value: Any, tensor_ok: bool = False, at: str = "") -> float:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):   # (numpy's scalars are numbers.Real)
         raise ValueError(f"{name} must be a real number, got {value!r}{at}")
-    if not value - value == 0:   # finite (math.isfinite cannot be traced by torch.compile: a float
-        #                              option that a scheduler moves is a symbolic float there)
+    # (math.isfinite cannot be traced by torch.compile, where a float option that a scheduler
+    # moves is a symbolic float; x - x == 0 there, which numpy's scalars would warn about here)
+    if not (value - value == 0 if torch.compiler.is_compiling() else math.isfinite(value)):
         raise ValueError(f"{name} must be finite, got {value!r}{at}")
     return float(value)
 

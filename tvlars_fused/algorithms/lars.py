@@ -28,6 +28,7 @@ TVLARS_DEFAULTS: Dict[str, Any] = dict(
 _BOOLS = ("weight_decay_filter", "lars_adaptation_filter", "trust_clip", "adapt", "always_adapt",
           "plain_step_on_zero_norm", "nesterov", "maximize")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)   # the smallest normal float32
 
 
 def applied_dampening(group: Dict[str, Any]) -> float:
@@ -81,6 +82,9 @@ class Lars(Algorithm):
         momentum = real("momentum", group["momentum"], at=at)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum}{at}; it must lie in [0, 1)")
+        if 0.0 < momentum < _FLOAT32_TINY:   # (0 in float32, where the kernels read it: "no momentum")
+            raise ValueError(f"Invalid momentum: {momentum}{at}; a momentum below {_FLOAT32_TINY:.3g} rounds to 0 "
+                             "in float32: use 0")
         check_at_least(group, "weight_decay", 0.0, at)
         eta = real("eta", group["eta"], at=at)
         if eta <= 0.0:
