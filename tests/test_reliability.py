@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import random
 import re
 import subprocess
 import sys
@@ -807,6 +808,11 @@ def test_parameters_sharing_memory_refused(case):
     x = torch.zeros(8, dtype=torch.float32, device=dev)
     with pytest.raises(ValueError, match=r"share memory"):   # another dtype's view: another bucket
         make(case)([nn.Parameter(x), nn.Parameter(x.view(torch.bfloat16))])
+    w, h = nn.Parameter(x.clone()), nn.Parameter(torch.zeros(16, dtype=torch.bfloat16, device=dev))
+    opt = make(case)([w, h])
+    h.data = w.detach().view(torch.bfloat16)                 # ... also when memory moves there later
+    with pytest.raises(ValueError, match=r"share memory"):
+        opt.step()
 
     ps = [nn.Parameter(torch.randn(3, 3, dtype=torch.float64, device=dev)) for _ in range(2)]
     opt = make(case)(ps)
@@ -853,11 +859,108 @@ def test_state_dict_of_another_optimizer_warns_about_options_it_resets(case):
         plain.load_state_dict(sgd.state_dict())
 
 
+@pytest.mark.parametrize("case", [c for c in BACKENDS if c.values[0].algo != "LAMB"])
+@pytest.mark.parametrize("how", ["entry", "whole"])
+def test_given_buffer_is_not_a_first_update_across_a_rebuild(case, how):
+    """heavy_ball with dampening at momentum 0: the first update with momentum is still to come
+    (its buffer starts at u), until a buffer is given from outside (an entry or a whole state
+    written, as ZeroRedundancyOptimizer's load does): that buffer is resumed, also when the
+    buckets are rebuilt (add_param_group) before the next step. As the reference."""
+    runs = []
+    for b in (case, case.reference):
+        p = nn.Parameter(torch.linspace(-1, 1, 30, dtype=torch.float64, device=case.device).reshape(6, 5))
+        opt = make(b, lr=0.1, momentum=0.0, dampening=0.3, weight_decay=0.0, adapt=False)([p])
+        p.grad = torch.ones_like(p)
+        opt.step()
+        if how == "entry":
+            opt.state[p]["momentum_buffer"] = torch.full_like(p, 0.5)
+        else:
+            opt.state[p] = {"momentum_buffer": torch.full_like(p, 0.5), "step": torch.tensor(1.0)}
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3, dtype=torch.float64, device=case.device))]})
+        opt.param_groups[0]["momentum"] = 0.9
+        p.grad = torch.full_like(p, 2.0)
+        opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
+    (w, buf), (w_ref, buf_ref) = runs
+    assert torch.allclose(buf_ref, torch.full_like(buf_ref, 0.9 * 0.5 + 0.7 * 2.0))
+    assert torch.equal(buf, buf_ref) and torch.equal(w, w_ref)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_state_entries_swapped_between_parameters(case):
+    """opt.state[p0], opt.state[p1] = opt.state[p1], opt.state[p0]: each parameter continues from
+    the state it was given (the fused classes copy the given views before any slot is written),
+    as the reference does."""
+    runs = []
+    for b in (case, case.reference):
+        ps = [nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+                           .to(case.device)) for i in range(2)]
+        opt = make(b)(ps)
+        for s in range(2):
+            set_grads(ps, s)
+            opt.step()
+        opt.state[ps[0]], opt.state[ps[1]] = opt.state[ps[1]], opt.state[ps[0]]
+        set_grads(ps, 2)
+        opt.step()
+        runs.append(ps)
+    assert max_err(runs[0], runs[1]) < 1e-12
+
+
+def test_options_checked_after_defaults_edits_and_tensor_lr_changes():
+    """step() skips checking a group whose option objects did not change; which options those
+    are does not depend on opt.defaults (a user may edit it), and a tensor lr changed in place
+    (lr.data = ...) to another dtype or shape is checked again."""
+    ps = tiny_params()
+    opt = make("cpu")(ps)
+    set_grads(ps, 0)
+    opt.step()
+    del opt.defaults["momentum"]
+    opt.step()
+    opt.param_groups[0]["momentum"] = float("nan")
+    with pytest.raises(ValueError, match=r"momentum must be finite"):
+        opt.step()
+    lr = torch.tensor(0.1)
+    opt = make("cpu", lr=lr)(ps)
+    opt.step()
+    for value, msg in ((torch.tensor([0.1, 0.2]), r"1-element"), (torch.tensor(0.1 + 0j), r"must be real")):
+        lr.data = value
+        with pytest.raises(ValueError, match=msg):
+            opt.step()
+
+
 def test_large_disjoint_column_slices_accepted():
-    """Column slices of one large matrix share no element (decided element by element up to 2^27
-    elements of interleaved views; 16.8M here, above the 2^24 where it once gave up)."""
+    """Column slices of one large matrix share no element (rectangles of rows x columns, at any
+    size: 16.8M elements here)."""
     W = torch.zeros(4100, 4100)
     make("cpu")([nn.Parameter(W[:, :2050]), nn.Parameter(W[:, 2050:])])
+
+
+def test_shared_memory_check_against_every_address():
+    """The shared-memory check (buckets._shared_memory) against the sets of element addresses,
+    on random column slices of one buffer (row strides 3-9, slices that wrap past a row's end)
+    and random strided views."""
+    from tvlars_fused.buckets import _element_addresses, _shared_memory
+    rng = random.Random(5)
+    for trial in range(400):
+        base = torch.zeros(120)
+        views = []
+        for _ in range(rng.randint(2, 4)):
+            if trial % 2:
+                R, rows = rng.randint(3, 9), rng.randint(1, 4)
+                cols = rng.randint(1, R)
+                shape, strides = (rows, cols), (R, 1)
+            else:
+                shape = (rng.randint(1, 4), rng.randint(1, 4))
+                strides = (rng.randint(1, 12), rng.randint(1, 3))
+            extent = sum((n - 1) * st for n, st in zip(shape, strides)) + 1
+            views.append(base.as_strided(shape, strides, rng.randint(0, 120 - extent)))
+        addresses = [set(_element_addresses(v).tolist()) for v in views]
+        truth = any(addresses[a] & addresses[b] for a in range(len(views)) for b in range(a + 1, len(views)))
+        found = _shared_memory(views)
+        assert (found is not None) == truth, (trial, [(v.shape, v.stride(), v.storage_offset()) for v in views])
+        if found is not None:
+            i, j, certain = found
+            assert certain and addresses[i] & addresses[j]
 
 
 @pytest.mark.parametrize("case", BACKENDS)

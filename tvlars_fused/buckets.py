@@ -92,14 +92,59 @@ def _element_addresses(t: torch.Tensor) -> torch.Tensor:
     return addresses.reshape(-1) + t.data_ptr()
 
 
-_MAX_CHECKED_ELEMENTS = 1 << 27   # (1 GiB of addresses)
+_MAX_CHECKED_ELEMENTS = 1 << 24   # (128 MiB of addresses)
 
 
-def _shared_memory(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[int, int]]:
-    """Two tensors with memory in common (Parameter(x) and Parameter(x.view(...))), as (i, j),
-    else None. Tensors whose byte spans overlap form a cluster; dense tensors fill their spans, so
-    two of them in a cluster share memory; a cluster with strided tensors (column slices of one
-    matrix interleave without sharing) is decided element by element (sorted addresses)."""
+def _column_slice(t: torch.Tensor) -> Optional[Tuple[int, int, int, int]]:
+    """A column slice of a matrix (shape (rows, cols), strides (R, 1), cols <= R) as (R, first
+    element, rows, cols), else None."""
+    if t.ndim != 2 or t.stride(1) != 1 or t.stride(0) < t.shape[1] or t.data_ptr() % t.element_size():
+        return None
+    return t.stride(0), t.data_ptr() // t.element_size(), t.shape[0], t.shape[1]
+
+
+def _shared_in_cluster(tensors: Sequence[torch.Tensor], members: List[int]) -> Optional[Tuple[int, int, bool]]:
+    """Two members with memory in common, as (i, j, certain), else None: dense tensors fill their
+    spans; column slices of one matrix (row stride R) are rectangles of rows x columns counted
+    from the cluster's first element (a slice that wraps past column R is two), which share
+    memory where two of them overlap; anything else is decided element by element (sorted
+    addresses), up to a size past which the first pair is refused as not verified."""
+    if all(_is_dense(tensors[i]) for i in members):
+        return members[0], members[1], True
+    slices = [_column_slice(tensors[i]) for i in members]
+    if all(slices) and len({(sl[0], tensors[i].element_size()) for sl, i in zip(slices, members)}) == 1:
+        row_stride = slices[0][0]
+        origin = min(sl[1] for sl in slices)
+        rects = []   # (owner, first row, rows, first column, columns)
+        for i, (_, first, rows, cols) in zip(members, slices):
+            q, u = divmod(first - origin, row_stride)
+            rects.append((i, q, rows, u, min(cols, row_stride - u)))
+            if u + cols > row_stride:
+                rects.append((i, q + 1, rows, 0, u + cols - row_stride))
+        owner, r0, nr, c0, nc = (torch.tensor(col) for col in zip(*rects))
+        overlap = ((r0[:, None] < (r0 + nr)[None, :]) & (r0[None, :] < (r0 + nr)[:, None])
+                   & (c0[:, None] < (c0 + nc)[None, :]) & (c0[None, :] < (c0 + nc)[:, None])
+                   & (owner[:, None] != owner[None, :]))
+        pairs = overlap.nonzero()
+        return (int(owner[pairs[0, 0]]), int(owner[pairs[0, 1]]), True) if pairs.numel() else None
+    if (len({tensors[i].element_size() for i in members}) > 1
+            or sum(tensors[i].numel() for i in members) > _MAX_CHECKED_ELEMENTS):
+        return members[0], members[1], False
+    addresses = torch.cat([_element_addresses(tensors[i]) for i in members])
+    owners = torch.cat([torch.full((tensors[i].numel(),), i, dtype=torch.int64) for i in members])
+    addresses, order = torch.sort(addresses, stable=True)
+    owners = owners[order]
+    same = ((addresses[1:] == addresses[:-1]) & (owners[1:] != owners[:-1])).nonzero()
+    if not same.numel():
+        return None
+    k = int(same[0])
+    return int(owners[k]), int(owners[k + 1]), True
+
+
+def _shared_memory(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[int, int, bool]]:
+    """Two tensors with memory in common (Parameter(x) and Parameter(x.view(...))), as (i, j,
+    certain), else None. Tensors whose byte spans overlap form a cluster, decided by
+    _shared_in_cluster."""
     spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel())
     clusters: List[List[int]] = []
     end = -1
@@ -109,21 +154,10 @@ def _shared_memory(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[int, int]]
         clusters[-1].append(i)
         end = max(end, stop)
     for members in clusters:
-        if len(members) < 2:
-            continue
-        dense = [i for i in members if _is_dense(tensors[i])]
-        if len(dense) == len(members):
-            return tuple(sorted(members[:2]))
-        if len({tensors[i].element_size() for i in members}) > 1 or \
-                sum(tensors[i].numel() for i in members) > _MAX_CHECKED_ELEMENTS:
-            return tuple(sorted(members[:2]))   # (not decided element by element: refused)
-        addresses = torch.cat([_element_addresses(tensors[i]) for i in members])
-        owners = torch.cat([torch.full((tensors[i].numel(),), i, dtype=torch.int64) for i in members])
-        addresses, order = torch.sort(addresses, stable=True)
-        same = (addresses[1:] == addresses[:-1]).nonzero()
-        if same.numel():
-            k = int(same[0])
-            return tuple(sorted((int(owners[order[k]]), int(owners[order[k + 1]]))))
+        found = _shared_in_cluster(tensors, members) if len(members) > 1 else None
+        if found is not None:
+            i, j, certain = found
+            return min(i, j), max(i, j), certain
     return None
 
 
@@ -131,12 +165,13 @@ def refuse_shared_memory(tensors: Sequence[torch.Tensor], where: Sequence[str]) 
     """The error for parameters that share memory (each named as `where` gives it)."""
     shared = _shared_memory(tensors)
     if shared is not None:
-        i, j = shared
+        i, j, certain = shared
         raise ValueError(
-            f"{where[i]} and {where[j]} share memory (two Parameters over one tensor's storage, such as "
-            "Parameter(x) and Parameter(x.view(...))): the fused step would update each from the other's values in "
-            "an order nobody chose. Tie the modules to one Parameter object (module_b.weight = module_a.weight), "
-            "or use tvlars_fused.reference, which updates them one after the other")
+            f"{where[i]} and {where[j]} {'share' if certain else 'may share (too large an interleaving to check)'} "
+            "memory (two Parameters over one tensor's storage, such as Parameter(x) and Parameter(x.view(...))): the "
+            "fused step would update each from the other's values in an order nobody chose. Tie the modules to "
+            "one Parameter object (module_b.weight = module_a.weight), or use tvlars_fused.reference, which "
+            "updates them one after the other")
 
 
 def _layout(t: torch.Tensor) -> Layout:
@@ -323,10 +358,12 @@ class Bucket:
             and base % 16 == 0
         upload(self.w_offsets, [(q - base) // size for q in ptrs])
 
-    def sync_params(self) -> bool:
+    def sync_params(self, peers: Sequence["Bucket"] = ()) -> bool:
         """Called before each step: False when a parameter changed shape, strides, dtype or device
-        (the buckets must be rebuilt); a parameter that only moved to other memory is followed.
-        The common case (nothing moved) is three C-level passes over the parameters."""
+        (the buckets must be rebuilt); a parameter that only moved to other memory is followed
+        (unless it now shares memory with another parameter, of this bucket or of `peers`, the
+        optimizer's other buckets). The common case (nothing moved) is three C-level passes over
+        the parameters."""
         self._fast = False
         if not self.sharded:
             ps = self.params
@@ -351,7 +388,9 @@ class Bucket:
                     return False
             if moved:
                 targets = [local(p) if self.sharded else p for p in self.params]
-                refuse_shared_memory(targets, self.where)
+                others = [b for b in peers if b is not self and b.device == self.device]
+                refuse_shared_memory(targets + [local(p) for b in others for p in b.params],
+                                     self.where + [w for b in others for w in b.where])
                 self._set_weights(targets)
         return True
 
@@ -478,9 +517,10 @@ class Bucket:
         step (ZeroRedundancyOptimizer's load_state_dict writes whole entries): C-level passes over
         the entries cached by the last slow path (one item per active parameter and slot)."""
         return (state is self._state_ref and keys == self._keys_seen
-                # every entry of the state, by identity and in order (no lookup: hashing a tensor
-                # key is a Python call, per parameter and step)
+                # every key and entry of the state, by identity and in order (no lookup: hashing a
+                # tensor key is a Python call, per parameter and step)
                 and len(state) == len(self._state_values) and all(map(is_, state.values(), self._state_values))
+                and all(map(is_, state.keys(), self._state_keys))
                 and all(map(is_, map(dict.get, self._act_slot_state, self._act_keys), self._act_entries))
                 and all(map(is_, map(dict.get, self._act_state, repeat(STEP)), repeat(self.step_entry))))
 
@@ -502,6 +542,7 @@ class Bucket:
     def _prepare_params(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
                         keys: List[Tuple[str, ...]]):
         """prepare()'s per-parameter work; caches what the next step's fast check compares."""
+        self._copy_moved_entries(state)
         active = []
         replaced_steps = []
         for i, p in enumerate(self.params):
@@ -543,13 +584,24 @@ class Bucket:
         self._act_keys = [key for i in live for key in self._keys[i]]
         self._act_entries = [entry for i in live for entry in self._entries[i]]
         self._state_ref, self._keys_seen = state, keys
-        self._state_values = tuple(state.values())
+        self._state_keys, self._state_values = tuple(state.keys()), tuple(state.values())
         # the signature the next step's sync_params compares (only when every gradient is the
         # bucket's view: a foreign .grad, even the same tensor again, must be copied every step)
         self._sig = (_step_signature(self.params) if not torch.compiler.is_compiling() and not self.sharded
                      and _step_signature is not None and all(map(is_, grads, self._expected_grads))
                      else None)
         return replaced_steps
+
+    def _copy_moved_entries(self, state: Dict) -> None:
+        """State entries moved from one parameter to another (opt.state[p0], opt.state[p1] =
+        opt.state[p1], opt.state[p0]) are views of this bucket's own slots: they are copied
+        before any slot takes a given tensor, so none is overwritten before it has been read."""
+        own = {id(e) for entries in self._entries for e in entries}
+        for i, p in enumerate(self.params):
+            st = state.get(p)
+            for key, cur in list(st.items()) if st else ():
+                if id(cur) in own and all(cur is not e for e in self._entries[i]):
+                    st[key] = cur.clone()
 
     def _check_entries(self, i: int, st: Optional[Dict], keys: Tuple[str, ...]) -> None:
         """Parameter i has state: a slot's entry reset by the user (or a new key set: another
@@ -601,19 +653,24 @@ class Bucket:
             self.stats[i, self.algorithm.first_update_stat].fill_(0)
             self._maybe_pending.discard(i)
 
-    def hand_over_marks(self, successors: Sequence["Bucket"]) -> None:
-        """A rebuild: first-update marks that may still be pending (heavy_ball with dampening,
-        waiting for a step with momentum) move to the buckets that now hold those parameters and
-        their state (a device copy each, no sync)."""
-        if not self._maybe_pending:
-            return
+    def pending_marks(self, state: Dict) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Before a rebuild: (parameter, its first-update mark) for each mark that may still be
+        pending (heavy_ball with dampening, waiting for a step with momentum) on state this bucket
+        still holds (state written from outside since is never a first update)."""
         col = self.algorithm.first_update_stat
-        holder = {id(p): (b, j) for b in successors for j, p in enumerate(b.params)}
-        for i in self._maybe_pending:
-            b, j = holder.get(id(self.params[i]), (None, -1))
-            if b is not None and b.algorithm is self.algorithm and b.has_state[j]:
-                b.stats[j, col].copy_(self.stats[i, col])
-                b._maybe_pending.add(j)
+        return [(self.params[i], self.stats[i, col]) for i in self._maybe_pending
+                if all(state.get(self.params[i], {}).get(key) is entry
+                       for key, entry in zip(self._keys[i], self._entries[i]))]
+
+    def take_marks(self, marks: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After a rebuild: the marks of the parameters this bucket now holds (a device copy each,
+        no sync)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for p, mark in marks:
+            i = index.get(id(p))
+            if i is not None and self.has_state[i]:
+                self.stats[i, self.algorithm.first_update_stat].copy_(mark)
+                self._maybe_pending.add(i)
 
     def _upload_tables(self, param_groups: List[dict]) -> None:
         """The segment flags, group rows and device lr's, where they changed (asynchronously)."""

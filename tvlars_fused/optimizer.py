@@ -23,15 +23,20 @@ __all__ = ["TVLARS", "LARS", "LAMB", "FusedOptimizer"]
 
 
 def _options_seen(group: dict, names: tuple) -> tuple:
-    """(group, option names, their values); values None where one can change in place (a list)."""
+    """(group, option names, their values, a tensor lr's dtype and shape); values None where one
+    can change in place (a list)."""
     values = tuple(map(group.get, names))
-    return group, names, None if any(isinstance(v, (list, dict, set)) for v in values) else values
+    lr = group.get("lr")
+    lr_meta = (lr.dtype, lr.shape) if isinstance(lr, torch.Tensor) else None
+    return group, names, None if any(isinstance(v, (list, dict, set)) for v in values) else values, lr_meta
 
 
 def _validated_before(group: dict, seen: tuple) -> bool:
-    """The group object and each of its options (by identity) as validated last."""
-    g, names, values = seen
-    return values is not None and group is g and all(map(is_, map(group.get, names), values))
+    """The group object and each of its options (by identity; a tensor lr's dtype and shape, which
+    `lr.data = ...` changes) as validated last."""
+    g, names, values, lr_meta = seen
+    return (values is not None and group is g and all(map(is_, map(group.get, names), values))
+            and (lr_meta is None or (group["lr"].dtype, group["lr"].shape) == lr_meta))
 
 
 class FusedOptimizer(LayerwiseOptimizer):
@@ -99,9 +104,11 @@ class FusedOptimizer(LayerwiseOptimizer):
     def _ensure_buckets(self) -> List[Bucket]:
         layout = self._layout()
         if (self._buckets is not None and layout == self._built_layout and not any(map(is_sized, self._lazy))
-                and all(b.sync_params() for b in self._buckets)):
+                and all(b.sync_params(self._buckets) for b in self._buckets)):
             return self._buckets
         t = self._step_tensor()
+        # first-update marks still pending on state the old buckets hold (before the new ones adopt it)
+        marks = [m for b in [*self._retired, *(self._buckets or ())] for m in b.pending_marks(self.state)]
         by_key: Dict = OrderedDict()
         lazy = []
         for gi, group in enumerate(self.param_groups):
@@ -127,11 +134,10 @@ class FusedOptimizer(LayerwiseOptimizer):
                        backend.CHUNK_ELEMS, float(t), self.algorithm, self.state, [w for _, _, w in items])
             b.backend = backend
             buckets.append(b)
-        for b in self._retired:
-            b.hand_over_marks(buckets)
+        for b in buckets:
+            b.take_marks(marks)
         self._retired = []
         for b in self._buckets or ():   # only once the new buckets exist (a failed build changes nothing)
-            b.hand_over_marks(buckets)
             b.remove_hooks()
             self._grad_copies_before += b.grad_copies
         self._buckets = buckets
@@ -177,7 +183,7 @@ class FusedOptimizer(LayerwiseOptimizer):
             return
         for gi, group in enumerate(groups):
             self.algorithm.validate(group, where=f"param_groups[{gi}]")
-        names = tuple(self.defaults)
+        names = ("lr", *self.algorithm.defaults)
         self._validated = [_options_seen(g, names) for g in groups]
 
     @torch.no_grad()
