@@ -532,9 +532,12 @@ class Bucket:
         writes whole state entries): the optimizer adopts t from them. When the gradients are last
         step's and no state entry changed, nothing is done per parameter."""
         keys = [self.algorithm.state_keys(g) for g in param_groups]
-        if same_grads and self._state_intact(state, keys):
+        intact = self._state_intact(state, keys)
+        if same_grads and intact:
             replaced_steps = []
         else:
+            if not intact:
+                self._copy_moved_entries(state)
             replaced_steps = self._prepare_params(param_groups, state, grads, keys)
         self._upload_tables(param_groups)
         return replaced_steps
@@ -542,7 +545,6 @@ class Bucket:
     def _prepare_params(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
                         keys: List[Tuple[str, ...]]):
         """prepare()'s per-parameter work; caches what the next step's fast check compares."""
-        self._copy_moved_entries(state)
         active = []
         replaced_steps = []
         for i, p in enumerate(self.params):
