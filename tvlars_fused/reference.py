@@ -61,10 +61,7 @@ class ReferenceOptimizer(LayerwiseOptimizer):
                 if p.grad is not None:
                     st = self.state[p]
                     st[STEP] = self._t
-                    buf = st.get("momentum_buffer")
-                    _follow_dtype(p, st)
-                    if buf is not None and self._first_update.get(id(p)) is buf:   # (the mark moves along)
-                        self._first_update[id(p)] = st["momentum_buffer"]
+                    self._follow_dtype(p, st)
                     self._update(p, group, t)
         self._t += 1
         return loss
@@ -72,15 +69,17 @@ class ReferenceOptimizer(LayerwiseOptimizer):
     def _update(self, p: torch.Tensor, group: Dict[str, Any], t: float) -> None:
         raise NotImplementedError
 
-
-def _follow_dtype(p: torch.Tensor, st: Dict[str, Any]) -> None:
-    """A parameter moved to another dtype or device (model.double(), model.to(...)) takes its
-    state along at the state dtype of its new dtype (docs/SPEC.md), as the fused classes do."""
-    acc = accumulation_dtype(p.dtype)
-    for key, value in st.items():
-        if (key != STEP and isinstance(value, torch.Tensor) and value.is_floating_point()
-                and (value.dtype != acc or value.device != p.device)):
-            st[key] = value.to(device=p.device, dtype=acc)
+    def _follow_dtype(self, p: torch.Tensor, st: Dict[str, Any]) -> None:
+        """A parameter moved to another dtype or device (model.double(), model.to(...)) takes its
+        state along at the state dtype of its new dtype (docs/SPEC.md), as the fused classes do; a
+        first-update mark moves with the tensor it marks."""
+        acc = accumulation_dtype(p.dtype)
+        for key, value in st.items():
+            if (key != STEP and isinstance(value, torch.Tensor) and value.is_floating_point()
+                    and (value.dtype != acc or value.device != p.device)):
+                st[key] = value.to(device=p.device, dtype=acc)
+                if self._first_update.get(id(p)) is value:
+                    self._first_update[id(p)] = st[key]
 
 
 def _operands(p: torch.Tensor, group: Dict[str, Any]):

@@ -73,9 +73,10 @@ def check_lr(group: Dict[str, Any], at: str):
 
 
 def check_tensor_lr_value(lr: Any, at: str) -> None:
-    """A tensor lr's value, checked where torch.optim checks it: when a group is added (reading it
-    syncs; step() only ever reads it on the device)."""
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+    """A tensor lr's value, checked where torch.optim checks it: when a group is added, after
+    validate() has checked its shape and dtype (reading it syncs; step() only ever reads it on the
+    device)."""
+    if isinstance(lr, torch.Tensor):
         value = float(lr.detach().reshape(()))
         if not value >= 0.0 or value == math.inf:
             raise ValueError(f"Invalid lr: {value}{at}; the learning rate must be finite and >= 0")
