@@ -5,10 +5,10 @@ op). On a GPU the host-bound sets (host161, host2000) show what a step pays besi
 
     python -m bench.profile_step --set host161 --impls fused-triton,fused-cuda,sgd-fused --steps 300
 
-Implementations are the benchmark's (bench/implementations.py), plus `fused-triton-intptr` (an
-experiment, CUDA only: see TritonIntPointers); one that cannot run here is named and skipped. Every
-implementation takes the same number of steps, so fused-triton-intptr's parameters are compared
-bit for bit with fused-triton's at the end.
+Implementations are the benchmark's (bench/implementations.py), plus `fused-triton-jit` (CUDA
+only: fused-triton with every launch through Triton's JIT, see TritonJit); one that cannot run here
+is named and skipped. Every implementation takes the same number of steps, so fused-triton-jit's
+parameters are compared bit for bit with fused-triton's at the end.
 """
 from __future__ import annotations
 
@@ -25,45 +25,21 @@ from . import implementations as I
 from . import shapes
 
 
-class TritonIntPointers:
-    """Experiment: fused-triton, but after its first step each launch goes straight to the compiled
-    kernel's launcher, with every tensor argument passed as its integer address. Triton's launcher
-    calls data_ptr() and cuPointerGetAttribute for each tensor argument of every launch, and the
-    JIT dispatch binds and specializes them: this row shows what those cost (bench/RESULTS.md:
-    fused-triton took ~0.09 ms more host time than fused-cuda at host161 on an H200). Steps with
-    AMP tensors or a sharded bucket use the normal launch."""
+class TritonJit:
+    """fused-triton with every launch through Triton's JIT (TritonBackend.bind_launches off): what
+    the bound launches (triton_backend._Bound) save, side by side in one process."""
 
-    name = "fused-triton-intptr"
+    name = "fused-triton-jit"
 
     def __init__(self, device: torch.device):
         if device.type != "cuda":
-            raise I.Unavailable("needs a CUDA device")
+            raise I.Unavailable("needs a CUDA device (on the CPU both are the interpreter's)")
         from tvlars_fused.kernels import triton_backend as TB
 
-        class Direct(TB.TritonBackend):
-            def bucket_step(self, b, grad_scale, found_inf, between=None):
-                if grad_scale is not None or found_inf is not None or between is not None:
-                    return super().bucket_step(b, grad_scale, found_inf, between)
-                bound = b.plan("triton-intptr", lambda view: [])
-                if bound:
-                    grid = tuple(b.plan("triton", TB._Launch).grid)
-                    grid += (1,) * (3 - len(grid))
-                    stream = torch.cuda.current_stream(b.device).cuda_stream
-                    for compiled, args in bound:
-                        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                                     *args)
-                    return
-                grid = b.plan("triton", TB._Launch).grid
-                with TB._on_device(b.device):
-                    for kernel, args, kw in self.launches(b, None, None):   # the JIT, once
-                        compiled = kernel[grid](*args, **kw)
-                        values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kw.items()
-                                                                      if k in kernel.arg_names})
-                        bound.append((compiled, [values[n].data_ptr() if isinstance(values[n], torch.Tensor)
-                                                 else values[n] for n in kernel.arg_names]))
-
+        self.backend = TB.TritonBackend()
+        self.backend.bind_launches = False
         self.impl = I.make("fused-triton", device)
-        self.device, self.backend = device, Direct()
+        self.device = device
 
     def setup(self, params) -> None:
         self.impl.setup(params)
@@ -75,7 +51,7 @@ class TritonIntPointers:
 
 
 def make(name: str, device: torch.device):
-    return TritonIntPointers(device) if name == TritonIntPointers.name else I.make(name, device)
+    return TritonJit(device) if name == TritonJit.name else I.make(name, device)
 
 
 def params_for(set_name: str, device: torch.device, dtype: torch.dtype):
@@ -122,9 +98,9 @@ def profile(impl, steps: int, top: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="host161", choices=sorted(shapes.SETS))
-    ap.add_argument("--impls", default="fused-triton,fused-triton-intptr,fused-cuda,fused-cpu,sgd-fused",
+    ap.add_argument("--impls", default="fused-triton,fused-triton-jit,fused-cuda,fused-cpu,sgd-fused",
                     help="comma-separated benchmark implementations (bench/implementations.py), "
-                         "or fused-triton-intptr")
+                         "or fused-triton-jit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=300, help="steps per timed round and profiled")
@@ -153,9 +129,9 @@ def main(argv=None) -> int:
             continue
         print(f"\n== {name}: {us:.1f} us/step (host, median of 5 rounds)\n{table}")
         final[name] = [p.detach().clone() for p in params]
-    if "fused-triton" in final and TritonIntPointers.name in final:
-        same = all(torch.equal(a, b) for a, b in zip(final["fused-triton"], final[TritonIntPointers.name]))
-        print(f"\n{TritonIntPointers.name} ended with the same bits as fused-triton: {same}")
+    if "fused-triton" in final and TritonJit.name in final:
+        same = all(torch.equal(a, b) for a, b in zip(final["fused-triton"], final[TritonJit.name]))
+        print(f"\n{TritonJit.name} ended with the same bits as fused-triton: {same}")
     return 0
 
 

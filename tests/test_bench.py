@@ -31,12 +31,12 @@ def test_bench_cli_writes_checked_rows(tmp_path):
 def test_profile_step_reports_host_time(capsys):
     from bench import profile_step
     assert profile_step.main(["--set", "host161", "--steps", "20", "--top", "5", "--device", "cpu",
-                              "--impls", "fused-cpu,fused-triton,fused-triton-intptr"]) == 0
+                              "--impls", "fused-cpu,fused-triton,fused-triton-jit"]) == 0
     out = capsys.readouterr().out
     m = re.search(r"== fused-cpu: ([0-9.]+) us/step", out)
     assert m and float(m.group(1)) > 0, out
     assert "ncalls" in out and "tvlars_fused" in out        # the profile names the package's functions
-    for name in ("fused-triton", "fused-triton-intptr"):       # no CUDA device here: named and skipped
+    for name in ("fused-triton", "fused-triton-jit"):       # no CUDA device here: named and skipped
         assert re.search(rf"== {name}: not run \(", out)
 
 

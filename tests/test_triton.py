@@ -8,6 +8,7 @@ TRITON_INTERPRET=1); the CUDA variants run whenever a GPU is present.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -322,6 +323,20 @@ class LaunchCounter:
                 return _orig(self_, *args, **kwargs)
             counting_run._counting = True
             monkeypatch.setattr(cls, "run", counting_run)
+        # the launches after a bucket's first go straight to the compiled kernels (_Bound)
+        bind = triton_backend._Bound.bind
+
+        def counting_bind(self_, launches, *args, **kwargs):
+            bind(self_, launches, *args, **kwargs)
+            self_.runs = tuple((counter._counting(run, kernel.fn.__name__), values)
+                               for (run, values), (kernel, _, _) in zip(self_.runs, launches))
+        monkeypatch.setattr(triton_backend._Bound, "bind", counting_bind)
+
+    def _counting(self, run, name):
+        def counted(*args):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return run(*args)
+        return counted
 
     def reset(self):
         self.counts = {}
@@ -361,6 +376,84 @@ def test_two_launches_per_bucket_two_buckets(device, monkeypatch):
     opt.step()
     assert len(opt._buckets) == 2
     assert counter.counts == {"_norms_kernel": 2, "_update_kernel": 2}, counter.counts
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: CompiledKernel[grid] gives the launch callable."""
+
+    def __init__(self, signature):
+        self.src = type("Src", (), {"signature": signature})()
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return ("runner", grid)
+
+
+def test_bound_launch_passes_every_argument_in_order_pointers_as_integers():
+    """_Bound binds the arguments as Triton's JIT passes them to the launcher: every parameter of
+    the kernel in order (constexprs and defaults included), each tensor as its address; it binds
+    nothing (every launch then goes through the JIT) where the compiled kernel's argument list
+    differs, or this Triton has no CompiledKernel[grid]."""
+    def kernel_fn(a, b, n, C, D=7):   # (C, D: the constexprs of a real kernel)
+        pass
+    kernel = type("Jit", (), {"signature": inspect.signature(kernel_fn)})()
+    x, y = torch.arange(4.0), torch.zeros(3)
+    launches = [(kernel, (x, y, 5), dict(C=2, num_warps=4, enable_fp_fusion=False))] * 2
+    sig = dict.fromkeys(["a", "b", "n", "C", "D"], "*fp32")
+    bound = triton_backend._Bound(None)
+    compiled = [_FakeCompiled(sig), _FakeCompiled(sig)]
+    bound.bind(launches, compiled, (9,), ("v",))
+    assert bound.variant == ("v",)
+    assert [r for r, _ in bound.runs] == [("runner", (9, 1, 1))] * 2
+    assert [v for _, v in bound.runs] == [[x.data_ptr(), y.data_ptr(), 5, 2, 7]] * 2
+
+    fresh = triton_backend._Bound(None)
+    fresh.bind(launches, [_FakeCompiled(sig), _FakeCompiled(dict(sig, E="i32"))], (9,), ("v",))
+    assert fresh.variant is None and fresh.runs == ()
+    fresh.bind(launches, [object(), object()], (9,), ("v",))
+    assert fresh.variant is None and fresh.runs == ()
+
+
+@requires_cuda
+def test_bound_launches_same_bits_as_the_jit(monkeypatch):
+    """Steps through the bound launches give the bits of steps through Triton's JIT, across what
+    invalidates a binding: a parameter moved to new memory (`p.data = ...`: the plan is rebuilt),
+    a group option that changes the compiled variant (Nesterov on), an AMP step (its tensors are
+    the caller's: through the JIT)."""
+    counter = LaunchCounter(monkeypatch)
+    init = make_init(SHAPES)
+
+    def run_with(bind_launches):
+        monkeypatch.setattr(TRITON, "bind_launches", bind_launches)
+        ps = [torch.nn.Parameter(x.float().cuda()) for x in init]
+        opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
+        scale, inf = torch.full((1,), 4.0, device="cuda"), torch.zeros(1, device="cuda")
+        for step in range(8):
+            for i, p in enumerate(ps):
+                p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
+            if step == 3:
+                ps[1].data = ps[1].data.clone()
+            if step == 5:
+                opt.param_groups[0]["nesterov"] = True
+            if step == 6:
+                for p in ps:
+                    p.grad.mul_(4.0)
+                opt.grad_scale, opt.found_inf = scale, inf
+            opt.step()
+            opt.grad_scale = opt.found_inf = None
+        return [p.detach().clone() for p in ps], opt
+
+    counter.reset()
+    jit, _ = run_with(False)
+    assert counter.counts == {"_norms_kernel": 8, "_update_kernel": 8}
+    counter.reset()
+    bound, opt = run_with(True)
+    assert counter.counts == {"_norms_kernel": 8, "_update_kernel": 8}
+    for a, b in zip(jit, bound):
+        assert torch.equal(a, b)
+    plan = opt._buckets[0].view.plan("triton-bound", None)
+    assert plan.runs and plan.variant == opt._buckets[0].variant, "the last steps went through the bound launches"
 
 
 # -- no host sync ---------------------------------------------------------------------------------

@@ -353,6 +353,37 @@ class _Launch:
         self.step = b.step
 
 
+class _Bound:
+    """The bucket's two launches with every argument bound once, pointers as integers, called
+    straight on the compiled kernels (CompiledKernel[grid]: Triton's own launch of a compiled
+    kernel, launch hooks included). Triton's JIT launch binds and specializes every argument, and
+    its launcher calls data_ptr() and cuPointerGetAttribute for every tensor argument, on every
+    launch: about half of step()'s host time at 161 tensors on an H200 (bench/RESULTS.md). The
+    integers stay right for the plan's life: the bucket's own buffers never change memory, and
+    every plan is rebuilt when a parameter moves (Bucket._set_weights). Bound again when the
+    bucket's variant (the compiled kernels) changes; never with AMP tensors (the caller's, new
+    ones any step)."""
+
+    __slots__ = ("variant", "runs")
+
+    def __init__(self, view):
+        self.variant, self.runs = None, ()
+
+    def bind(self, launches, compiled, grid, variant) -> None:
+        runs = []
+        for (kernel, args, kw), k in zip(launches, compiled):
+            if not hasattr(type(k), "__getitem__") or not hasattr(kernel, "signature"):
+                return   # a Triton without these: every launch through the JIT
+            names = kernel.signature.parameters
+            call = kernel.signature.bind(*args, **{n: v for n, v in kw.items() if n in names})
+            call.apply_defaults()
+            values = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in call.arguments.values()]
+            if len(values) != len(getattr(getattr(k, "src", None), "signature", ())):
+                return   # the launcher takes another argument list than this Triton's JIT passes it
+            runs.append((k[tuple(grid) + (1,) * (3 - len(grid))], values))
+        self.variant, self.runs = variant, tuple(runs)
+
+
 class _NoGuard:
     def __enter__(self):
         return None
@@ -397,6 +428,9 @@ class TritonBackend(Backend):
     # The last program of a segment adds its chunk partials REDUCE_TILE at a time (docs/SPEC.md, "The
     # segment sum"): the CPU and CUDA kernels use the same tile and tree.
     REDUCE_TILE = B.REDUCE_TILE
+    # Launches after a bucket's first go straight to the compiled kernels (_Bound); False: every
+    # launch through Triton's JIT (bench/profile_step.py's fused-triton-jit compares the two)
+    bind_launches = True
 
     def available(self, device) -> bool:
         device = torch.device(device)
@@ -425,15 +459,31 @@ class TritonBackend(Backend):
     def bucket_step(self, b, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                     between: Optional[Callable] = None) -> None:
         """Two launches (launches()); `between(view)`, when given, runs between them (the all-reduce
-        of a sharded bucket)."""
+        of a sharded bucket). On CUDA without AMP tensors, the launches after the first go through
+        the bucket's _Bound plan."""
+        bound = None
+        if self.bind_launches and grad_scale is None and found_inf is None and b.device.type == "cuda":
+            bound = b.plan("triton-bound", _Bound)
+            if bound.variant == b.variant:
+                (norms, norms_args), (update, update_args) = bound.runs
+                with _on_device(b.device):
+                    norms(*norms_args)
+                if between is not None:
+                    between(b)
+                with _on_device(b.device):
+                    update(*update_args)
+                return
         grid = b.plan("triton", _Launch).grid
-        (norms, norms_args, norms_kw), (update, update_args, update_kw) = self.launches(b, grad_scale, found_inf)
+        launches = self.launches(b, grad_scale, found_inf)
+        (norms, norms_args, norms_kw), (update, update_args, update_kw) = launches
         with _on_device(b.device):
-            norms[grid](*norms_args, **norms_kw)
+            compiled = [norms[grid](*norms_args, **norms_kw)]
         if between is not None:
             between(b)
         with _on_device(b.device):
-            update[grid](*update_args, **update_kw)
+            compiled.append(update[grid](*update_args, **update_kw))
+        if bound is not None:
+            bound.bind(launches, compiled, grid, b.variant)
 
 
 BACKEND = TritonBackend()
