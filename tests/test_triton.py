@@ -408,11 +408,60 @@ def test_bound_launch_passes_every_argument_in_order_pointers_as_integers():
     assert [r for r, _ in bound.runs] == [("runner", (9, 1, 1))] * 2
     assert [v for _, v in bound.runs] == [[x.data_ptr(), y.data_ptr(), 5, 2, 7]] * 2
 
-    fresh = triton_backend._Bound(None)
-    fresh.bind(launches, [_FakeCompiled(sig), _FakeCompiled(dict(sig, E="i32"))], (9,), ("v",))
-    assert fresh.variant is None and fresh.runs == ()
-    fresh.bind(launches, [object(), object()], (9,), ("v",))
-    assert fresh.variant is None and fresh.runs == ()
+    # (the variant is recorded: the bucket does not try to bind it again every step)
+    bound.bind(launches, [_FakeCompiled(sig), _FakeCompiled(dict(sig, E="i32"))], (9,), ("w",))
+    assert bound.variant == ("w",) and bound.runs == ()
+    bound.bind(launches, [object(), object()], (9,), ("u",))
+    assert bound.variant == ("u",) and bound.runs == ()
+
+
+@needs_interpreter
+def test_bound_launch_dispatch_rebinds_after_a_move_and_a_variant_change(monkeypatch):
+    """bucket_step's use of _Bound, on the CPU: the interpreter compiles nothing, so here a binding
+    replays the JIT launch with the arguments of the step it was bound at (as the integers of a
+    real binding would). A binding is made at the first step, after a parameter moved and after
+    the variant changed, never for an AMP step, and used at every other step: the bits equal
+    steps through the JIT only (a stale binding would step the old memory)."""
+    monkeypatch.setattr(triton_backend, "_bindable", lambda b, gs, fi: gs is None and fi is None)
+    made, used = [], []
+
+    def replay_bind(self, launches, compiled, grid, variant):
+        self.variant = variant
+
+        def replay(kernel, args, kw):   # (detached: the memory each tensor has now, as an address)
+            args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+            return lambda *values: used.append(kernel) or kernel[grid](*args, **kw)
+        self.runs = tuple((replay(*launch), ()) for launch in launches)
+        made.append(variant)
+    monkeypatch.setattr(triton_backend._Bound, "bind", replay_bind)
+    init = make_init(SHAPES[:4])
+
+    def run_with(bind_launches):
+        monkeypatch.setattr(TRITON, "bind_launches", bind_launches)
+        ps = [torch.nn.Parameter(x.float()) for x in init]
+        opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
+        for step in range(8):
+            for i, p in enumerate(ps):
+                p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
+            if step == 3:
+                ps[0].data = ps[0].data.clone()   # the first parameter: the kernels' base address
+            if step == 5:
+                opt.param_groups[0]["nesterov"] = True
+            if step == 6:
+                for p in ps:
+                    p.grad.mul_(4.0)
+                opt.grad_scale, opt.found_inf = torch.full((1,), 4.0), torch.zeros(1)
+            opt.step()
+            opt.grad_scale = opt.found_inf = None
+        return [p.detach().clone() for p in ps]
+
+    jit = run_with(False)
+    assert made == [] and used == []
+    bound = run_with(True)
+    assert len(made) == 3 and made[0] == made[1] != made[2], made   # steps 0, 3 (moved), 5 (Nesterov)
+    assert len(used) == 2 * 4                                         # steps 1, 2, 4 and 7
+    for a, b in zip(jit, bound):
+        assert torch.equal(a, b)
 
 
 @requires_cuda
@@ -433,7 +482,7 @@ def test_bound_launches_same_bits_as_the_jit(monkeypatch):
             for i, p in enumerate(ps):
                 p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
             if step == 3:
-                ps[1].data = ps[1].data.clone()
+                ps[0].data = ps[0].data.clone()   # the first parameter: the kernels' base address
             if step == 5:
                 opt.param_groups[0]["nesterov"] = True
             if step == 6:

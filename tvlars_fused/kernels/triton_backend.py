@@ -370,6 +370,9 @@ class _Bound:
         self.variant, self.runs = None, ()
 
     def bind(self, launches, compiled, grid, variant) -> None:
+        """The runs of `launches` (TritonBackend.launches) on their `compiled` kernels; none (every
+        launch of this variant through the JIT) where this Triton lacks what binding relies on."""
+        self.variant, self.runs = variant, ()
         runs = []
         for (kernel, args, kw), k in zip(launches, compiled):
             if not hasattr(type(k), "__getitem__") or not hasattr(kernel, "signature"):
@@ -381,7 +384,13 @@ class _Bound:
             if len(values) != len(getattr(getattr(k, "src", None), "signature", ())):
                 return   # the launcher takes another argument list than this Triton's JIT passes it
             runs.append((k[tuple(grid) + (1,) * (3 - len(grid))], values))
-        self.variant, self.runs = variant, tuple(runs)
+        self.runs = tuple(runs)
+
+
+def _bindable(b, grad_scale, found_inf) -> bool:
+    """Whether the step may go through _Bound: a CUDA bucket (the interpreter compiles nothing) and
+    no AMP tensors."""
+    return grad_scale is None and found_inf is None and b.device.type == "cuda"
 
 
 class _NoGuard:
@@ -462,9 +471,11 @@ class TritonBackend(Backend):
         of a sharded bucket). On CUDA without AMP tensors, the launches after the first go through
         the bucket's _Bound plan."""
         bound = None
-        if self.bind_launches and grad_scale is None and found_inf is None and b.device.type == "cuda":
+        if self.bind_launches and _bindable(b, grad_scale, found_inf):
             bound = b.plan("triton-bound", _Bound)
-            if bound.variant == b.variant:
+            if bound.variant == b.variant and not bound.runs:
+                bound = None   # this Triton cannot (_Bound.bind): through the JIT, not bound again
+            elif bound.variant == b.variant:
                 (norms, norms_args), (update, update_args) = bound.runs
                 with _on_device(b.device):
                     norms(*norms_args)
