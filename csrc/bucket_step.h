@@ -25,7 +25,8 @@ namespace tvlars {
 
 // Two entry points with the same tables:
 //  - bucket_step(Tensor(a!)[] params, ...): the parameters as a list, their mutation declared, so
-//    torch.compile can trace it (Meta implementation: the checks);
+//    torch.compile can trace it (Meta implementation: the checks); CPU only (the CUDA kernels address
+//    the parameters from params[0]: kernels/traced.py is their way through torch.compile);
 //  - bucket_step_at(int params_address, ...): the first parameter's address instead of the list
 //    (the others by param_offsets): what an eager step calls, without converting a list of
 //    thousands of tensors every step. The caller vouches for the addresses (tvlars_fused checks

@@ -423,9 +423,15 @@ void step_cuda(void* base, TVLARS_BUCKET_TABLES_PARAMS) {
 }  // namespace
 
 void bucket_step_cuda(at::TensorList params, TVLARS_BUCKET_TABLES_PARAMS) {
+  // The kernels reach segment s at params[0] + param_offsets[s] (a device table the host cannot read
+  // without a sync), so a list whose tensors lie elsewhere (the copies a compiled graph passes)
+  // would be written out of bounds: refused. tvlars_fused steps CUDA buckets with bucket_step_at,
+  // and inside torch.compile with tvlars_fused::traced_bucket_step (kernels/traced.py).
   check_params_list(params, seg_table);
   check_bucket_args(params[0].scalar_type(), params[0].device(), TVLARS_BUCKET_TABLES_ARGS);
-  step_cuda(params[0].data_ptr(), TVLARS_BUCKET_TABLES_ARGS);
+  TORCH_CHECK(false, "tvlars_fused::bucket_step: a parameter list is not supported on CUDA (the kernels address "
+              "the parameters from params[0] by param_offsets); call bucket_step_at with the first parameter's "
+              "address, or step through the optimizer");
 }
 
 void bucket_step_at_cuda(int64_t params_address, TVLARS_BUCKET_TABLES_PARAMS) {

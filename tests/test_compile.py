@@ -146,3 +146,67 @@ def test_float_option_schedule_under_fullgraph(algo):
     err = max_err(models[0].parameters(), models[1].parameters())
     assert err < 1e-6, err
     assert float(opts[0].step_count) == 3
+
+
+# -- the GPU backends (triton, cuda) inside torch.compile: tvlars_fused::traced_bucket_step --------
+
+def _gpu_backend_cases():
+    from conftest import HAS_CUDA
+    from tvlars_fused.kernels import available_backends
+    cases = []
+    on_cpu = "triton" in available_backends("cpu", ("triton",))   # the Triton interpreter
+    for device, backend, ok in (("cpu", "triton", on_cpu), ("cuda", "triton", HAS_CUDA),
+                                ("cuda", "cuda", HAS_CUDA and "cuda" in available_backends("cuda", ("cuda",)))):
+        for algo in ALGOS:
+            for compiler in ("aot_eager", "inductor"):
+                marks = [] if ok else [pytest.mark.skip(reason=f"backend={backend!r} cannot run on {device} here")]
+                if compiler == "inductor" and algo == "LAMB":
+                    marks.append(pytest.mark.slow)
+                cases.append(pytest.param(device, backend, algo, compiler, marks=marks,
+                                          id=f"{device}-{backend}-{algo}-{compiler}"))
+    return cases
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+                    reason=f"torch {torch.__version__}: Dynamo cannot trace backward")
+@pytest.mark.parametrize("device,backend,algo,compiler", _gpu_backend_cases())
+def test_gpu_backends_compiled_step_fullgraph_matches_eager(device, backend, algo, compiler):
+    """A compiled training step (fullgraph) on backend triton or cuda gives the eager numbers: the
+    step traces to one op per bucket, which the graph hands its own copies of the tensors it
+    mutated before (the uploaded tables, the gradients, the parameters), copied into the bucket's
+    memory for the kernels and the results back. The first step is eager (on a GPU it binds the
+    Triton launches, which a compiled step must not reach)."""
+    torch._dynamo.reset()
+    cls = getattr(tvlars_fused, algo)
+    models = _net().to(device), _net().to(device)
+    o_c, o_e = (cls(m.parameters(), backend=backend, lr=torch.tensor(LR[algo], device=device), **HYPER[algo])
+                for m in models)
+    compiled = torch.compile(train_step, fullgraph=True, backend=compiler)
+    g = torch.Generator().manual_seed(1)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for step in range(5):
+            x = torch.randn(16, 6, generator=g).to(device)
+            for o in (o_c, o_e):
+                o.zero_grad()
+                o.param_groups[0]["lr"].fill_(LR[algo] / (step + 1))
+            (train_step if step == 0 else compiled)(models[0], o_c, x)
+            train_step(models[1], o_e, x)
+    err = max_err(models[0].parameters(), models[1].parameters())
+    # (aot_eager runs the forward and backward ops as eager does; Inductor fuses them)
+    assert err == 0 if compiler == "aot_eager" else err < 1e-6, err
+    assert float(o_c.step_count) == 5
+    for k, v in o_c.state_dict()["state"].items():
+        for key, t in v.items():
+            assert torch.equal(t, o_e.state_dict()["state"][k][key]) or compiler != "aot_eager", (k, key)
+    assert not torch.equal(models[0][0].weight, _net()[0].weight.to(device)), "the steps must update the weights"
+
+
+def test_traced_step_refuses_sharded_buckets():
+    """Sharded (FSDP2) buckets all-reduce between the two passes, which the traced op cannot do:
+    a clear error at trace time, never a step without the all-reduce."""
+    from tvlars_fused.kernels.traced import traced_step
+
+    class Named:
+        NAME = "triton"
+    with pytest.raises(RuntimeError, match="sharded.*inside torch.compile"):
+        traced_step(Named(), None, None, None, between=lambda view: None)

@@ -404,35 +404,36 @@ def test_bound_launch_passes_every_argument_in_order_pointers_as_integers():
     bound = triton_backend._Bound(None)
     compiled = [_FakeCompiled(sig), _FakeCompiled(sig)]
     bound.bind(launches, compiled, (9,), ("v",))
-    assert bound.variant == ("v",)
+    assert bound.key == ("v",)
     assert [r for r, _ in bound.runs] == [("runner", (9, 1, 1))] * 2
     assert [v for _, v in bound.runs] == [[x.data_ptr(), y.data_ptr(), 5, 2, 7]] * 2
 
-    # (the variant is recorded: the bucket does not try to bind it again every step)
+    # (the key is recorded: the bucket does not try to bind it again every step)
     bound.bind(launches, [_FakeCompiled(sig), _FakeCompiled(dict(sig, E="i32"))], (9,), ("w",))
-    assert bound.variant == ("w",) and bound.runs == ()
+    assert bound.key == ("w",) and bound.runs == ()
     bound.bind(launches, [object(), object()], (9,), ("u",))
-    assert bound.variant == ("u",) and bound.runs == ()
+    assert bound.key == ("u",) and bound.runs == ()
 
 
 @needs_interpreter
-def test_bound_launch_dispatch_rebinds_after_a_move_and_a_variant_change(monkeypatch):
+def test_bound_launch_dispatch_rebinds_after_a_move_and_a_key_change(monkeypatch):
     """bucket_step's use of _Bound, on the CPU: the interpreter compiles nothing, so here a binding
     replays the JIT launch with the arguments of the step it was bound at (as the integers of a
-    real binding would). A binding is made at the first step, after a parameter moved and after
-    the variant changed, never for an AMP step, and used at every other step: the bits equal
-    steps through the JIT only (a stale binding would step the old memory)."""
+    real binding would). A binding is made at the first step, after a parameter moved, after the
+    variant changed and after a Triton knob that picks the compiled kernel changed, never for an
+    AMP step, and used at every other step: the bits equal steps through the JIT only (a stale
+    binding would step the old memory)."""
     monkeypatch.setattr(triton_backend, "_bindable", lambda b, gs, fi: gs is None and fi is None)
     made, used = [], []
 
-    def replay_bind(self, launches, compiled, grid, variant):
-        self.variant = variant
+    def replay_bind(self, launches, compiled, grid, key):
+        self.key = key
 
         def replay(kernel, args, kw):   # (detached: the memory each tensor has now, as an address)
             args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
             return lambda *values: used.append(kernel) or kernel[grid](*args, **kw)
         self.runs = tuple((replay(*launch), ()) for launch in launches)
-        made.append(variant)
+        made.append(key)
     monkeypatch.setattr(triton_backend._Bound, "bind", replay_bind)
     init = make_init(SHAPES[:4])
 
@@ -440,7 +441,8 @@ def test_bound_launch_dispatch_rebinds_after_a_move_and_a_variant_change(monkeyp
         monkeypatch.setattr(TRITON, "bind_launches", bind_launches)
         ps = [torch.nn.Parameter(x.float()) for x in init]
         opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
-        for step in range(8):
+        monkeypatch.setattr(triton_backend, "_compile_knobs", lambda: (None, None))
+        for step in range(10):
             for i, p in enumerate(ps):
                 p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
             if step == 3:
@@ -451,6 +453,8 @@ def test_bound_launch_dispatch_rebinds_after_a_move_and_a_variant_change(monkeyp
                 for p in ps:
                     p.grad.mul_(4.0)
                 opt.grad_scale, opt.found_inf = torch.full((1,), 4.0), torch.zeros(1)
+            if step == 8:   # (as triton.knobs.runtime.debug = True would)
+                monkeypatch.setattr(triton_backend, "_compile_knobs", lambda: (True, None))
             opt.step()
             opt.grad_scale = opt.found_inf = None
         return [p.detach().clone() for p in ps]
@@ -458,8 +462,9 @@ def test_bound_launch_dispatch_rebinds_after_a_move_and_a_variant_change(monkeyp
     jit = run_with(False)
     assert made == [] and used == []
     bound = run_with(True)
-    assert len(made) == 3 and made[0] == made[1] != made[2], made   # steps 0, 3 (moved), 5 (Nesterov)
-    assert len(used) == 2 * 4                                         # steps 1, 2, 4 and 7
+    # bound at steps 0, 3 (moved), 5 (Nesterov), 8 (a knob); used at steps 1, 2, 4, 7 and 9
+    assert len(made) == 4 and made[0] == made[1] != made[2] != made[3], made
+    assert len(used) == 2 * 5
     for a, b in zip(jit, bound):
         assert torch.equal(a, b)
 
@@ -502,7 +507,7 @@ def test_bound_launches_same_bits_as_the_jit(monkeypatch):
     for a, b in zip(jit, bound):
         assert torch.equal(a, b)
     plan = opt._buckets[0].view.plan("triton-bound", None)
-    assert plan.runs and plan.variant == opt._buckets[0].variant, "the last steps went through the bound launches"
+    assert plan.runs and plan.key[0] == opt._buckets[0].variant, "the last steps went through the bound launches"
 
 
 # -- no host sync ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from itertools import repeat
+from itertools import count, repeat
 from operator import attrgetter, is_
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -702,10 +702,12 @@ class BucketView:
     of the tables. Backends write only through the kernels (weights, state, partials, counters,
     stats, step); everything else here is read-only to them."""
 
-    __slots__ = ("_b",)
+    __slots__ = ("_b", "serial", "__weakref__")
 
     def __init__(self, bucket: "Bucket"):
         self._b = bucket
+        self.serial = next(_SERIALS)   # names the bucket for its life (ids are reused): find_view
+        _VIEWS[self.serial] = self
 
     # -- layout (fixed for the bucket's life) --------------------------------------------------
     algorithm = property(lambda self: self._b.algorithm, doc="the Algorithm (algorithms/)")
@@ -747,6 +749,15 @@ class BucketView:
         if found is None:
             found = cache[name] = build(self)
         return found
+
+
+_SERIALS = count(1)
+_VIEWS: "weakref.WeakValueDictionary[int, BucketView]" = weakref.WeakValueDictionary()
+
+
+def find_view(serial: int) -> Optional[BucketView]:
+    """The live bucket's view with that serial (what a compiled step's op names its bucket by)."""
+    return _VIEWS.get(serial)
 
 
 # id(parameter) -> the weak reference of the bucket whose hook attaches its gradient view: the

@@ -21,6 +21,7 @@ except ImportError as exc:  # not built: the caller falls back to another backen
         "source tree, or use backend='auto'/'torch'.") from exc
 
 from . import Backend
+from .traced import traced_step
 
 __all__ = ["WITH_CUDA", "bucket_step_op", "CPU_BACKEND", "CUDA_BACKEND"]
 
@@ -40,7 +41,8 @@ WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0)) and _has_kernel("CUDA")
 def _call(b, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     # Eager: the first parameter's address (the others by b.w_offsets, which sync_params keeps
     # true before every step) instead of a list of every parameter tensor to convert per call.
-    # Traced: the list, so that torch.compile sees which tensors the op writes.
+    # Traced (CPU only: CUDA traces to traced.py's op): the list, so that torch.compile sees which
+    # tensors the op writes.
     compiling = torch.compiler.is_compiling()
     params = b.weights if compiling else b.weights[0].data_ptr()
     op = bucket_step_op if compiling else bucket_step_at_op
@@ -80,6 +82,8 @@ class CUDABackend(Backend):
 
     def bucket_step(self, view, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                     between=None) -> None:
+        if torch.compiler.is_compiling():   # (the list op addresses the parameters from params[0])
+            return traced_step(self, view, grad_scale, found_inf, between)
         _call(view, grad_scale, found_inf)
 
 

@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .. import abi as B
 from . import Backend
+from .traced import traced_step
 from .triton_lamb import finish as lamb_finish
 from .triton_lamb import pass1_block as lamb_pass1_block
 from .triton_lamb import pass1_params as lamb_pass1_params
@@ -360,19 +361,19 @@ class _Bound:
     its launcher calls data_ptr() and cuPointerGetAttribute for every tensor argument, on every
     launch: about half of step()'s host time at 161 tensors on an H200 (bench/RESULTS.md). The
     integers stay right for the plan's life: the bucket's own buffers never change memory, and
-    every plan is rebuilt when a parameter moves (Bucket._set_weights). Bound again when the
-    bucket's variant (the compiled kernels) changes; never with AMP tensors (the caller's, new
-    ones any step)."""
+    every plan is rebuilt when a parameter moves (Bucket._set_weights). Bound again when what
+    chooses the compiled kernels changes (`key`: the bucket's variant, Triton's debug and
+    instrumentation knobs); never with AMP tensors (the caller's, new ones any step)."""
 
-    __slots__ = ("variant", "runs")
+    __slots__ = ("key", "runs")
 
     def __init__(self, view):
-        self.variant, self.runs = None, ()
+        self.key, self.runs = None, ()
 
-    def bind(self, launches, compiled, grid, variant) -> None:
+    def bind(self, launches, compiled, grid, key) -> None:
         """The runs of `launches` (TritonBackend.launches) on their `compiled` kernels; none (every
-        launch of this variant through the JIT) where this Triton lacks what binding relies on."""
-        self.variant, self.runs = variant, ()
+        launch with this key through the JIT) where this Triton lacks what binding relies on."""
+        self.key, self.runs = key, ()
         runs = []
         for (kernel, args, kw), k in zip(launches, compiled):
             if not hasattr(type(k), "__getitem__") or not hasattr(kernel, "signature"):
@@ -387,10 +388,20 @@ class _Bound:
         self.runs = tuple(runs)
 
 
+def _compile_knobs() -> tuple:
+    """Triton's settings that its JIT reads at every launch to pick the compiled kernel (a debug
+    build, a sanitizer's or profiler's instrumentation)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        return ()
+    return (getattr(knobs.runtime, "debug", None), getattr(knobs.compilation, "instrumentation_mode", None))
+
+
 def _bindable(b, grad_scale, found_inf) -> bool:
-    """Whether the step may go through _Bound: a CUDA bucket (the interpreter compiles nothing) and
-    no AMP tensors."""
-    return grad_scale is None and found_inf is None and b.device.type == "cuda"
+    """Whether the step may go through _Bound: a CUDA bucket (the interpreter compiles nothing), no
+    AMP tensors, and not under torch.compile (Dynamo traces the JIT launch, not a bound one)."""
+    return (grad_scale is None and found_inf is None and b.device.type == "cuda"
+            and not torch.compiler.is_compiling())
 
 
 class _NoGuard:
@@ -469,13 +480,16 @@ class TritonBackend(Backend):
                     between: Optional[Callable] = None) -> None:
         """Two launches (launches()); `between(view)`, when given, runs between them (the all-reduce
         of a sharded bucket). On CUDA without AMP tensors, the launches after the first go through
-        the bucket's _Bound plan."""
-        bound = None
+        the bucket's _Bound plan; under torch.compile, through the op traced_bucket_step
+        (traced.py)."""
+        if torch.compiler.is_compiling():
+            return traced_step(self, b, grad_scale, found_inf, between)
+        bound = key = None
         if self.bind_launches and _bindable(b, grad_scale, found_inf):
-            bound = b.plan("triton-bound", _Bound)
-            if bound.variant == b.variant and not bound.runs:
+            bound, key = b.plan("triton-bound", _Bound), (b.variant, _compile_knobs())
+            if bound.key == key and not bound.runs:
                 bound = None   # this Triton cannot (_Bound.bind): through the JIT, not bound again
-            elif bound.variant == b.variant:
+            elif bound.key == key:
                 (norms, norms_args), (update, update_args) = bound.runs
                 with _on_device(b.device):
                     norms(*norms_args)
@@ -494,7 +508,7 @@ class TritonBackend(Backend):
         with _on_device(b.device):
             compiled.append(update[grid](*update_args, **update_kw))
         if bound is not None:
-            bound.bind(launches, compiled, grid, b.variant)
+            bound.bind(launches, compiled, grid, key)
 
 
 BACKEND = TritonBackend()
