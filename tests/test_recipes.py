@@ -478,6 +478,13 @@ def test_lars_param_groups_rules():
     assert opt.state_dict()["param_groups"][2]["param_names"] == ["bn.weight", "bn.bias"]
     with pytest.raises(TypeError, match="exclude_from_adaptation must be a list of rules"):
         lars_param_groups(model, exclude_from_adaptation="bias")
+    # BIAS: every name ending in "bias", nn.MultiheadAttention's in_proj_bias included (the BERT rule)
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    plain, excluded = lars_param_groups(layer, exclude_from_weight_decay=[BIAS, NORM],
+                                        exclude_from_adaptation=[BIAS, NORM])
+    assert sorted(n for n, _ in excluded["params"]) == sorted(n for n, p in layer.named_parameters()
+                                                              if "bias" in n or "norm" in n)
+    assert all(p.ndim == 2 for _, p in plain["params"])
     with pytest.raises(TypeError, match="a parameter-group rule must be"):
         lars_param_groups(model, exclude_from_adaptation=[3])
 

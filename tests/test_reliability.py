@@ -935,6 +935,21 @@ def test_large_disjoint_column_slices_accepted():
     make("cpu")([nn.Parameter(W[:, :2050]), nn.Parameter(W[:, 2050:])])
 
 
+def test_meta_parameters_are_not_taken_for_shared_memory():
+    """Meta tensors have no memory (every one reports address 0): a model built on the meta device
+    (deferred init) gets an optimizer, as with torch's SGD, not a "share memory" refusal."""
+    import tvlars_fused
+    from tvlars_fused.buckets import _shared_memory
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    for cls in (tvlars_fused.TVLARS, tvlars_fused.LAMB):
+        opt = cls(model.parameters(), lr=0.1)
+        model(torch.randn(2, 3, device="meta")).sum().backward()
+        opt.step()
+        model.zero_grad()
+    assert _shared_memory([torch.empty(4, device="meta"), torch.empty(4, device="meta")]) is None
+
+
 def test_shared_memory_check_against_every_address():
     """The shared-memory check (buckets._shared_memory) against the sets of element addresses,
     on random column slices of one buffer (row strides 3-9, slices that wrap past a row's end)

@@ -145,7 +145,8 @@ def _shared_memory(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[int, int, 
     """Two tensors with memory in common (Parameter(x) and Parameter(x.view(...))), as (i, j,
     certain), else None. Tensors whose byte spans overlap form a cluster, decided by
     _shared_in_cluster."""
-    spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel())
+    # (meta tensors have no memory: every one of them reports address 0)
+    spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel() and t.device.type != "meta")
     clusters: List[List[int]] = []
     end = -1
     for first, stop, i in spans:

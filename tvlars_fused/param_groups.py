@@ -23,7 +23,7 @@ from torch import nn
 
 __all__ = ["lars_param_groups", "BIAS", "NORM", "ONE_DIM"]
 
-BIAS = r"(^|\.)bias$"
+BIAS = r"bias$"   # (nn.MultiheadAttention's in_proj_bias too, as the BERT/TF rule "bias" has it)
 NORM = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
                          getattr(nn, "RMSNorm", None)) if t is not None)
 
