@@ -1937,3 +1937,159 @@ def test_buckets_retain_no_storage_besides_their_buffers(case):
     assert params[0].untyped_storage().data_ptr() in own
     extra = {ptr: n for ptr, n in retained_storages(opt).items() if ptr not in own}
     assert not extra, f"buckets keep {sum(extra.values())} bytes of other storages alive"
+
+
+# -- host bookkeeping against the reference (found by a differential hunt) --------------------------
+
+TVLARS_CASES = params([c for c in CASES if c.algo == "TVLARS"], slow=extra_interpreted)
+
+
+def _twin_run(case, build, steps):
+    """`build(factory)` -> (params, optimizer) for the case and for the reference on the same
+    device; steps(params, opt, k) runs step k's edits and gradients on both before each step."""
+    runs = []
+    for c in (case, case.reference):
+        ps, opt = build(make(c), c.device)
+        for k in range(len(steps)):
+            steps[k](ps, opt)
+            opt.step()
+        runs.append((ps, opt))
+    return runs
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_grads_swapped_between_parameters_step_each_its_own(case):
+    """.grad tensors swapped between two parameters (each now the other's view of the optimizer's
+    buffer): each parameter steps with the gradient its .grad holds, as the reference does (the
+    views were copied one after the other: the second read what the first had just written)."""
+    init = make_init([(5,), (5,), (3,)], seed=3)
+    gen = torch.Generator().manual_seed(4)
+    gs = [[torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(2)] for _ in range(3)]
+
+    def build(factory, dev):
+        ps = [nn.Parameter(x.to(dev, torch.float64, copy=True)) for x in init]
+        return ps, factory(ps)
+
+    def backward(k):
+        def run(ps, opt):
+            opt.zero_grad()
+            (sum((p * g.to(p.device)).sum() for p, g in zip(ps, gs[k])) + ps[2].square().sum()).backward()
+        return run
+
+    def swapped(ps, opt):
+        backward(1)(ps, opt)
+        ps[0].grad, ps[1].grad = ps[1].grad, ps[0].grad
+    (fused, _), (ref, _) = _twin_run(case, build, [backward(0), swapped, backward(2)])
+    assert max_err(fused, ref) < F64_TOL
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_step_entry_replaced_while_its_parameter_has_no_gradient(case):
+    """A "step" written into the state of a parameter that has no gradient at the next step (as
+    ZeroRedundancyOptimizer's load writes entries) sets t at that step (docs/SPEC.md), as the
+    reference does: t and phi(t) of the other parameters follow at once."""
+    init = make_init([(5,), (3,)], seed=5)
+
+    def build(factory, dev):
+        ps = [nn.Parameter(x.to(dev, torch.float64, copy=True)) for x in init]
+        return ps, factory(ps)
+
+    def grads(ps, opt):
+        for i, p in enumerate(ps):
+            p.grad = torch.full_like(p, 0.1 * (i + 1))
+
+    def replace(ps, opt):
+        grads(ps, opt)
+        opt.state[ps[1]]["step"] = torch.tensor(10.0)
+        ps[1].grad = None
+    (fused, of), (ref, orf) = _twin_run(case, build, [grads, replace, grads])
+    assert float(of.step_count) == float(orf.step_count) == 12.0
+    assert max_err(fused, ref) < F64_TOL
+
+
+@pytest.mark.parametrize("case", TVLARS_CASES)
+def test_momentum_form_switch_drops_a_replaced_buffer(case):
+    """A momentum_buffer the user replaced, then a switch to the paper form before the next
+    update: the switch drops the other form's key whatever it holds (docs/SPEC.md), so switching
+    back starts a fresh buffer, as in the reference (the replaced tensor came back as the buffer)."""
+    init = make_init([(8,)], seed=6)
+    gen = torch.Generator().manual_seed(7)
+    gs = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3)]
+
+    def build(factory, dev):
+        ps = [nn.Parameter(init[0].to(dev, torch.float64, copy=True))]
+        return ps, factory(ps)
+
+    def step(k, form=None, replace=False):
+        def run(ps, opt):
+            if replace:
+                opt.state[ps[0]]["momentum_buffer"] = torch.full_like(ps[0], 100.0)
+            if form:
+                opt.param_groups[0]["momentum_form"] = form
+            ps[0].grad = gs[k].to(ps[0].device).clone()
+        return run
+    (fused, of), (ref, orf) = _twin_run(case, build, [step(0), step(1, "paper", True), step(2, "heavy_ball")])
+    assert sorted(of.state[fused[0]]) == sorted(orf.state[ref[0]]) == ["momentum_buffer", "step"]
+    assert max_err(fused, ref) < F64_TOL
+
+
+@pytest.mark.parametrize("case", TVLARS_CASES)
+def test_first_update_mark_consumed_by_an_lr_scaled_update(case):
+    """heavy_ball with dampening at momentum 0 (its first-update mark waits), then lr_scaled with
+    momentum (an update of the shared buffer: the first), then heavy_ball with dampening: the
+    buffer lr_scaled built goes on (docs/SPEC.md), in the reference as in the kernels."""
+    init = make_init([(6,)], seed=8)
+    gen = torch.Generator().manual_seed(9)
+    gs = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+    def build(factory, dev):
+        ps = [nn.Parameter(init[0].to(dev, torch.float64, copy=True))]
+        return ps, factory(ps)
+
+    def step(k, **edit):
+        def run(ps, opt):
+            opt.param_groups[0].update(edit)
+            ps[0].grad = gs[k].to(ps[0].device).clone()
+        return run
+    (fused, of), (ref, orf) = _twin_run(case, build, [
+        step(0, momentum=0.0, dampening=0.5, adapt=False),
+        step(1, momentum_form="lr_scaled", dampening=0.0, momentum=0.9),
+        step(2, momentum_form="heavy_ball", dampening=0.5), step(3)])
+    assert max_err(fused, ref) < F64_TOL
+    assert max_err([of.state[fused[0]]["momentum_buffer"]], [orf.state[ref[0]]["momentum_buffer"]]) < F64_TOL
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_one_element_parameter_norms_are_sums_of_squares(case):
+    """A one-element parameter whose gradient's square underflows (float32 |g| < ~1e-19): its norm
+    is 0, as the spec's sum of squares says, on every backend and in the reference (torch's
+    vector_norm returns |g| for one element: the reference took a trust ratio of 1e18)."""
+    outs = []
+    for c in (case, case.reference):
+        p = nn.Parameter(torch.tensor(1.0, device=c.device))
+        opt = make(c, weight_decay=0.0)([p])
+        p.grad = torch.tensor(1e-23, device=c.device)
+        opt.step()
+        outs.append(p.detach().cpu())
+    assert torch.equal(outs[0], outs[1]), outs
+
+
+@pytest.mark.parametrize("case", BACKENDS_AND_REFERENCE)
+@pytest.mark.parametrize("bad", [2.5, -3.0, float("nan"), float("inf"), 2.0 ** 24 + 2])
+def test_loaded_step_must_be_a_whole_count(case, bad):
+    """A "step" entry that is not a whole number in [0, 2^24] (t is float32) is refused, loaded or
+    written into the state: the backends truncated, raised or went NaN, each its own way."""
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64, device=case.device))
+    opt = make(case)([p])
+    p.grad = torch.full_like(p, 0.1)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = torch.tensor(bad)
+    with pytest.raises(ValueError, match=r"Invalid 'step'.*whole number"):
+        opt.load_state_dict(sd)
+    opt2 = make(case)([p])
+    p.grad = torch.full_like(p, 0.1)
+    opt2.step()
+    opt2.state[p]["step"] = torch.tensor(bad)
+    with pytest.raises(ValueError, match=r"Invalid 'step'.*whole number"):
+        opt2.step()

@@ -12,6 +12,7 @@ tensors (TVLARS/LARS: `"momentum_buffer"`, or `"m"` for the paper's momentum for
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from copy import deepcopy
@@ -94,6 +95,16 @@ def _same(a: Any, b: Any) -> bool:
     except Exception:   # noqa: BLE001 (a value whose == is not a bool)
         return False
 
+
+
+def check_step(value) -> float:
+    """A "step" entry's value (loaded, or written into the state from outside) as t: a whole number
+    in [0, 2^24], where float32 (t's dtype) counts exactly."""
+    t = float(value)
+    if not (math.isfinite(t) and 0.0 <= t <= 2.0 ** 24 and t == math.floor(t)):
+        raise ValueError(f"Invalid 'step' in the optimizer state: {t}; a step count is a whole number in "
+                         "[0, 2**24] (t is float32)")
+    return t
 
 class LayerwiseOptimizer(Optimizer):
     """Base of the layer-wise optimizers (reference and fused). Subclasses set `algorithm` and
@@ -299,5 +310,5 @@ class LayerwiseOptimizer(Optimizer):
     @staticmethod
     def _max_step(state: Dict[Any, Dict[str, Any]]) -> float:
         """t from per-parameter "step" entries (0 when there are none)."""
-        steps = [float(st[STEP]) for st in state.values() if isinstance(st, dict) and STEP in st]
+        steps = [check_step(st[STEP]) for st in state.values() if isinstance(st, dict) and STEP in st]
         return max(steps) if steps else 0.0

@@ -523,7 +523,7 @@ class Bucket:
                 and len(state) == len(self._state_values) and all(map(is_, state.values(), self._state_values))
                 and all(map(is_, state.keys(), self._state_keys))
                 and all(map(is_, map(dict.get, self._act_slot_state, self._act_keys), self._act_entries))
-                and all(map(is_, map(dict.get, self._act_state, repeat(STEP)), repeat(self.step_entry))))
+                and all(map(is_, map(dict.get, self._stated, repeat(STEP)), repeat(self.step_entry))))
 
     def prepare(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
                 same_grads: bool) -> List[torch.Tensor]:
@@ -548,10 +548,14 @@ class Bucket:
         """prepare()'s per-parameter work; caches what the next step's fast check compares."""
         active = []
         replaced_steps = []
+        copied = self._read_aliased(grads)
         for i, p in enumerate(self.params):
-            g = grads[i]
+            g = copied[i]
+            st = state.get(p)
             if g is None:
                 active.append(0)
+                if self.has_state[i] and st is not None and st.get(STEP) is not self.step_entry:
+                    replaced_steps.extend(self._take_step(st))   # (spec: at the next step, updated or not)
                 continue
             view = self.grad_views[i]
             if g is not view:   # (FSDP2's gradients always take this path)
@@ -565,17 +569,13 @@ class Bucket:
             active.append(1)
             group = param_groups[self.group_index[i]]
             mine = keys[self.group_index[i]]
-            st = state.get(p)
             if self.has_state[i]:
                 self._check_entries(i, st, mine)
             if not self.has_state[i]:
                 st = state[p]
                 self._start_state(i, st, mine, group)
-            given = st.get(STEP)
-            if given is not self.step_entry:
-                if given is not None:
-                    replaced_steps.append(given)
-                st[STEP] = self.step_entry
+            if st.get(STEP) is not self.step_entry:
+                replaced_steps.extend(self._take_step(st))
         if active != self._active:
             upload(self.seg_active, active)
             self._active = active
@@ -583,6 +583,7 @@ class Bucket:
         self._expected_grads = [v if a else None for v, a in zip(self.grad_views, active)]
         live = [i for i, a in enumerate(active) if a]
         self._act_state = [state.get(self.params[i]) for i in live]
+        self._stated = [st for st, has in zip(map(state.get, self.params), self.has_state) if has and st is not None]
         self._act_slot_state = [st for i, st in zip(live, self._act_state) for _ in self._keys[i]]
         self._act_keys = [key for i in live for key in self._keys[i]]
         self._act_entries = [entry for i in live for entry in self._entries[i]]
@@ -594,6 +595,32 @@ class Bucket:
                      and _step_signature is not None and all(map(is_, grads, self._expected_grads))
                      else None)
         return replaced_steps
+
+    def _take_step(self, st: Dict) -> List[torch.Tensor]:
+        """Point the entry's "step" at the bucket's t; the tensor written there from outside (to be
+        adopted as t), if any."""
+        given = st.get(STEP)
+        st[STEP] = self.step_entry
+        return [] if given is None else [given]
+
+    def _read_aliased(self, grads: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        """The gradients, those that are views of this bucket's gradient buffer other than their own
+        parameter's (.grad swapped between parameters) read out first: each is copied into its
+        parameter's view, so none may be overwritten before it has been read. (Not inside
+        torch.compile, which cannot trace storage addresses.)"""
+        if self.sharded or torch.compiler.is_compiling():
+            return grads
+        out = grads
+        buf = None
+        for i, g in enumerate(grads):
+            if g is None or g is self.grad_views[i] or g.device != self.device:
+                continue
+            if buf is None:
+                buf = self.grad_buf.untyped_storage().data_ptr()
+            if g.untyped_storage().data_ptr() == buf:
+                out = list(out) if out is grads else out
+                out[i] = g.clone()
+        return out
 
     def _copy_moved_entries(self, state: Dict) -> None:
         """State entries moved from one parameter to another (opt.state[p0], opt.state[p1] =
@@ -614,8 +641,9 @@ class Bucket:
         if keys != self._keys[i] or any(c is None for c in current):
             self.has_state[i] = False
             for key, entry in zip(self._keys[i], self._entries[i]):
-                if st is not None and st.get(key) is entry:
-                    del st[key]
+                # (another form's key goes whatever it holds: the new form starts afresh)
+                if st is not None and (st.get(key) is entry or key not in keys):
+                    st.pop(key, None)
             return
         for key, cur, entry, view in zip(keys, current, self._entries[i], self.state_views[i]):
             if cur is not entry:

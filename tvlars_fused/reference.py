@@ -14,11 +14,17 @@ from torch.optim.optimizer import required
 
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, adapts, options
 from .algorithms.lamb import bias_correction_mode
-from .base import STEP, LayerwiseOptimizer, accumulation_dtype
+from .base import STEP, LayerwiseOptimizer, accumulation_dtype, check_step
 from .schedule import phi
 
 __all__ = ["TVLARS", "LARS", "LAMB", "phi"]
 
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """sqrt of the sum of squares, as docs/SPEC.md's segment sums (torch's vector_norm returns |x|
+    for one element, where the square may underflow to 0 or overflow)."""
+    return torch.linalg.vector_norm(x) if x.numel() != 1 else (x * x).sum().sqrt()
 
 class ReferenceOptimizer(LayerwiseOptimizer):
     """The eager per-parameter loop. t is one CPU float32 tensor that every state entry's "step"
@@ -54,7 +60,7 @@ class ReferenceOptimizer(LayerwiseOptimizer):
         replaced = [st[STEP] for st in self.state.values()
                     if isinstance(st, dict) and STEP in st and st[STEP] is not self._t]
         if replaced:
-            self._load_step(max(float(v) for v in replaced))
+            self._load_step(max(check_step(v) for v in replaced))
         t = float(self._t)
         for group in self.param_groups:
             for p in group["params"]:
@@ -150,6 +156,7 @@ class _LarsReference(ReferenceOptimizer):
                 step = d + buf * momentum if group["nesterov"] else buf
                 w_new = w - step * lr
             else:                      # lr_scaled: TensorFlow's ApplyMomentum
+                self._first_update.pop(id(p), None)   # (an update with momentum: the shared buffer's first)
                 ld = d * lr
                 buf.mul_(momentum).add_(ld)
                 w_new = w - (ld + buf * momentum if group["nesterov"] else buf)
@@ -165,7 +172,7 @@ class _LarsReference(ReferenceOptimizer):
     def _trust_ratio(w, g, d, wd: float, group: Dict[str, Any], scale: float, lr):
         """q (a 0-dim tensor) and whether the step is plain (a zero norm with
         plain_step_on_zero_norm): docs/SPEC.md, "The trust ratio"."""
-        wn, gn, dn = (torch.linalg.vector_norm(x) for x in (w, g, d))
+        wn, gn, dn = (_norm(x) for x in (w, g, d))
         if group["norm_clip"] is not None:
             wn, gn, dn = (x.clamp(max=group["norm_clip"]) for x in (wn, gn, dn))
         grad_form = group["denominator"] == "grad"
@@ -247,7 +254,7 @@ class LAMB(ReferenceOptimizer):
         u = r + w * wd if mode == "update" and decay else r
         q = torch.ones((), dtype=w.dtype, device=w.device)
         if _adapts(group, p, "adaptation_filter"):
-            wn, un = torch.linalg.vector_norm(w_d), torch.linalg.vector_norm(u)
+            wn, un = _norm(w_d), _norm(u)
             if group["weight_norm_clip"] is not None:
                 wn = wn.clamp(max=group["weight_norm_clip"])
             q = torch.where((wn > 0) & (un > 0), wn / (un + group["ratio_eps"]), q)
