@@ -150,6 +150,11 @@ def test_float_option_schedule_under_fullgraph(algo):
 
 # -- the GPU backends (triton, cuda) inside torch.compile: tvlars_fused::traced_bucket_step --------
 
+# Per class: options written into the group mid-run that change the compiled variant (the kernels
+# a bucket's groups need)
+SWITCH = {"TVLARS": dict(nesterov=True), "LAMB": dict(weight_decay_mode="l2")}
+
+
 def _gpu_backend_cases():
     from conftest import HAS_CUDA
     from tvlars_fused.kernels import available_backends
@@ -159,23 +164,26 @@ def _gpu_backend_cases():
                                 ("cuda", "cuda", HAS_CUDA and "cuda" in available_backends("cuda", ("cuda",)))):
         for algo in ALGOS:
             for compiler in ("aot_eager", "inductor"):
-                marks = [] if ok else [pytest.mark.skip(reason=f"backend={backend!r} cannot run on {device} here")]
-                if compiler == "inductor" and algo == "LAMB":
-                    marks.append(pytest.mark.slow)
-                cases.append(pytest.param(device, backend, algo, compiler, marks=marks,
-                                          id=f"{device}-{backend}-{algo}-{compiler}"))
+                for first in ("compiled", "eager"):
+                    marks = [] if ok else [pytest.mark.skip(reason=f"backend={backend!r} cannot run on {device} here")]
+                    if (compiler == "inductor" and algo == "LAMB") or (first == "eager" and device == "cpu"):
+                        marks.append(pytest.mark.slow)
+                    cases.append(pytest.param(device, backend, algo, compiler, first, marks=marks,
+                                              id=f"{device}-{backend}-{algo}-{compiler}-{first}-first"))
     return cases
 
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                     reason=f"torch {torch.__version__}: Dynamo cannot trace backward")
-@pytest.mark.parametrize("device,backend,algo,compiler", _gpu_backend_cases())
-def test_gpu_backends_compiled_step_fullgraph_matches_eager(device, backend, algo, compiler):
+@pytest.mark.parametrize("device,backend,algo,compiler,first", _gpu_backend_cases())
+def test_gpu_backends_compiled_step_fullgraph_matches_eager(device, backend, algo, compiler, first):
     """A compiled training step (fullgraph) on backend triton or cuda gives the eager numbers: the
     step traces to one op per bucket, which the graph hands its own copies of the tensors it
     mutated before (the uploaded tables, the gradients, the parameters), copied into the bucket's
-    memory for the kernels and the results back. The first step is eager (on a GPU it binds the
-    Triton launches, which a compiled step must not reach)."""
+    memory for the kernels and the results back. From the first step on (the kernels' variant is
+    the one traced: Dynamo writes the bucket's new variant back only after the graph), or after an
+    eager first step (on a GPU it binds the Triton launches, which a compiled step must not
+    reach); at step 3 an option changes the variant."""
     torch._dynamo.reset()
     cls = getattr(tvlars_fused, algo)
     models = _net().to(device), _net().to(device)
@@ -189,11 +197,13 @@ def test_gpu_backends_compiled_step_fullgraph_matches_eager(device, backend, alg
             for o in (o_c, o_e):
                 o.zero_grad()
                 o.param_groups[0]["lr"].fill_(LR[algo] / (step + 1))
-            (train_step if step == 0 else compiled)(models[0], o_c, x)
+                if step == 3:
+                    o.param_groups[0].update(SWITCH[algo])
+            (train_step if step == 0 and first == "eager" else compiled)(models[0], o_c, x)
             train_step(models[1], o_e, x)
-    err = max_err(models[0].parameters(), models[1].parameters())
-    # (aot_eager runs the forward and backward ops as eager does; Inductor fuses them)
-    assert err == 0 if compiler == "aot_eager" else err < 1e-6, err
+            err = max_err(models[0].parameters(), models[1].parameters())
+            # (aot_eager runs the forward and backward ops as eager does; Inductor fuses them)
+            assert err == 0 if compiler == "aot_eager" else err < 1e-6, (step, err)
     assert float(o_c.step_count) == 5
     for k, v in o_c.state_dict()["state"].items():
         for key, t in v.items():

@@ -770,6 +770,12 @@ class BucketView:
     counters = property(lambda self: self._b.counters)
     stats = property(lambda self: self._b.stats)
 
+    def use_traced_variant(self, variant: tuple) -> None:
+        """Inside torch.compile's op (kernels/traced.py): the variant the step was traced with.
+        Dynamo applies the bucket's attribute writes of prepare() only after the graph has run,
+        so the bucket still holds the one before (the one exception to this view's read-only)."""
+        self._b.variant = variant
+
     def plan(self, name: str, build):
         """A backend's per-bucket plan (launch arguments, slices: host objects), built by
         build(view) on first use and again after the parameters moved to other memory."""

@@ -141,7 +141,7 @@ class Algorithm:
 
     def variant(self, rows: Sequence[list]) -> tuple:
         """What a bucket's group rows use of the options that shape the elementwise code (backends
-        may compile for just that; () when nothing is specialised)."""
+        may compile for just that; () when nothing is specialised), as a tuple of ints."""
         return ()
 
     def segment_flags(self, group: Dict[str, Any], ndim: int) -> int:

@@ -47,7 +47,7 @@ class Lamb(Algorithm):
     def variant(self, rows: Sequence[list]) -> tuple:
         """(any l2 weight decay, any decoupled weight decay, any moment bias correction)."""
         flags = [int(r[A.COL_GFLAGS]) for r in rows]
-        return tuple(any(f & bit for f in flags) for bit in (A.GF_WD_L2, A.GF_WD_DECOUPLED, A.GF_BC_MOMENTS))
+        return tuple(int(any(f & bit for f in flags)) for bit in (A.GF_WD_L2, A.GF_WD_DECOUPLED, A.GF_BC_MOMENTS))
 
     def validate(self, group: Dict[str, Any], where: str = "") -> None:
         at = f" (in {where})" if where else ""

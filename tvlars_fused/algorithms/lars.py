@@ -72,8 +72,8 @@ class Lars(Algorithm):
         """(the only momentum form of the rows, -1 if mixed; any Nesterov; any dampening)."""
         forms = {int(r[A.LARS_FORM]) for r in rows}
         return (forms.pop() if len(forms) == 1 else -1,
-                any(int(r[A.COL_GFLAGS]) & A.GF_NESTEROV for r in rows),
-                any(r[A.LARS_UNDAMPED] != 1.0 for r in rows))
+                int(any(int(r[A.COL_GFLAGS]) & A.GF_NESTEROV for r in rows)),
+                int(any(r[A.LARS_UNDAMPED] != 1.0 for r in rows)))
 
     # -- options ---------------------------------------------------------------------------------
     def validate(self, group: Dict[str, Any], where: str = "") -> None:

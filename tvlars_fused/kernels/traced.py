@@ -33,9 +33,9 @@ def traced_bucket_step(params: List[torch.Tensor], param_offsets: torch.Tensor, 
                        chunk_table: torch.Tensor, group_table: torch.Tensor, step: torch.Tensor,
                        partials: torch.Tensor, counters: torch.Tensor, stats: torch.Tensor,
                        grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], bucket: int,
-                       backend: str) -> None:
-    """The eager step of bucket `bucket` (BucketView.serial) by backend `backend`, on the values of
-    the arguments, which receive the results."""
+                       backend: str, variant: List[int]) -> None:
+    """The eager step of bucket `bucket` (BucketView.serial) by backend `backend`, compiled for
+    `variant` (the bucket's, as traced), on the values of the arguments, which receive the results."""
     from ..buckets import find_view
     from . import resolve
     view = find_view(bucket)
@@ -49,6 +49,7 @@ def traced_bucket_step(params: List[torch.Tensor], param_offsets: torch.Tensor, 
     copies = [i for i, (g, o) in enumerate(zip(given, own)) if g.data_ptr() != o.data_ptr()]
     if copies:
         torch._foreach_copy_([own[i] for i in copies], [given[i] for i in copies])
+    view.use_traced_variant(tuple(variant))
     resolve(backend, view.device).bucket_step(view, grad_scale, found_inf)
     out = [i for i in copies if i in written]
     if out:
@@ -57,7 +58,7 @@ def traced_bucket_step(params: List[torch.Tensor], param_offsets: torch.Tensor, 
 
 @traced_bucket_step.register_fake
 def _(params, param_offsets, grads, state, seg_table, seg_active, chunk_table, group_table, step, partials,
-      counters, stats, grad_scale, found_inf, bucket, backend) -> None:
+      counters, stats, grad_scale, found_inf, bucket, backend, variant) -> None:
     return None
 
 
@@ -69,4 +70,4 @@ def traced_step(backend, view, grad_scale: Optional[torch.Tensor], found_inf: Op
                            "(the all-reduce between its two passes): leave optimizer.step() outside "
                            "torch.compile, or use backend='torch'")
     traced_bucket_step(list(view.weights), *(getattr(view, name) for name in TENSORS), grad_scale, found_inf,
-                       view.serial, backend.NAME)
+                       view.serial, backend.NAME, list(view.variant))
