@@ -2007,28 +2007,34 @@ def test_step_entry_replaced_while_its_parameter_has_no_gradient(case):
     assert max_err(fused, ref) < F64_TOL
 
 
-@pytest.mark.parametrize("case", TVLARS_CASES)
-def test_momentum_form_switch_drops_a_replaced_buffer(case):
-    """A momentum_buffer the user replaced, then a switch to the paper form before the next
-    update: the switch drops the other form's key whatever it holds (docs/SPEC.md), so switching
-    back starts a fresh buffer, as in the reference (the replaced tensor came back as the buffer)."""
-    init = make_init([(8,)], seed=6)
-    gen = torch.Generator().manual_seed(7)
-    gs = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3)]
+def _one_parameter_twin(case, seed, steps):
+    """_twin_run over one float64 parameter with a fresh gradient per step; `steps`: per step, the
+    group options written before it and whether state["momentum_buffer"] is replaced then."""
+    init = make_init([(8,)], seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    gs = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in steps]
 
     def build(factory, dev):
         ps = [nn.Parameter(init[0].to(dev, torch.float64, copy=True))]
         return ps, factory(ps)
 
-    def step(k, form=None, replace=False):
+    def step(k, edit, replace):
         def run(ps, opt):
             if replace:
                 opt.state[ps[0]]["momentum_buffer"] = torch.full_like(ps[0], 100.0)
-            if form:
-                opt.param_groups[0]["momentum_form"] = form
+            opt.param_groups[0].update(edit)
             ps[0].grad = gs[k].to(ps[0].device).clone()
         return run
-    (fused, of), (ref, orf) = _twin_run(case, build, [step(0), step(1, "paper", True), step(2, "heavy_ball")])
+    return _twin_run(case, build, [step(k, edit, replace) for k, (edit, replace) in enumerate(steps)])
+
+
+@pytest.mark.parametrize("case", TVLARS_CASES)
+def test_momentum_form_switch_drops_a_replaced_buffer(case):
+    """A momentum_buffer the user replaced, then a switch to the paper form before the next
+    update: the switch drops the other form's key whatever it holds (docs/SPEC.md), so switching
+    back starts a fresh buffer, as in the reference (the replaced tensor came back as the buffer)."""
+    (fused, of), (ref, orf) = _one_parameter_twin(case, 6, [
+        ({}, False), (dict(momentum_form="paper"), True), (dict(momentum_form="heavy_ball"), False)])
     assert sorted(of.state[fused[0]]) == sorted(orf.state[ref[0]]) == ["momentum_buffer", "step"]
     assert max_err(fused, ref) < F64_TOL
 
@@ -2038,23 +2044,10 @@ def test_first_update_mark_consumed_by_an_lr_scaled_update(case):
     """heavy_ball with dampening at momentum 0 (its first-update mark waits), then lr_scaled with
     momentum (an update of the shared buffer: the first), then heavy_ball with dampening: the
     buffer lr_scaled built goes on (docs/SPEC.md), in the reference as in the kernels."""
-    init = make_init([(6,)], seed=8)
-    gen = torch.Generator().manual_seed(9)
-    gs = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(4)]
-
-    def build(factory, dev):
-        ps = [nn.Parameter(init[0].to(dev, torch.float64, copy=True))]
-        return ps, factory(ps)
-
-    def step(k, **edit):
-        def run(ps, opt):
-            opt.param_groups[0].update(edit)
-            ps[0].grad = gs[k].to(ps[0].device).clone()
-        return run
-    (fused, of), (ref, orf) = _twin_run(case, build, [
-        step(0, momentum=0.0, dampening=0.5, adapt=False),
-        step(1, momentum_form="lr_scaled", dampening=0.0, momentum=0.9),
-        step(2, momentum_form="heavy_ball", dampening=0.5), step(3)])
+    (fused, of), (ref, orf) = _one_parameter_twin(case, 8, [
+        (dict(momentum=0.0, dampening=0.5, adapt=False), False),
+        (dict(momentum_form="lr_scaled", dampening=0.0, momentum=0.9), False),
+        (dict(momentum_form="heavy_ball", dampening=0.5), False), ({}, False)])
     assert max_err(fused, ref) < F64_TOL
     assert max_err([of.state[fused[0]]["momentum_buffer"]], [orf.state[ref[0]]["momentum_buffer"]]) < F64_TOL
 

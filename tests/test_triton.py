@@ -415,6 +415,32 @@ def test_bound_launch_passes_every_argument_in_order_pointers_as_integers():
     assert bound.key == ("u",) and bound.runs == ()
 
 
+def _bound_scenario(monkeypatch, device, bind_launches, shapes):
+    """Ten LARS steps through what invalidates a binding: the first parameter (the kernels' base
+    address) moved at step 3, Nesterov on at 5 (a new variant), an AMP step at 6 (through the JIT),
+    a Triton knob that picks the compiled kernel changed at 8. Returns (parameters, optimizer)."""
+    monkeypatch.setattr(TRITON, "bind_launches", bind_launches)
+    monkeypatch.setattr(triton_backend, "_compile_knobs", lambda: (None, None))
+    ps = [torch.nn.Parameter(x.float().to(device)) for x in make_init(shapes)]
+    opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
+    for step in range(10):
+        for i, p in enumerate(ps):
+            p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
+        if step == 3:
+            ps[0].data = ps[0].data.clone()
+        if step == 5:
+            opt.param_groups[0]["nesterov"] = True
+        if step == 6:
+            for p in ps:
+                p.grad.mul_(4.0)
+            opt.grad_scale, opt.found_inf = torch.full((1,), 4.0, device=device), torch.zeros(1, device=device)
+        if step == 8:   # (as triton.knobs.runtime.debug = True would)
+            monkeypatch.setattr(triton_backend, "_compile_knobs", lambda: (True, None))
+        opt.step()
+        opt.grad_scale = opt.found_inf = None
+    return [p.detach().clone() for p in ps], opt
+
+
 @needs_interpreter
 def test_bound_launch_dispatch_rebinds_after_a_move_and_a_key_change(monkeypatch):
     """bucket_step's use of _Bound, on the CPU: the interpreter compiles nothing, so here a binding
@@ -435,29 +461,9 @@ def test_bound_launch_dispatch_rebinds_after_a_move_and_a_key_change(monkeypatch
         self.runs = tuple((replay(*launch), ()) for launch in launches)
         made.append(key)
     monkeypatch.setattr(triton_backend._Bound, "bind", replay_bind)
-    init = make_init(SHAPES[:4])
 
     def run_with(bind_launches):
-        monkeypatch.setattr(TRITON, "bind_launches", bind_launches)
-        ps = [torch.nn.Parameter(x.float()) for x in init]
-        opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
-        monkeypatch.setattr(triton_backend, "_compile_knobs", lambda: (None, None))
-        for step in range(10):
-            for i, p in enumerate(ps):
-                p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
-            if step == 3:
-                ps[0].data = ps[0].data.clone()   # the first parameter: the kernels' base address
-            if step == 5:
-                opt.param_groups[0]["nesterov"] = True
-            if step == 6:
-                for p in ps:
-                    p.grad.mul_(4.0)
-                opt.grad_scale, opt.found_inf = torch.full((1,), 4.0), torch.zeros(1)
-            if step == 8:   # (as triton.knobs.runtime.debug = True would)
-                monkeypatch.setattr(triton_backend, "_compile_knobs", lambda: (True, None))
-            opt.step()
-            opt.grad_scale = opt.found_inf = None
-        return [p.detach().clone() for p in ps]
+        return _bound_scenario(monkeypatch, "cpu", bind_launches, SHAPES[:4])[0]
 
     jit = run_with(False)
     assert made == [] and used == []
@@ -472,38 +478,19 @@ def test_bound_launch_dispatch_rebinds_after_a_move_and_a_key_change(monkeypatch
 @requires_cuda
 def test_bound_launches_same_bits_as_the_jit(monkeypatch):
     """Steps through the bound launches give the bits of steps through Triton's JIT, across what
-    invalidates a binding: a parameter moved to new memory (`p.data = ...`: the plan is rebuilt),
-    a group option that changes the compiled variant (Nesterov on), an AMP step (its tensors are
-    the caller's: through the JIT)."""
+    invalidates a binding (_bound_scenario: the base parameter moved, a new variant, an AMP step,
+    a Triton knob)."""
     counter = LaunchCounter(monkeypatch)
-    init = make_init(SHAPES)
 
     def run_with(bind_launches):
-        monkeypatch.setattr(TRITON, "bind_launches", bind_launches)
-        ps = [torch.nn.Parameter(x.float().cuda()) for x in init]
-        opt = tvlars_fused.LARS(ps, backend="triton", **HYPER)
-        scale, inf = torch.full((1,), 4.0, device="cuda"), torch.zeros(1, device="cuda")
-        for step in range(8):
-            for i, p in enumerate(ps):
-                p.grad = grads_for_step([p.shape], step + 10 * i)[0].to(p)
-            if step == 3:
-                ps[0].data = ps[0].data.clone()   # the first parameter: the kernels' base address
-            if step == 5:
-                opt.param_groups[0]["nesterov"] = True
-            if step == 6:
-                for p in ps:
-                    p.grad.mul_(4.0)
-                opt.grad_scale, opt.found_inf = scale, inf
-            opt.step()
-            opt.grad_scale = opt.found_inf = None
-        return [p.detach().clone() for p in ps], opt
+        return _bound_scenario(monkeypatch, "cuda", bind_launches, SHAPES)
 
     counter.reset()
     jit, _ = run_with(False)
-    assert counter.counts == {"_norms_kernel": 8, "_update_kernel": 8}
+    assert counter.counts == {"_norms_kernel": 10, "_update_kernel": 10}
     counter.reset()
     bound, opt = run_with(True)
-    assert counter.counts == {"_norms_kernel": 8, "_update_kernel": 8}
+    assert counter.counts == {"_norms_kernel": 10, "_update_kernel": 10}
     for a, b in zip(jit, bound):
         assert torch.equal(a, b)
     plan = opt._buckets[0].view.plan("triton-bound", None)
