@@ -207,7 +207,8 @@ def test_gpu_backends_compiled_step_fullgraph_matches_eager(device, backend, alg
     assert float(o_c.step_count) == 5
     for k, v in o_c.state_dict()["state"].items():
         for key, t in v.items():
-            assert torch.equal(t, o_e.state_dict()["state"][k][key]) or compiler != "aot_eager", (k, key)
+            err = max_err([t], [o_e.state_dict()["state"][k][key]])
+            assert err == 0 if compiler == "aot_eager" else err < 1e-5, (k, key, err)
     assert not torch.equal(models[0][0].weight, _net()[0].weight.to(device)), "the steps must update the weights"
 
 

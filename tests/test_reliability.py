@@ -2002,9 +2002,14 @@ def test_step_entry_replaced_while_its_parameter_has_no_gradient(case):
         grads(ps, opt)
         opt.state[ps[1]]["step"] = torch.tensor(10.0)
         ps[1].grad = None
-    (fused, of), (ref, orf) = _twin_run(case, build, [grads, replace, grads])
-    assert float(of.step_count) == float(orf.step_count) == 12.0
+    def cleared(ps, opt):   # (a parameter's state cleared while it has no gradient: it stays empty)
+        grads(ps, opt)
+        opt.state[ps[1]].clear()
+        ps[1].grad = None
+    (fused, of), (ref, orf) = _twin_run(case, build, [grads, replace, grads, cleared])
+    assert float(of.step_count) == float(orf.step_count) == 13.0
     assert max_err(fused, ref) < F64_TOL
+    assert of.state_dict()["state"][1] == orf.state_dict()["state"][1] == {}
 
 
 def _one_parameter_twin(case, seed, steps):
@@ -2040,14 +2045,16 @@ def test_momentum_form_switch_drops_a_replaced_buffer(case):
 
 
 @pytest.mark.parametrize("case", TVLARS_CASES)
-def test_first_update_mark_consumed_by_an_lr_scaled_update(case):
+@pytest.mark.parametrize("lr_scaled_momentum", [0.9, 0.0])
+def test_first_update_mark_consumed_by_an_lr_scaled_update(case, lr_scaled_momentum):
     """heavy_ball with dampening at momentum 0 (its first-update mark waits), then lr_scaled with
-    momentum (an update of the shared buffer: the first), then heavy_ball with dampening: the
-    buffer lr_scaled built goes on (docs/SPEC.md), in the reference as in the kernels."""
+    momentum (an update of the shared buffer: the first; at momentum 0 not an update of it), then
+    heavy_ball with dampening: the buffer lr_scaled built goes on (docs/SPEC.md), in the reference
+    as in the kernels."""
     (fused, of), (ref, orf) = _one_parameter_twin(case, 8, [
         (dict(momentum=0.0, dampening=0.5, adapt=False), False),
-        (dict(momentum_form="lr_scaled", dampening=0.0, momentum=0.9), False),
-        (dict(momentum_form="heavy_ball", dampening=0.5), False), ({}, False)])
+        (dict(momentum_form="lr_scaled", dampening=0.0, momentum=lr_scaled_momentum), False),
+        (dict(momentum_form="heavy_ball", dampening=0.5, momentum=0.9), False), ({}, False)])
     assert max_err(fused, ref) < F64_TOL
     assert max_err([of.state[fused[0]]["momentum_buffer"]], [orf.state[ref[0]]["momentum_buffer"]]) < F64_TOL
 
@@ -2076,13 +2083,22 @@ def test_loaded_step_must_be_a_whole_count(case, bad):
     opt = make(case)([p])
     p.grad = torch.full_like(p, 0.1)
     opt.step()
-    sd = opt.state_dict()
+    before = copy.deepcopy(opt.state_dict())
+    sd = copy.deepcopy(before)
     sd["state"][0]["step"] = torch.tensor(bad)
+    for key in sd["state"][0]:
+        if key != "step":
+            sd["state"][0][key] = sd["state"][0][key] + 99.0
     with pytest.raises(ValueError, match=r"Invalid 'step'.*whole number"):
         opt.load_state_dict(sd)
-    opt2 = make(case)([p])
-    p.grad = torch.full_like(p, 0.1)
-    opt2.step()
-    opt2.state[p]["step"] = torch.tensor(bad)
+    after = opt.state_dict()   # (refused before anything changed)
+    assert float(after["state"][0]["step"]) == 1.0 and all(
+        torch.equal(after["state"][0][k], before["state"][0][k]) for k in before["state"][0])
+    legacy = {"state": {"step": bad}, "param_groups": before["param_groups"]}
     with pytest.raises(ValueError, match=r"Invalid 'step'.*whole number"):
-        opt2.step()
+        opt.load_state_dict(legacy)
+    opt.state[p]["step"] = torch.tensor(bad)
+    for _ in range(2):   # refused, and again: the bad entry is not taken over by the refused step
+        with pytest.raises(ValueError, match=r"Invalid 'step'.*whole number"):
+            opt.step()
+    assert float(opt.step_count) == 1.0

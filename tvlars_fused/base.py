@@ -100,7 +100,10 @@ def _same(a: Any, b: Any) -> bool:
 def check_step(value) -> float:
     """A "step" entry's value (loaded, or written into the state from outside) as t: a whole number
     in [0, 2^24], where float32 (t's dtype) counts exactly."""
-    t = float(value)
+    try:
+        t = float(value)
+    except OverflowError:
+        t = math.inf
     if not (math.isfinite(t) and 0.0 <= t <= 2.0 ** 24 and t == math.floor(t)):
         raise ValueError(f"Invalid 'step' in the optimizer state: {t}; a step count is a whole number in "
                          "[0, 2**24] (t is float32)")
@@ -245,7 +248,7 @@ class LayerwiseOptimizer(Optimizer):
         steps: List[float] = []
         legacy = saved_state.get(LEGACY_STEP) if LEGACY_STEP not in id_map else None
         if legacy is not None:
-            steps.append(float(legacy))
+            steps.append(check_step(legacy))
         state: Dict[Any, Dict[str, Any]] = defaultdict(dict)
         for pid, entry in saved_state.items():
             p = id_map.get(pid)
@@ -255,7 +258,7 @@ class LayerwiseOptimizer(Optimizer):
                 continue
             for key, value in entry.items():
                 if key == STEP:
-                    steps.append(float(value))
+                    steps.append(check_step(value))   # (before anything changes)
                     continue
                 if isinstance(value, torch.Tensor):
                     if value.is_floating_point() and value.shape != p.shape:

@@ -38,7 +38,7 @@ from .abi import (ALIGN, CHUNK_COLS, COL_LR, GROUP_COLS, PART_COLS, SEG_COLS, SE
                   STAT_TRUST_RATIO)
 from .algorithms import Algorithm
 from .algorithms.base import WEIGHTS
-from .base import STEP, accumulation_dtype, check_grad, grad_ok
+from .base import STEP, accumulation_dtype, check_grad, check_step, grad_ok
 from .sharding import is_sharded, local, shard_groups
 from .stats import ReducePlan
 
@@ -554,7 +554,7 @@ class Bucket:
             st = state.get(p)
             if g is None:
                 active.append(0)
-                if self.has_state[i] and st is not None and st.get(STEP) is not self.step_entry:
+                if self.has_state[i] and st is not None and st.get(STEP, self.step_entry) is not self.step_entry:
                     replaced_steps.extend(self._take_step(st))   # (spec: at the next step, updated or not)
                 continue
             view = self.grad_views[i]
@@ -583,7 +583,8 @@ class Bucket:
         self._expected_grads = [v if a else None for v, a in zip(self.grad_views, active)]
         live = [i for i, a in enumerate(active) if a]
         self._act_state = [state.get(self.params[i]) for i in live]
-        self._stated = [st for st, has in zip(map(state.get, self.params), self.has_state) if has and st is not None]
+        self._stated = [st for st, has in zip(map(state.get, self.params), self.has_state)
+                        if has and st is not None and STEP in st]
         self._act_slot_state = [st for i, st in zip(live, self._act_state) for _ in self._keys[i]]
         self._act_keys = [key for i in live for key in self._keys[i]]
         self._act_entries = [entry for i in live for entry in self._entries[i]]
@@ -597,9 +598,11 @@ class Bucket:
         return replaced_steps
 
     def _take_step(self, st: Dict) -> List[torch.Tensor]:
-        """Point the entry's "step" at the bucket's t; the tensor written there from outside (to be
-        adopted as t), if any."""
+        """Point the entry's "step" at the bucket's t; the value written there from outside (to be
+        adopted as t), if any, checked before anything is written (base.check_step)."""
         given = st.get(STEP)
+        if given is not None:
+            check_step(given)
         st[STEP] = self.step_entry
         return [] if given is None else [given]
 
@@ -611,13 +614,8 @@ class Bucket:
         if self.sharded or torch.compiler.is_compiling():
             return grads
         out = grads
-        buf = None
         for i, g in enumerate(grads):
-            if g is None or g is self.grad_views[i] or g.device != self.device:
-                continue
-            if buf is None:
-                buf = self.grad_buf.untyped_storage().data_ptr()
-            if g.untyped_storage().data_ptr() == buf:
+            if g is not None and g is not self.grad_views[i] and g._base is self.grad_buf:
                 out = list(out) if out is grads else out
                 out[i] = g.clone()
         return out

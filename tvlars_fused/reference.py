@@ -156,7 +156,8 @@ class _LarsReference(ReferenceOptimizer):
                 step = d + buf * momentum if group["nesterov"] else buf
                 w_new = w - step * lr
             else:                      # lr_scaled: TensorFlow's ApplyMomentum
-                self._first_update.pop(id(p), None)   # (an update with momentum: the shared buffer's first)
+                if momentum != 0:   # (an update with momentum: the shared buffer's first)
+                    self._first_update.pop(id(p), None)
                 ld = d * lr
                 buf.mul_(momentum).add_(ld)
                 w_new = w - (ld + buf * momentum if group["nesterov"] else buf)
