@@ -610,7 +610,7 @@ class Bucket:
         """The gradients, those that are views of this bucket's gradient buffer other than their own
         parameter's (.grad swapped between parameters) read out first: each is copied into its
         parameter's view, so none may be overwritten before it has been read. (Not inside
-        torch.compile, which cannot trace storage addresses.)"""
+        torch.compile.)"""
         if self.sharded or torch.compiler.is_compiling():
             return grads
         out = grads

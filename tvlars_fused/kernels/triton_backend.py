@@ -398,10 +398,9 @@ def _compile_knobs() -> tuple:
 
 
 def _bindable(b, grad_scale, found_inf) -> bool:
-    """Whether the step may go through _Bound: a CUDA bucket (the interpreter compiles nothing), no
-    AMP tensors, and not under torch.compile (Dynamo traces the JIT launch, not a bound one)."""
-    return (grad_scale is None and found_inf is None and b.device.type == "cuda"
-            and not torch.compiler.is_compiling())
+    """Whether the step may go through _Bound: a CUDA bucket (the interpreter compiles nothing) and
+    no AMP tensors. (Inside torch.compile the step goes through traced.py's op instead.)"""
+    return grad_scale is None and found_inf is None and b.device.type == "cuda"
 
 
 class _NoGuard:
