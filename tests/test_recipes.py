@@ -664,8 +664,12 @@ def bert_lamb_update(wd, skip=("bias", "bn"), betas=(0.9, 0.999), eps=LAMB_EPS):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bert_lamb(backend):
+@pytest.mark.parametrize("rules", ["names", "types"])
+def test_bert_lamb(backend, rules):
+    """The README's row: TF's rule as name patterns (here "bn" stands for BERT's "LayerNorm"), or
+    [BIAS, NORM], the same on models without nn.MultiheadAttention(add_bias_kv=True)."""
+    skip = ["bias", "bn"] if rules == "names" else [BIAS, NORM]
     check_lamb_recipe(backend, bert_lamb_update(LAMB_WD),
-                      lambda LAMB, m: LAMB(lars_param_groups(m, exclude_from_weight_decay=[BIAS, NORM],
-                                                             exclude_from_adaptation=[BIAS, NORM]),
+                      lambda LAMB, m: LAMB(lars_param_groups(m, exclude_from_weight_decay=skip,
+                                                             exclude_from_adaptation=skip),
                                            lr=LAMB_LR, eps=LAMB_EPS, weight_decay=LAMB_WD), "BERT LAMB")
