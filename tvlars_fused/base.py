@@ -96,7 +96,6 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-
 def check_step(value) -> float:
     """A "step" entry's value (loaded, or written into the state from outside) as t: a whole number
     in [0, 2^24], where float32 (t's dtype) counts exactly."""
@@ -108,6 +107,7 @@ def check_step(value) -> float:
         raise ValueError(f"Invalid 'step' in the optimizer state: {t}; a step count is a whole number in "
                          "[0, 2**24] (t is float32)")
     return t
+
 
 class LayerwiseOptimizer(Optimizer):
     """Base of the layer-wise optimizers (reference and fused). Subclasses set `algorithm` and

@@ -526,11 +526,11 @@ class Bucket:
                 and all(map(is_, map(dict.get, self._stated, repeat(STEP)), repeat(self.step_entry))))
 
     def prepare(self, param_groups: List[dict], state: Dict, grads: List[Optional[torch.Tensor]],
-                same_grads: bool) -> List[torch.Tensor]:
+                same_grads: bool) -> List[float]:
         """Collect which parameters have a gradient, copy in gradients that are not the bucket's
         views, create state entries on first use, and upload the tables that changed. Returns the
-        "step" entries that were replaced from outside (ZeroRedundancyOptimizer.load_state_dict
-        writes whole state entries): the optimizer adopts t from them. When the gradients are last
+        values of the "step" entries that were replaced from outside (ZeroRedundancyOptimizer's
+        load_state_dict writes whole state entries), checked: the optimizer adopts t from them. When the gradients are last
         step's and no state entry changed, nothing is done per parameter."""
         keys = [self.algorithm.state_keys(g) for g in param_groups]
         intact = self._state_intact(state, keys)
@@ -597,14 +597,13 @@ class Bucket:
                      else None)
         return replaced_steps
 
-    def _take_step(self, st: Dict) -> List[torch.Tensor]:
+    def _take_step(self, st: Dict) -> List[float]:
         """Point the entry's "step" at the bucket's t; the value written there from outside (to be
         adopted as t), if any, checked before anything is written (base.check_step)."""
         given = st.get(STEP)
-        if given is not None:
-            check_step(given)
+        value = [] if given is None else [check_step(given)]
         st[STEP] = self.step_entry
-        return [] if given is None else [given]
+        return value
 
     def _read_aliased(self, grads: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
         """The gradients, those that are views of this bucket's gradient buffer other than their own

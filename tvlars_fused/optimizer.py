@@ -14,7 +14,7 @@ from torch.optim.optimizer import required
 
 from .abi import STAT_PUBLIC
 from .algorithms import LAMB_ALGORITHM, LARS_ALGORITHM, TVLARS_ALGORITHM, options
-from .base import STEP, LayerwiseOptimizer, check_step, is_lazy, is_sized
+from .base import STEP, LayerwiseOptimizer, is_lazy, is_sized
 from .buckets import Bucket, refuse_shared_memory
 from .kernels import BACKENDS, resolve
 from .sharding import all_reduce_norms, bucket_key, is_sharded, local
@@ -207,7 +207,7 @@ class FusedOptimizer(LayerwiseOptimizer):
         replaced = [t for b, (grads, same) in zip(buckets, gathered)
                     for t in b.prepare(self.param_groups, self.state, grads, same)]
         if replaced:   # "step" entries written from outside (ZeRO's load_state_dict): adopt t
-            t = max(check_step(v) for v in replaced)
+            t = max(replaced)   # (values Bucket.prepare has checked)
             for b in buckets:
                 b.step.fill_(t)
         for b in buckets:

@@ -20,11 +20,11 @@ from .schedule import phi
 __all__ = ["TVLARS", "LARS", "LAMB", "phi"]
 
 
-
 def _norm(x: torch.Tensor) -> torch.Tensor:
     """sqrt of the sum of squares, as docs/SPEC.md's segment sums (torch's vector_norm returns |x|
     for one element, where the square may underflow to 0 or overflow)."""
     return torch.linalg.vector_norm(x) if x.numel() != 1 else (x * x).sum().sqrt()
+
 
 class ReferenceOptimizer(LayerwiseOptimizer):
     """The eager per-parameter loop. t is one CPU float32 tensor that every state entry's "step"
